@@ -1,0 +1,127 @@
+//! The only place that touches raw program contexts. aya-ebpf 0.2.1 exposes the sock_addr
+//! and sockopt contexts as raw pointers (fields behind bindgen unions) and has no safe
+//! wrapper for the socket/netns cookie helpers; everything unsafe about them lives here.
+use aya_ebpf::{
+    helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie},
+    programs::{SockAddrContext, SockOpsContext, SockoptContext},
+    EbpfContext,
+};
+
+/// Cookie of the socket behind a sock_addr or sock_ops context (unique for the boot).
+#[inline(always)]
+pub fn socket_cookie(ctx: &impl EbpfContext) -> u64 {
+    // SAFETY: the helper only reads the context the kernel handed us.
+    unsafe { bpf_get_socket_cookie(ctx.as_ptr()) }
+}
+
+/// Cookie of the network namespace of the socket behind a sock_ops or sockopt context.
+#[inline(always)]
+pub fn netns_cookie(ctx: &impl EbpfContext) -> u64 {
+    // SAFETY: as above.
+    unsafe { bpf_get_netns_cookie(ctx.as_ptr()) }
+}
+
+/// (uid, gid) of the current task.
+#[inline(always)]
+pub fn current_uid_gid() -> (u32, u32) {
+    let both = bpf_get_current_uid_gid();
+    (both as u32, (both >> 32) as u32)
+}
+
+/// The destination of a connect() on a TCP socket: (address in network byte order, port in
+/// host byte order); `None` for other protocols.
+#[inline(always)]
+pub fn tcp_connect_destination(ctx: &SockAddrContext) -> Option<(u32, u16)> {
+    const IPPROTO_TCP: u32 = 6;
+    // SAFETY: the kernel hands a valid bpf_sock_addr for the program's run.
+    let sock_addr = unsafe { &*ctx.sock_addr };
+    if sock_addr.protocol != IPPROTO_TCP {
+        return None;
+    }
+    // user_port holds the port in network byte order in its low 16 bits.
+    Some((sock_addr.user_ip4, u16::from_be(sock_addr.user_port as u16)))
+}
+
+/// Rewrites the destination of the connect() in progress.
+#[inline(always)]
+pub fn set_connect_destination(ctx: &SockAddrContext, addr_be: u32, port: u16) {
+    // SAFETY: user_ip4 and user_port are the writable fields of bpf_sock_addr.
+    unsafe {
+        (*ctx.sock_addr).user_ip4 = addr_be;
+        (*ctx.sock_addr).user_port = u32::from(port.to_be());
+    }
+}
+
+/// IPv4 4-tuple of the socket of a sock_ops context: (local addr, local port, remote port),
+/// addresses in network byte order, ports in host byte order.
+#[inline(always)]
+pub fn sock_ops_ipv4_ends(ctx: &SockOpsContext) -> (u32, u16, u16) {
+    // local_port is host order; remote_port is network order in the upper 16 bits.
+    (ctx.local_ip4(), ctx.local_port() as u16, u32::from_be(ctx.remote_port()) as u16)
+}
+
+/// Level and option name of the getsockopt() call.
+#[inline(always)]
+pub fn sockopt_level_name(ctx: &SockoptContext) -> (i32, i32) {
+    // SAFETY: the kernel hands a valid bpf_sockopt for the program's run.
+    unsafe { ((*ctx.sockopt).level, (*ctx.sockopt).optname) }
+}
+
+/// The socket of a getsockopt() call if it is IPv4: (peer addr, peer port, local port), the
+/// address in network byte order, ports in host byte order.
+#[inline(always)]
+pub fn sockopt_ipv4_ends(ctx: &SockoptContext) -> Option<(u32, u16, u16)> {
+    const AF_INET: u32 = 2;
+    // SAFETY: the kernel hands a valid bpf_sockopt; `sk` is checked for null.
+    unsafe {
+        let sk = (*ctx.sockopt).__bindgen_anon_1.sk;
+        if sk.is_null() || (*sk).family != AF_INET {
+            return None;
+        }
+        // dst_port is a big-endian 16-bit field; src_port is host order.
+        Some(((*sk).dst_ip4, u16::from_be((*sk).dst_port), (*sk).src_port as u16))
+    }
+}
+
+/// The kernel's own answer to the getsockopt() call so far (0 or -errno).
+#[inline(always)]
+pub fn sockopt_retval(ctx: &SockoptContext) -> i32 {
+    // SAFETY: as above.
+    unsafe { (*ctx.sockopt).retval }
+}
+
+/// The option buffer length the caller passed.
+#[inline(always)]
+pub fn sockopt_optlen(ctx: &SockoptContext) -> i32 {
+    // SAFETY: as above.
+    unsafe { (*ctx.sockopt).optlen }
+}
+
+/// Sets the result of the getsockopt() call to `-errno`, leaving the buffer alone.
+#[inline(always)]
+pub fn sockopt_fail(ctx: &SockoptContext, errno: i32) {
+    // SAFETY: retval is writable in getsockopt programs.
+    unsafe { core::ptr::write_volatile(&mut (*ctx.sockopt).retval, -errno) }
+}
+
+/// Answers the getsockopt() call with `value`: copied into the option buffer, optlen set to
+/// its size, retval 0. Returns false (answering nothing) when the buffer is too small.
+#[inline(always)]
+pub fn sockopt_answer<T: Copy>(ctx: &SockoptContext, value: &T) -> bool {
+    let size = core::mem::size_of::<T>();
+    // SAFETY: the write is bounds-checked against optval_end as the verifier requires;
+    // optlen and retval are written separately because a merged 8-byte store is rejected
+    // by the verifier (see EBPF-NOTES.md).
+    unsafe {
+        let sockopt = ctx.sockopt;
+        let optval = (*sockopt).__bindgen_anon_2.optval as *mut u8;
+        let optval_end = (*sockopt).__bindgen_anon_3.optval_end as *mut u8;
+        if optval.is_null() || optval.add(size) > optval_end {
+            return false;
+        }
+        core::ptr::write_unaligned(optval as *mut T, *value);
+        core::ptr::write_volatile(&mut (*sockopt).optlen, size as i32);
+        core::ptr::write_volatile(&mut (*sockopt).retval, 0);
+    }
+    true
+}

@@ -1,0 +1,150 @@
+//! Pod cgroups: finding the cgroup v2 mount and validating a pod's cgroup directory.
+use std::{
+    fs::{self, File},
+    os::unix::fs::MetadataExt,
+    path::{Path, PathBuf},
+};
+
+use nix::sys::statfs::{statfs, CGROUP2_SUPER_MAGIC, CGROUP_SUPER_MAGIC};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("cgroup {path}: no such directory")]
+    NotFound { path: PathBuf },
+    #[error("cgroup {path}: not a directory")]
+    NotADirectory { path: PathBuf },
+    #[error("cgroup {path} is in a cgroup v1 hierarchy; redirector needs a cgroup v2 directory (cgroup2 is mounted at {cgroup2})")]
+    CgroupV1 { path: PathBuf, cgroup2: String },
+    #[error("{path} is not a cgroup v2 directory (cgroup2 is mounted at {cgroup2})")]
+    NotCgroup2 { path: PathBuf, cgroup2: String },
+    #[error("no cgroup2 filesystem is mounted (none in /proc/self/mountinfo)")]
+    NoCgroup2Mount,
+    #[error("cgroup {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+}
+
+/// A validated cgroup v2 directory, held open (the fd is what programs attach to).
+#[derive(Debug)]
+pub struct Cgroup {
+    pub path: PathBuf,
+    /// The cgroup id, as `bpf_get_current_cgroup_id()` reports it (the kernfs inode number).
+    pub id: u64,
+    pub dir: File,
+}
+
+impl Cgroup {
+    /// Opens `path` and checks that it is a directory of a cgroup v2 hierarchy.
+    pub fn open(path: &Path) -> Result<Self, CgroupError> {
+        let io = |source| CgroupError::Io { path: path.to_owned(), source };
+        let metadata = match fs::metadata(path) {
+            Ok(metadata) => metadata,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(CgroupError::NotFound { path: path.to_owned() })
+            }
+            Err(e) => return Err(io(e)),
+        };
+        if !metadata.is_dir() {
+            return Err(CgroupError::NotADirectory { path: path.to_owned() });
+        }
+        let fs_type = statfs(path).map_err(|e| io(e.into()))?.filesystem_type();
+        if fs_type != CGROUP2_SUPER_MAGIC {
+            let cgroup2 = cgroup2_mount()
+                .map(|mount| mount.display().to_string())
+                .unwrap_or_else(|_| "nowhere".to_owned());
+            let path = path.to_owned();
+            return Err(if fs_type == CGROUP_SUPER_MAGIC {
+                CgroupError::CgroupV1 { path, cgroup2 }
+            } else {
+                CgroupError::NotCgroup2 { path, cgroup2 }
+            });
+        }
+        let path = fs::canonicalize(path).map_err(io)?;
+        let dir = File::open(&path).map_err(io)?;
+        Ok(Self { path, id: metadata.ino(), dir })
+    }
+}
+
+/// Where the cgroup v2 hierarchy is mounted (hybrid layouts put it below /sys/fs/cgroup).
+pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|source| CgroupError::Io { path: "/proc/self/mountinfo".into(), source })?;
+    cgroup2_mount_in(&mountinfo).ok_or(CgroupError::NoCgroup2Mount)
+}
+
+/// The first cgroup2 mount point in a mountinfo text (proc(5): the mount point is field 5,
+/// the filesystem type the first field after the " - " separator).
+fn cgroup2_mount_in(mountinfo: &str) -> Option<PathBuf> {
+    mountinfo.lines().find_map(|line| {
+        let (mount_fields, fs_fields) = line.split_once(" - ")?;
+        let mount_point = mount_fields.split(' ').nth(4)?;
+        (fs_fields.split(' ').next()? == "cgroup2").then(|| PathBuf::from(unescape_octal(mount_point)))
+    })
+}
+
+/// mountinfo escapes space, tab, newline and backslash as `\ooo`.
+fn unescape_octal(field: &str) -> String {
+    let mut out = String::with_capacity(field.len());
+    let mut rest = field;
+    while let Some(at) = rest.find('\\') {
+        out.push_str(&rest[..at]);
+        match rest.get(at + 1..at + 4).and_then(|digits| u8::from_str_radix(digits, 8).ok()) {
+            Some(byte) => {
+                out.push(char::from(byte));
+                rest = &rest[at + 4..];
+            }
+            None => {
+                out.push('\\');
+                rest = &rest[at + 1..];
+            }
+        }
+    }
+    out.push_str(rest);
+    out
+}
+
+/// The path of the cgroup with this id below `mount`, if it still exists.
+pub fn find_by_id(mount: &Path, id: u64) -> Option<PathBuf> {
+    let mut pending = vec![mount.to_owned()];
+    while let Some(dir) = pending.pop() {
+        if fs::metadata(&dir).is_ok_and(|m| m.ino() == id) {
+            return Some(dir);
+        }
+        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        pending.extend(
+            entries
+                .filter_map(Result::ok)
+                .filter(|entry| entry.file_type().is_ok_and(|t| t.is_dir()))
+                .map(|entry| entry.path()),
+        );
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HYBRID: &str = "\
+24 30 0:22 / /sys rw,nosuid shared:7 - sysfs sysfs rw
+35 24 0:30 / /sys/fs/cgroup ro shared:9 - tmpfs tmpfs ro,mode=755
+36 35 0:31 / /sys/fs/cgroup/unified rw shared:10 - cgroup2 cgroup2 rw
+37 35 0:32 / /sys/fs/cgroup/cpu rw shared:11 - cgroup cgroup rw,cpu
+";
+
+    #[test]
+    fn finds_the_cgroup2_mount_in_a_hybrid_layout() {
+        assert_eq!(cgroup2_mount_in(HYBRID), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+    }
+
+    #[test]
+    fn no_cgroup2_mount_is_none() {
+        let v1_only: String = HYBRID.lines().filter(|l| !l.contains("cgroup2")).collect::<Vec<_>>().join("\n");
+        assert_eq!(cgroup2_mount_in(&v1_only), None);
+    }
+
+    #[test]
+    fn mount_points_with_escaped_spaces() {
+        let line = "36 35 0:31 / /mnt/my\\040cgroups rw - cgroup2 cgroup2 rw\n";
+        assert_eq!(cgroup2_mount_in(line), Some(PathBuf::from("/mnt/my cgroups")));
+    }
+}

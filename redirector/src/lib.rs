@@ -1,0 +1,15 @@
+//! redirector: iptables-free traffic interception for service-mesh sidecars.
+//!
+//! The library is the API; the `redirector` CLI is a thin layer over it.
+//! - [`pods`]: enroll, unenroll and list pods ([`pods::Redirector`]).
+//! - [`original_dst`]: the original destination of a redirected connection, for proxies.
+//! - [`pins`], [`loader`], [`link`]: the bpffs layout, the embedded programs, cgroup links.
+//! - [`cgroup`], [`kernel`], [`policy`]: input validation.
+pub mod cgroup;
+pub mod kernel;
+pub mod link;
+pub mod loader;
+pub mod original_dst;
+pub mod pins;
+pub mod pods;
+pub mod policy;
