@@ -38,11 +38,18 @@ fn redirect_ipv4(ctx: &SockAddrContext) {
         return;
     }
     let record = ConnectionRecord {
-        original_dst: RawSockAddr { addr: [dst, 0, 0, 0], port: dst_port, family: AF_INET },
+        original_dst: RawSockAddr {
+            addr: [dst, 0, 0, 0],
+            port: dst_port,
+            family: AF_INET,
+        },
         ..ConnectionRecord::default()
     };
     // Without a record the proxy could not learn the destination: leave the connect alone.
-    if ORIG_BY_COOKIE.insert(&raw::socket_cookie(ctx), &record, 0).is_err() {
+    if ORIG_BY_COOKIE
+        .insert(&raw::socket_cookie(ctx), &record, 0)
+        .is_err()
+    {
         return;
     }
     raw::set_connect_destination(ctx, LOOPBACK_BE, config.proxy_port);
@@ -62,6 +69,10 @@ fn redirect_ipv4(ctx: &SockAddrContext) {
 #[inline(always)]
 fn is_exempt_owner(pod: u64) -> bool {
     let (uid, gid) = raw::current_uid_gid();
-    let exempt = |kind, id| EXEMPT_OWNERS.get_ptr(&ExemptOwnerKey { pod, kind, id }).is_some();
+    let exempt = |kind, id| {
+        EXEMPT_OWNERS
+            .get_ptr(&ExemptOwnerKey { pod, kind, id })
+            .is_some()
+    };
     exempt(OWNER_UID, uid) || exempt(OWNER_GID, gid)
 }

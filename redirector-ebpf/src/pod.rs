@@ -44,5 +44,7 @@ pub fn count(pod: u64, update: impl FnOnce(&mut PodStats)) {
 /// which the verifier inlines: the cost of the hooks stays flat while it is off.
 #[inline(always)]
 pub fn logging_enabled() -> bool {
-    SETTINGS.get(0).is_some_and(|settings| settings.log_connections != 0)
+    SETTINGS
+        .get(0)
+        .is_some_and(|settings| settings.log_connections != 0)
 }

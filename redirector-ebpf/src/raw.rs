@@ -57,7 +57,11 @@ pub fn set_connect_destination(ctx: &SockAddrContext, addr_be: u32, port: u16) {
 #[inline(always)]
 pub fn sock_ops_ipv4_ends(ctx: &SockOpsContext) -> (u32, u16, u16) {
     // local_port is host order; remote_port is network order in the upper 16 bits.
-    (ctx.local_ip4(), ctx.local_port() as u16, u32::from_be(ctx.remote_port()) as u16)
+    (
+        ctx.local_ip4(),
+        ctx.local_port() as u16,
+        u32::from_be(ctx.remote_port()) as u16,
+    )
 }
 
 /// Level and option name of the getsockopt() call.
@@ -79,7 +83,11 @@ pub fn sockopt_ipv4_ends(ctx: &SockoptContext) -> Option<(u32, u16, u16)> {
             return None;
         }
         // dst_port is a big-endian 16-bit field; src_port is host order.
-        Some(((*sk).dst_ip4, u16::from_be((*sk).dst_port), (*sk).src_port as u16))
+        Some((
+            (*sk).dst_ip4,
+            u16::from_be((*sk).dst_port),
+            (*sk).src_port as u16,
+        ))
     }
 }
 

@@ -61,7 +61,10 @@ fn on_established(ctx: &SockOpsContext) {
     if ORIG_BY_PEER.insert(&peer, &record.original_dst, 0).is_ok() {
         record.peer = peer;
         if logging_enabled() {
-            debug!(ctx, "sockops established client port {} -> proxy port {}", local_port, remote_port);
+            debug!(
+                ctx,
+                "sockops established client port {} -> proxy port {}", local_port, remote_port
+            );
         }
     }
 }

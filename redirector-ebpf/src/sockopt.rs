@@ -80,6 +80,11 @@ fn answer_original_dst(ctx: &SockoptContext) {
         zero: [0; 8],
     };
     if raw::sockopt_answer(ctx, &answer) && logging_enabled() {
-        debug!(ctx, "getsockopt original dst {:i}:{}", u32::from_be(original.addr[0]), original.port);
+        debug!(
+            ctx,
+            "getsockopt original dst {:i}:{}",
+            u32::from_be(original.addr[0]),
+            original.port
+        );
     }
 }

@@ -20,7 +20,10 @@ pub enum CgroupError {
     #[error("no cgroup2 filesystem is mounted (none in /proc/self/mountinfo)")]
     NoCgroup2Mount,
     #[error("cgroup {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// A validated cgroup v2 directory, held open (the fd is what programs attach to).
@@ -35,16 +38,23 @@ pub struct Cgroup {
 impl Cgroup {
     /// Opens `path` and checks that it is a directory of a cgroup v2 hierarchy.
     pub fn open(path: &Path) -> Result<Self, CgroupError> {
-        let io = |source| CgroupError::Io { path: path.to_owned(), source };
+        let io = |source| CgroupError::Io {
+            path: path.to_owned(),
+            source,
+        };
         let metadata = match fs::metadata(path) {
             Ok(metadata) => metadata,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                return Err(CgroupError::NotFound { path: path.to_owned() })
+                return Err(CgroupError::NotFound {
+                    path: path.to_owned(),
+                })
             }
             Err(e) => return Err(io(e)),
         };
         if !metadata.is_dir() {
-            return Err(CgroupError::NotADirectory { path: path.to_owned() });
+            return Err(CgroupError::NotADirectory {
+                path: path.to_owned(),
+            });
         }
         let fs_type = statfs(path).map_err(|e| io(e.into()))?.filesystem_type();
         if fs_type != CGROUP2_SUPER_MAGIC {
@@ -60,14 +70,21 @@ impl Cgroup {
         }
         let path = fs::canonicalize(path).map_err(io)?;
         let dir = File::open(&path).map_err(io)?;
-        Ok(Self { path, id: metadata.ino(), dir })
+        Ok(Self {
+            path,
+            id: metadata.ino(),
+            dir,
+        })
     }
 }
 
 /// Where the cgroup v2 hierarchy is mounted (hybrid layouts put it below /sys/fs/cgroup).
 pub fn cgroup2_mount() -> Result<PathBuf, CgroupError> {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo")
-        .map_err(|source| CgroupError::Io { path: "/proc/self/mountinfo".into(), source })?;
+    let mountinfo =
+        fs::read_to_string("/proc/self/mountinfo").map_err(|source| CgroupError::Io {
+            path: "/proc/self/mountinfo".into(),
+            source,
+        })?;
     cgroup2_mount_in(&mountinfo).ok_or(CgroupError::NoCgroup2Mount)
 }
 
@@ -77,7 +94,8 @@ fn cgroup2_mount_in(mountinfo: &str) -> Option<PathBuf> {
     mountinfo.lines().find_map(|line| {
         let (mount_fields, fs_fields) = line.split_once(" - ")?;
         let mount_point = mount_fields.split(' ').nth(4)?;
-        (fs_fields.split(' ').next()? == "cgroup2").then(|| PathBuf::from(unescape_octal(mount_point)))
+        (fs_fields.split(' ').next()? == "cgroup2")
+            .then(|| PathBuf::from(unescape_octal(mount_point)))
     })
 }
 
@@ -87,7 +105,10 @@ fn unescape_octal(field: &str) -> String {
     let mut rest = field;
     while let Some(at) = rest.find('\\') {
         out.push_str(&rest[..at]);
-        match rest.get(at + 1..at + 4).and_then(|digits| u8::from_str_radix(digits, 8).ok()) {
+        match rest
+            .get(at + 1..at + 4)
+            .and_then(|digits| u8::from_str_radix(digits, 8).ok())
+        {
             Some(byte) => {
                 out.push(char::from(byte));
                 rest = &rest[at + 4..];
@@ -109,7 +130,9 @@ pub fn find_by_id(mount: &Path, id: u64) -> Option<PathBuf> {
         if fs::metadata(&dir).is_ok_and(|m| m.ino() == id) {
             return Some(dir);
         }
-        let Ok(entries) = fs::read_dir(&dir) else { continue };
+        let Ok(entries) = fs::read_dir(&dir) else {
+            continue;
+        };
         pending.extend(
             entries
                 .filter_map(Result::ok)
@@ -133,18 +156,28 @@ mod tests {
 
     #[test]
     fn finds_the_cgroup2_mount_in_a_hybrid_layout() {
-        assert_eq!(cgroup2_mount_in(HYBRID), Some(PathBuf::from("/sys/fs/cgroup/unified")));
+        assert_eq!(
+            cgroup2_mount_in(HYBRID),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
     }
 
     #[test]
     fn no_cgroup2_mount_is_none() {
-        let v1_only: String = HYBRID.lines().filter(|l| !l.contains("cgroup2")).collect::<Vec<_>>().join("\n");
+        let v1_only: String = HYBRID
+            .lines()
+            .filter(|l| !l.contains("cgroup2"))
+            .collect::<Vec<_>>()
+            .join("\n");
         assert_eq!(cgroup2_mount_in(&v1_only), None);
     }
 
     #[test]
     fn mount_points_with_escaped_spaces() {
         let line = "36 35 0:31 / /mnt/my\\040cgroups rw - cgroup2 cgroup2 rw\n";
-        assert_eq!(cgroup2_mount_in(line), Some(PathBuf::from("/mnt/my cgroups")));
+        assert_eq!(
+            cgroup2_mount_in(line),
+            Some(PathBuf::from("/mnt/my cgroups"))
+        );
     }
 }

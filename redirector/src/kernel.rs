@@ -13,9 +13,15 @@ pub enum KernelError {
     #[error("kernel {release} is too old: redirector needs Linux >= {}.{} (bpf_get_netns_cookie in sockops programs)", MIN_KERNEL.0, MIN_KERNEL.1)]
     TooOld { release: String },
     #[error("this kernel lacks {feature}, which redirector needs (Linux >= {since})")]
-    Missing { feature: &'static str, since: &'static str },
+    Missing {
+        feature: &'static str,
+        since: &'static str,
+    },
     #[error("probing the kernel for {feature}: {source}")]
-    Probe { feature: &'static str, source: aya::programs::ProgramError },
+    Probe {
+        feature: &'static str,
+        source: aya::programs::ProgramError,
+    },
     #[error("reading the kernel release: {0}")]
     Uname(nix::Error),
 }
@@ -34,15 +40,42 @@ struct HelperNeed {
 }
 
 const PROGRAMS: [ProgramNeed; 3] = [
-    ProgramNeed { program: ProgramType::CgroupSockAddr, feature: "cgroup/connect4 programs (BPF_PROG_TYPE_CGROUP_SOCK_ADDR)", since: "4.17" },
-    ProgramNeed { program: ProgramType::SockOps, feature: "sockops programs (BPF_PROG_TYPE_SOCK_OPS)", since: "4.13" },
-    ProgramNeed { program: ProgramType::CgroupSockopt, feature: "cgroup/getsockopt programs (BPF_PROG_TYPE_CGROUP_SOCKOPT)", since: "5.3" },
+    ProgramNeed {
+        program: ProgramType::CgroupSockAddr,
+        feature: "cgroup/connect4 programs (BPF_PROG_TYPE_CGROUP_SOCK_ADDR)",
+        since: "4.17",
+    },
+    ProgramNeed {
+        program: ProgramType::SockOps,
+        feature: "sockops programs (BPF_PROG_TYPE_SOCK_OPS)",
+        since: "4.13",
+    },
+    ProgramNeed {
+        program: ProgramType::CgroupSockopt,
+        feature: "cgroup/getsockopt programs (BPF_PROG_TYPE_CGROUP_SOCKOPT)",
+        since: "5.3",
+    },
 ];
 
 const HELPERS: [HelperNeed; 3] = [
-    HelperNeed { program: ProgramType::CgroupSockAddr, helper: BpfHelper::BPF_FUNC_get_socket_cookie, feature: "bpf_get_socket_cookie in cgroup/connect4", since: "5.0" },
-    HelperNeed { program: ProgramType::SockOps, helper: BpfHelper::BPF_FUNC_get_netns_cookie, feature: "bpf_get_netns_cookie in sockops", since: "5.15" },
-    HelperNeed { program: ProgramType::CgroupSockopt, helper: BpfHelper::BPF_FUNC_get_netns_cookie, feature: "bpf_get_netns_cookie in cgroup/getsockopt", since: "5.8" },
+    HelperNeed {
+        program: ProgramType::CgroupSockAddr,
+        helper: BpfHelper::BPF_FUNC_get_socket_cookie,
+        feature: "bpf_get_socket_cookie in cgroup/connect4",
+        since: "5.0",
+    },
+    HelperNeed {
+        program: ProgramType::SockOps,
+        helper: BpfHelper::BPF_FUNC_get_netns_cookie,
+        feature: "bpf_get_netns_cookie in sockops",
+        since: "5.15",
+    },
+    HelperNeed {
+        program: ProgramType::CgroupSockopt,
+        helper: BpfHelper::BPF_FUNC_get_netns_cookie,
+        feature: "bpf_get_netns_cookie in cgroup/getsockopt",
+        since: "5.8",
+    },
 ];
 
 /// Checks the running kernel: its release first, then each program type and helper.
@@ -50,17 +83,30 @@ pub fn check() -> Result<(), KernelError> {
     let uname = nix::sys::utsname::uname().map_err(KernelError::Uname)?;
     check_release(&uname.release().to_string_lossy())?;
     for need in &PROGRAMS {
-        let supported = is_program_supported(need.program)
-            .map_err(|source| KernelError::Probe { feature: need.feature, source })?;
+        let supported =
+            is_program_supported(need.program).map_err(|source| KernelError::Probe {
+                feature: need.feature,
+                source,
+            })?;
         if !supported {
-            return Err(KernelError::Missing { feature: need.feature, since: need.since });
+            return Err(KernelError::Missing {
+                feature: need.feature,
+                since: need.since,
+            });
         }
     }
     for need in &HELPERS {
-        let supported = is_helper_supported(need.program, need.helper)
-            .map_err(|source| KernelError::Probe { feature: need.feature, source })?;
+        let supported = is_helper_supported(need.program, need.helper).map_err(|source| {
+            KernelError::Probe {
+                feature: need.feature,
+                source,
+            }
+        })?;
         if !supported {
-            return Err(KernelError::Missing { feature: need.feature, since: need.since });
+            return Err(KernelError::Missing {
+                feature: need.feature,
+                since: need.since,
+            });
         }
     }
     Ok(())
@@ -73,7 +119,9 @@ pub fn check_release(release: &str) -> Result<(), KernelError> {
         .map(|part| part.parse::<u32>().ok());
     match (numbers.next().flatten(), numbers.next().flatten()) {
         (Some(major), Some(minor)) if (major, minor) >= MIN_KERNEL => Ok(()),
-        _ => Err(KernelError::TooOld { release: release.to_owned() }),
+        _ => Err(KernelError::TooOld {
+            release: release.to_owned(),
+        }),
     }
 }
 
@@ -83,7 +131,13 @@ mod tests {
 
     #[test]
     fn releases_at_or_above_the_minimum_pass() {
-        for release in ["5.15.0", "5.15.0-91-generic", "6.1.0-18-amd64", "6.18.44-fc-v657", "10.0"] {
+        for release in [
+            "5.15.0",
+            "5.15.0-91-generic",
+            "6.1.0-18-amd64",
+            "6.18.44-fc-v657",
+            "10.0",
+        ] {
             assert!(check_release(release).is_ok(), "{release}");
         }
     }

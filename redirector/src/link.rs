@@ -64,7 +64,12 @@ struct ObjPinAttr {
 fn bpf<T>(cmd: libc::c_int, attr: &mut T) -> io::Result<libc::c_long> {
     // SAFETY: `attr` is a live repr(C) prefix of `union bpf_attr`; the kernel zero-extends it.
     let ret = unsafe {
-        libc::syscall(libc::SYS_bpf, cmd, attr as *mut T, std::mem::size_of::<T>() as libc::c_uint)
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *mut T,
+            std::mem::size_of::<T>() as libc::c_uint,
+        )
     };
     if ret < 0 {
         Err(io::Error::last_os_error())

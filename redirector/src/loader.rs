@@ -1,11 +1,14 @@
 //! Loading the embedded eBPF object once per node and opening what is pinned.
-use std::{fs, os::fd::{AsFd, BorrowedFd}};
+use std::{
+    fs,
+    os::fd::{AsFd, BorrowedFd},
+};
 
 use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuHashMap},
     programs::{
-        CgroupSockAddr, CgroupSockopt, ProgramError, SockOps,
         cgroup_sock_addr::CgroupSockAddrAttachType, cgroup_sockopt::CgroupSockoptAttachType,
+        CgroupSockAddr, CgroupSockopt, ProgramError, SockOps,
     },
     EbpfLoader,
 };
@@ -26,15 +29,30 @@ pub enum LoadError {
     #[error("program {name} is missing from the eBPF object")]
     MissingProgram { name: &'static str },
     #[error("loading program {name}: {source}")]
-    Program { name: &'static str, source: ProgramError },
+    Program {
+        name: &'static str,
+        source: ProgramError,
+    },
     #[error("pinning program {name}: {source}")]
-    PinProgram { name: &'static str, source: aya::pin::PinError },
+    PinProgram {
+        name: &'static str,
+        source: aya::pin::PinError,
+    },
     #[error("opening pinned program {name}: {source}")]
-    OpenProgram { name: &'static str, source: ProgramError },
+    OpenProgram {
+        name: &'static str,
+        source: ProgramError,
+    },
     #[error("opening pinned map {name}: {source}")]
-    OpenMap { name: &'static str, source: MapError },
+    OpenMap {
+        name: &'static str,
+        source: MapError,
+    },
     #[error("removing stale program pin {path}: {source}")]
-    RemoveStale { path: std::path::PathBuf, source: std::io::Error },
+    RemoveStale {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
 }
 
 fn program_name(hook: CgroupHook) -> &'static str {
@@ -55,16 +73,26 @@ pub fn ensure_programs_pinned(root: &PinRoot) -> Result<(), LoadError> {
     }
     // A previous load died half-way: start the programs afresh (maps are kept).
     for pin in pins.iter().filter(|pin| pin.exists()) {
-        fs::remove_file(pin).map_err(|source| LoadError::RemoveStale { path: pin.clone(), source })?;
+        fs::remove_file(pin).map_err(|source| LoadError::RemoveStale {
+            path: pin.clone(),
+            source,
+        })?;
     }
-    let mut ebpf = EbpfLoader::new().default_map_pin_directory(root.maps_dir()).load(EBPF_OBJECT)?;
+    let mut ebpf = EbpfLoader::new()
+        .default_map_pin_directory(root.maps_dir())
+        .load(EBPF_OBJECT)?;
     for hook in CgroupHook::ALL {
         let name = program_name(hook);
-        let program = ebpf.program_mut(name).ok_or(LoadError::MissingProgram { name })?;
+        let program = ebpf
+            .program_mut(name)
+            .ok_or(LoadError::MissingProgram { name })?;
         let loaded = match hook {
-            CgroupHook::Connect4 => <&mut CgroupSockAddr>::try_from(program).and_then(|p| p.load().map(|()| p.pin(root.program(name)))),
-            CgroupHook::SockOps => <&mut SockOps>::try_from(program).and_then(|p| p.load().map(|()| p.pin(root.program(name)))),
-            CgroupHook::GetSockopt => <&mut CgroupSockopt>::try_from(program).and_then(|p| p.load().map(|()| p.pin(root.program(name)))),
+            CgroupHook::Connect4 => <&mut CgroupSockAddr>::try_from(program)
+                .and_then(|p| p.load().map(|()| p.pin(root.program(name)))),
+            CgroupHook::SockOps => <&mut SockOps>::try_from(program)
+                .and_then(|p| p.load().map(|()| p.pin(root.program(name)))),
+            CgroupHook::GetSockopt => <&mut CgroupSockopt>::try_from(program)
+                .and_then(|p| p.load().map(|()| p.pin(root.program(name)))),
         };
         loaded
             .map_err(|source| LoadError::Program { name, source })?
@@ -82,14 +110,25 @@ pub struct Programs {
 
 impl Programs {
     pub fn open(root: &PinRoot) -> Result<Self, LoadError> {
-        let open_error = |hook| move |source| LoadError::OpenProgram { name: program_name(hook), source };
+        let open_error = |hook| {
+            move |source| LoadError::OpenProgram {
+                name: program_name(hook),
+                source,
+            }
+        };
         Ok(Self {
-            connect4: CgroupSockAddr::from_pin(root.program(program_names::CONNECT4), CgroupSockAddrAttachType::Connect4)
-                .map_err(open_error(CgroupHook::Connect4))?,
+            connect4: CgroupSockAddr::from_pin(
+                root.program(program_names::CONNECT4),
+                CgroupSockAddrAttachType::Connect4,
+            )
+            .map_err(open_error(CgroupHook::Connect4))?,
             sockops: SockOps::from_pin(root.program(program_names::SOCKOPS))
                 .map_err(open_error(CgroupHook::SockOps))?,
-            getsockopt: CgroupSockopt::from_pin(root.program(program_names::GETSOCKOPT), CgroupSockoptAttachType::Get)
-                .map_err(open_error(CgroupHook::GetSockopt))?,
+            getsockopt: CgroupSockopt::from_pin(
+                root.program(program_names::GETSOCKOPT),
+                CgroupSockoptAttachType::Get,
+            )
+            .map_err(open_error(CgroupHook::GetSockopt))?,
         })
     }
 
@@ -126,7 +165,10 @@ impl Maps {
 }
 
 /// Opens one pinned map as its typed wrapper.
-pub fn open_map<T: TryFrom<Map, Error = MapError>>(root: &PinRoot, name: &'static str) -> Result<T, LoadError> {
+pub fn open_map<T: TryFrom<Map, Error = MapError>>(
+    root: &PinRoot,
+    name: &'static str,
+) -> Result<T, LoadError> {
     let open = || {
         let data = MapData::from_pin(root.map(name))?;
         T::try_from(Map::from_map_data(data)?)

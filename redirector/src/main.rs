@@ -16,7 +16,11 @@ use redirector::{
 };
 
 #[derive(Parser)]
-#[command(name = "redirector", version, about = "iptables-free traffic interception for service-mesh sidecars")]
+#[command(
+    name = "redirector",
+    version,
+    about = "iptables-free traffic interception for service-mesh sidecars"
+)]
 struct Cli {
     /// bpffs directory that holds every pin redirector makes.
     #[arg(long, global = true, env = "REDIRECTOR_BPFFS", default_value = DEFAULT_ROOT)]
@@ -78,7 +82,11 @@ enum Output {
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     // The kernel's lines arrive at debug level under the programs' module paths.
-    let default_filter = if matches!(cli.command, Command::Log { .. }) { "warn,redirector=debug" } else { "info" };
+    let default_filter = if matches!(cli.command, Command::Log { .. }) {
+        "warn,redirector=debug"
+    } else {
+        "info"
+    };
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
@@ -89,13 +97,18 @@ fn main() -> anyhow::Result<()> {
     let root = PinRoot::new(cli.bpffs);
     match cli.command {
         Command::Enroll(args) => {
-            let policy = OutboundPolicy { proxy_port: args.proxy_port, proxy_uids: args.proxy_uids.0, proxy_gids: args.proxy_gids.0 };
+            let policy = OutboundPolicy {
+                proxy_port: args.proxy_port,
+                proxy_uids: args.proxy_uids.0,
+                proxy_gids: args.proxy_gids.0,
+            };
             let cgroup = pods::enroll(&root, &args.cgroup, &policy)
                 .with_context(|| format!("enrolling {}", args.cgroup.display()))?;
             tracing::info!(cgroup = %cgroup.path.display(), cgroup_id = cgroup.id, ?policy, "enrolled");
         }
         Command::Unenroll { cgroup } => {
-            let was = pods::unenroll(&root, &cgroup).with_context(|| format!("unenrolling {}", cgroup.display()))?;
+            let was = pods::unenroll(&root, &cgroup)
+                .with_context(|| format!("unenrolling {}", cgroup.display()))?;
             tracing::info!(cgroup = %cgroup.display(), "{}", if was { "unenrolled" } else { "was not enrolled" });
         }
         Command::Status { output } => {
@@ -104,7 +117,10 @@ fn main() -> anyhow::Result<()> {
                 None => (Vec::new(), RecordCounts::default()),
             };
             match output {
-                Output::Json => println!("{}", serde_json::json!({ "pods": pods, "records": records })),
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({ "pods": pods, "records": records })
+                ),
                 Output::Table => print_table(&pods, records),
             }
         }
@@ -120,19 +136,40 @@ fn main() -> anyhow::Result<()> {
 fn print_table(pods: &[PodStatus], records: RecordCounts) {
     println!(
         "{:<50} {:>10} {:>6} {:<12} {:<12} {:>10} {:>9} {:>8} {:>7}",
-        "CGROUP", "ID", "PORT", "PROXY-UIDS", "PROXY-GIDS", "REDIRECTED", "EXEMPTED", "LOOKUPS", "MISSES"
+        "CGROUP",
+        "ID",
+        "PORT",
+        "PROXY-UIDS",
+        "PROXY-GIDS",
+        "REDIRECTED",
+        "EXEMPTED",
+        "LOOKUPS",
+        "MISSES"
     );
     let list = |ids: &[u32]| ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
     for pod in pods {
-        let cgroup = pod.cgroup.as_ref().map_or("(gone)".to_owned(), |p| p.display().to_string());
+        let cgroup = pod
+            .cgroup
+            .as_ref()
+            .map_or("(gone)".to_owned(), |p| p.display().to_string());
         let c = pod.counters;
         println!(
             "{:<50} {:>10} {:>6} {:<12} {:<12} {:>10} {:>9} {:>8} {:>7}",
-            cgroup, pod.cgroup_id, pod.proxy_port, list(&pod.proxy_uids), list(&pod.proxy_gids),
-            c.redirected, c.exempted, c.orig_dst_lookups, c.orig_dst_misses
+            cgroup,
+            pod.cgroup_id,
+            pod.proxy_port,
+            list(&pod.proxy_uids),
+            list(&pod.proxy_gids),
+            c.redirected,
+            c.exempted,
+            c.orig_dst_lookups,
+            c.orig_dst_misses
         );
     }
-    println!("connection records: {} by cookie, {} by peer", records.by_cookie, records.by_peer);
+    println!(
+        "connection records: {} by cookie, {} by peer",
+        records.by_cookie, records.by_peer
+    );
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -144,21 +181,33 @@ extern "C" fn on_interrupt(_: libc::c_int) {
 /// Per-connection logging costs the hooks dearly, so it is on only while someone reads it.
 fn stream_kernel_log(root: &PinRoot, limit: Option<Duration>) -> anyhow::Result<()> {
     let Some(mut redirector) = Redirector::open(root.clone())? else {
-        bail!("nothing is installed under {}: enroll a pod first", root.path().display());
+        bail!(
+            "nothing is installed under {}: enroll a pod first",
+            root.path().display()
+        );
     };
     let program_id = Programs::open(root)?.log_program_id()?;
-    let mut logger = aya_log::EbpfLogger::init_from_id(program_id).context("opening the programs' log buffer")?;
+    let mut logger = aya_log::EbpfLogger::init_from_id(program_id)
+        .context("opening the programs' log buffer")?;
     redirector.set_connection_logging(true)?;
     // Release the root's lock while streaming: enroll and unenroll must go on meanwhile.
     drop(redirector);
     let handler = nix::sys::signal::SigHandler::Handler(on_interrupt);
-    for signal in [nix::sys::signal::Signal::SIGINT, nix::sys::signal::Signal::SIGTERM] {
+    for signal in [
+        nix::sys::signal::Signal::SIGINT,
+        nix::sys::signal::Signal::SIGTERM,
+    ] {
         // SAFETY: the handler only stores to an atomic.
         unsafe { nix::sys::signal::signal(signal, handler) }?;
     }
     let started = Instant::now();
-    while !INTERRUPTED.load(Ordering::Relaxed) && limit.is_none_or(|limit| started.elapsed() < limit) {
-        let mut fds = [nix::poll::PollFd::new(logger.as_fd(), nix::poll::PollFlags::POLLIN)];
+    while !INTERRUPTED.load(Ordering::Relaxed)
+        && limit.is_none_or(|limit| started.elapsed() < limit)
+    {
+        let mut fds = [nix::poll::PollFd::new(
+            logger.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
         match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(200u16)) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => logger.flush(),
             Err(e) => return Err(e).context("waiting for log records"),

@@ -42,7 +42,10 @@ pub enum OriginalDstError {
 /// The original destination of an accepted, redirected IPv4 connection, via the kernel.
 pub fn so_original_dst(socket: BorrowedFd<'_>) -> io::Result<SocketAddrV4> {
     let raw: libc::sockaddr_in = getsockopt_value(socket, libc::SOL_IP, SO_ORIGINAL_DST)?;
-    Ok(SocketAddrV4::new(Ipv4Addr::from(u32::from_be(raw.sin_addr.s_addr)), u16::from_be(raw.sin_port)))
+    Ok(SocketAddrV4::new(
+        Ipv4Addr::from(u32::from_be(raw.sin_addr.s_addr)),
+        u16::from_be(raw.sin_port),
+    ))
 }
 
 /// The cookie of the network namespace a socket lives in.
@@ -50,11 +53,23 @@ pub fn netns_cookie(socket: BorrowedFd<'_>) -> io::Result<u64> {
     getsockopt_value(socket, libc::SOL_SOCKET, SO_NETNS_COOKIE)
 }
 
-fn getsockopt_value<T: Copy>(socket: BorrowedFd<'_>, level: libc::c_int, name: libc::c_int) -> io::Result<T> {
+fn getsockopt_value<T: Copy>(
+    socket: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+) -> io::Result<T> {
     let mut value = MaybeUninit::<T>::zeroed();
     let mut len = size_of::<T>() as libc::socklen_t;
     // SAFETY: the buffer is valid for `len` bytes; T is plain data the kernel fills.
-    let ret = unsafe { libc::getsockopt(socket.as_raw_fd(), level, name, value.as_mut_ptr().cast(), &mut len) };
+    let ret = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            level,
+            name,
+            value.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
     if ret != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -69,7 +84,9 @@ pub struct OriginalDstMap {
 
 impl OriginalDstMap {
     pub fn open(root: &PinRoot) -> Result<Self, OriginalDstError> {
-        Ok(Self { records: loader::open_map(root, map_names::ORIG_BY_PEER)? })
+        Ok(Self {
+            records: loader::open_map(root, map_names::ORIG_BY_PEER)?,
+        })
     }
 
     pub fn lookup(&self, accepted: &TcpStream) -> Result<SocketAddr, OriginalDstError> {
@@ -93,9 +110,9 @@ impl OriginalDstMap {
                 Ipv4Addr::from(u32::from_be(original.addr[0])),
                 original.port,
             ))),
-            Err(MapError::KeyNotFound) => {
-                Err(OriginalDstError::NotFound { peer: SocketAddrV4::new(peer.ip(), peer.port()).into() })
-            }
+            Err(MapError::KeyNotFound) => Err(OriginalDstError::NotFound {
+                peer: SocketAddrV4::new(peer.ip(), peer.port()).into(),
+            }),
             Err(e) => Err(e.into()),
         }
     }

@@ -31,7 +31,10 @@ pub enum PinError {
 
 impl PinError {
     fn io(path: &Path) -> impl FnOnce(io::Error) -> Self + '_ {
-        move |source| Self::Io { path: path.to_owned(), source }
+        move |source| Self::Io {
+            path: path.to_owned(),
+            source,
+        }
     }
 }
 
@@ -63,10 +66,18 @@ impl PinRoot {
 
     /// Checks that the root (or, before it exists, its nearest existing ancestor) is on a bpffs.
     pub fn check_bpffs(&self) -> Result<(), PinError> {
-        let existing = self.root.ancestors().find(|p| p.exists()).unwrap_or(Path::new("/"));
-        let fs_type = statfs(existing).map_err(|e| PinError::io(existing)(e.into()))?.filesystem_type();
+        let existing = self
+            .root
+            .ancestors()
+            .find(|p| p.exists())
+            .unwrap_or(Path::new("/"));
+        let fs_type = statfs(existing)
+            .map_err(|e| PinError::io(existing)(e.into()))?
+            .filesystem_type();
         if fs_type != BPF_FS_MAGIC {
-            return Err(PinError::NotBpffs { path: existing.to_owned() });
+            return Err(PinError::NotBpffs {
+                path: existing.to_owned(),
+            });
         }
         Ok(())
     }

@@ -25,7 +25,11 @@ pub enum Error {
     #[error(transparent)]
     Load(#[from] LoadError),
     #[error("attaching {hook} to cgroup {cgroup}: {source}")]
-    Attach { hook: &'static str, cgroup: PathBuf, source: std::io::Error },
+    Attach {
+        hook: &'static str,
+        cgroup: PathBuf,
+        source: std::io::Error,
+    },
     #[error("map {map}: {source}")]
     Map { map: &'static str, source: MapError },
     #[error("counting CPUs: {0}")]
@@ -47,7 +51,12 @@ pub struct Counters {
 
 impl From<PodStats> for Counters {
     fn from(s: PodStats) -> Self {
-        Self { redirected: s.redirected, exempted: s.exempted, orig_dst_lookups: s.orig_dst_lookups, orig_dst_misses: s.orig_dst_misses }
+        Self {
+            redirected: s.redirected,
+            exempted: s.exempted,
+            orig_dst_lookups: s.orig_dst_lookups,
+            orig_dst_misses: s.orig_dst_misses,
+        }
     }
 }
 
@@ -88,7 +97,11 @@ impl Redirector {
         let lock = root.create_and_lock()?;
         loader::ensure_programs_pinned(&root)?;
         let maps = Maps::open(&root)?;
-        Ok(Self { root, maps, _lock: lock })
+        Ok(Self {
+            root,
+            maps,
+            _lock: lock,
+        })
     }
 
     /// Opens an existing installation; `None` when nothing is installed at `root`.
@@ -102,7 +115,11 @@ impl Redirector {
             return Ok(None);
         }
         let maps = Maps::open(&root)?;
-        Ok(Some(Self { root, maps, _lock: lock }))
+        Ok(Some(Self {
+            root,
+            maps,
+            _lock: lock,
+        }))
     }
 
     pub fn root(&self) -> &PinRoot {
@@ -114,7 +131,9 @@ impl Redirector {
     /// a new enrollment is undone completely.
     pub fn enroll(&mut self, cgroup: &Cgroup, policy: &OutboundPolicy) -> Result<(), Error> {
         let new = self.maps.pod_config.get(&cgroup.id, 0).is_err();
-        let result = self.write_policy(cgroup.id, policy).and_then(|()| self.attach_missing(cgroup));
+        let result = self
+            .write_policy(cgroup.id, policy)
+            .and_then(|()| self.attach_missing(cgroup));
         if result.is_err() && new {
             let _ = self.unenroll(cgroup.id);
         }
@@ -124,37 +143,73 @@ impl Redirector {
     fn write_policy(&mut self, pod: u64, policy: &OutboundPolicy) -> Result<(), Error> {
         if self.maps.pod_stats.get(&pod, 0).is_err() {
             let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::Cpus(e))?;
-            let zeroes = PerCpuValues::try_from(vec![PodStats::default(); cpus]).map_err(|e| Error::Cpus(e))?;
-            self.maps.pod_stats.insert(pod, zeroes, 0).map_err(map_error("POD_STATS"))?;
+            let zeroes =
+                PerCpuValues::try_from(vec![PodStats::default(); cpus]).map_err(Error::Cpus)?;
+            self.maps
+                .pod_stats
+                .insert(pod, zeroes, 0)
+                .map_err(map_error("POD_STATS"))?;
         }
         let wanted: Vec<ExemptOwnerKey> = owner_keys(pod, policy).collect();
         for key in &wanted {
-            self.maps.exempt_owners.insert(*key, 1, 0).map_err(map_error("EXEMPT_OWNERS"))?;
+            self.maps
+                .exempt_owners
+                .insert(*key, 1, 0)
+                .map_err(map_error("EXEMPT_OWNERS"))?;
         }
-        let config = PodConfig { proxy_port: policy.proxy_port, _pad: [0; 6] };
-        self.maps.pod_config.insert(pod, config, 0).map_err(map_error("POD_CONFIG"))?;
+        let config = PodConfig {
+            proxy_port: policy.proxy_port,
+            _pad: [0; 6],
+        };
+        self.maps
+            .pod_config
+            .insert(pod, config, 0)
+            .map_err(map_error("POD_CONFIG"))?;
         // Owners dropped from the policy go last, so that no moment exempts nobody.
-        for stale in self.owners_of(pod)?.into_iter().filter(|key| !wanted.contains(key)) {
-            self.maps.exempt_owners.remove(&stale).map_err(map_error("EXEMPT_OWNERS"))?;
+        for stale in self
+            .owners_of(pod)?
+            .into_iter()
+            .filter(|key| !wanted.contains(key))
+        {
+            self.maps
+                .exempt_owners
+                .remove(&stale)
+                .map_err(map_error("EXEMPT_OWNERS"))?;
         }
         Ok(())
     }
 
     fn attach_missing(&self, cgroup: &Cgroup) -> Result<(), Error> {
         let pod_dir = self.root.pod_dir(cgroup.id);
-        let missing: Vec<CgroupHook> =
-            CgroupHook::ALL.into_iter().filter(|hook| !pod_dir.join(hook.pin_name()).exists()).collect();
+        let missing: Vec<CgroupHook> = CgroupHook::ALL
+            .into_iter()
+            .filter(|hook| !pod_dir.join(hook.pin_name()).exists())
+            .collect();
         if missing.is_empty() {
             return Ok(());
         }
-        std::fs::create_dir_all(&pod_dir).map_err(|source| PinError::Io { path: pod_dir.clone(), source })?;
+        std::fs::create_dir_all(&pod_dir).map_err(|source| PinError::Io {
+            path: pod_dir.clone(),
+            source,
+        })?;
         let programs = Programs::open(&self.root)?;
         use std::os::fd::AsFd as _;
         for hook in missing {
-            let attach_error = |source| Error::Attach { hook: hook.pin_name(), cgroup: cgroup.path.clone(), source };
-            let program = programs.fd(hook).map_err(|e| attach_error(std::io::Error::other(e)))?;
-            link::attach_pinned(program, cgroup.dir.as_fd(), hook, &pod_dir.join(hook.pin_name()))
-                .map_err(attach_error)?;
+            let attach_error = |source| Error::Attach {
+                hook: hook.pin_name(),
+                cgroup: cgroup.path.clone(),
+                source,
+            };
+            let program = programs
+                .fd(hook)
+                .map_err(|e| attach_error(std::io::Error::other(e)))?;
+            link::attach_pinned(
+                program,
+                cgroup.dir.as_fd(),
+                hook,
+                &pod_dir.join(hook.pin_name()),
+            )
+            .map_err(attach_error)?;
         }
         Ok(())
     }
@@ -166,7 +221,8 @@ impl Redirector {
         self.root.remove_pod(pod)?;
         ignore_missing(self.maps.pod_config.remove(&pod)).map_err(map_error("POD_CONFIG"))?;
         for key in self.owners_of(pod)? {
-            ignore_missing(self.maps.exempt_owners.remove(&key)).map_err(map_error("EXEMPT_OWNERS"))?;
+            ignore_missing(self.maps.exempt_owners.remove(&key))
+                .map_err(map_error("EXEMPT_OWNERS"))?;
         }
         ignore_missing(self.maps.pod_stats.remove(&pod)).map_err(map_error("POD_STATS"))?;
         Ok(existed)
@@ -174,7 +230,11 @@ impl Redirector {
 
     fn owners_of(&self, pod: u64) -> Result<Vec<ExemptOwnerKey>, Error> {
         let keys: Result<Vec<_>, _> = self.maps.exempt_owners.keys().collect();
-        Ok(keys.map_err(map_error("EXEMPT_OWNERS"))?.into_iter().filter(|key| key.pod == pod).collect())
+        Ok(keys
+            .map_err(map_error("EXEMPT_OWNERS"))?
+            .into_iter()
+            .filter(|key| key.pod == pod)
+            .collect())
     }
 
     /// Every enrolled pod with its policy and counters.
@@ -185,19 +245,31 @@ impl Redirector {
         let owners = owners.map_err(map_error("EXEMPT_OWNERS"))?;
         let mut statuses = Vec::new();
         for (pod, config) in pods.map_err(map_error("POD_CONFIG"))? {
-            let ids = |kind| owners.iter().filter(|k| k.pod == pod && k.kind == kind).map(|k| k.id).collect();
+            let ids = |kind| {
+                owners
+                    .iter()
+                    .filter(|k| k.pod == pod && k.kind == kind)
+                    .map(|k| k.id)
+                    .collect()
+            };
             let mut total = PodStats::default();
             if let Ok(per_cpu) = self.maps.pod_stats.get(&pod, 0) {
                 per_cpu.iter().for_each(|cpu| total.add(cpu));
             }
             let pod_dir = self.root.pod_dir(pod);
             statuses.push(PodStatus {
-                cgroup: cgroup_mount.as_deref().and_then(|mount| cgroup::find_by_id(mount, pod)),
+                cgroup: cgroup_mount
+                    .as_deref()
+                    .and_then(|mount| cgroup::find_by_id(mount, pod)),
                 cgroup_id: pod,
                 proxy_port: config.proxy_port,
                 proxy_uids: ids(OWNER_UID),
                 proxy_gids: ids(OWNER_GID),
-                attached: CgroupHook::ALL.into_iter().filter(|h| pod_dir.join(h.pin_name()).exists()).map(CgroupHook::pin_name).collect(),
+                attached: CgroupHook::ALL
+                    .into_iter()
+                    .filter(|h| pod_dir.join(h.pin_name()).exists())
+                    .map(CgroupHook::pin_name)
+                    .collect(),
                 counters: total.into(),
             });
         }
@@ -207,7 +279,12 @@ impl Redirector {
 
     pub fn records(&self) -> RecordCounts {
         RecordCounts {
-            by_cookie: self.maps.orig_by_cookie.keys().filter(Result::is_ok).count(),
+            by_cookie: self
+                .maps
+                .orig_by_cookie
+                .keys()
+                .filter(Result::is_ok)
+                .count(),
             by_peer: self.maps.orig_by_peer.keys().filter(Result::is_ok).count(),
         }
     }
@@ -216,14 +293,28 @@ impl Redirector {
     pub fn set_connection_logging(&mut self, on: bool) -> Result<(), Error> {
         self.maps
             .settings
-            .set(0, Settings { log_connections: u32::from(on) }, 0)
+            .set(
+                0,
+                Settings {
+                    log_connections: u32::from(on),
+                },
+                0,
+            )
             .map_err(map_error("SETTINGS"))
     }
 }
 
 fn owner_keys(pod: u64, policy: &OutboundPolicy) -> impl Iterator<Item = ExemptOwnerKey> + '_ {
-    let uids = policy.proxy_uids.iter().map(move |&id| ExemptOwnerKey { pod, kind: OWNER_UID, id });
-    let gids = policy.proxy_gids.iter().map(move |&id| ExemptOwnerKey { pod, kind: OWNER_GID, id });
+    let uids = policy.proxy_uids.iter().map(move |&id| ExemptOwnerKey {
+        pod,
+        kind: OWNER_UID,
+        id,
+    });
+    let gids = policy.proxy_gids.iter().map(move |&id| ExemptOwnerKey {
+        pod,
+        kind: OWNER_GID,
+        id,
+    });
     uids.chain(gids)
 }
 
@@ -231,7 +322,9 @@ fn owner_keys(pod: u64, policy: &OutboundPolicy) -> impl Iterator<Item = ExemptO
 fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
     match result {
         Err(MapError::KeyNotFound) => Ok(()),
-        Err(MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => {
+            Ok(())
+        }
         other => other,
     }
 }
@@ -239,10 +332,15 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
 /// Enrolls the pod at `cgroup_path` on `root`, installing redirector there if needed.
 /// Bad input is refused before anything is touched; a failure after that leaves the root
 /// as it was (an installation this call made is removed again).
-pub fn enroll(root: &PinRoot, cgroup_path: &Path, policy: &OutboundPolicy) -> Result<Cgroup, Error> {
+pub fn enroll(
+    root: &PinRoot,
+    cgroup_path: &Path,
+    policy: &OutboundPolicy,
+) -> Result<Cgroup, Error> {
     let cgroup = Cgroup::open(cgroup_path)?;
     let fresh = !root.exists();
-    let result = Redirector::install(root.clone()).and_then(|mut redirector| redirector.enroll(&cgroup, policy));
+    let result = Redirector::install(root.clone())
+        .and_then(|mut redirector| redirector.enroll(&cgroup, policy));
     if let Err(error) = result {
         if fresh {
             let _ = root.remove_all();

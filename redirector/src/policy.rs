@@ -9,7 +9,11 @@ pub enum PolicyError {
     #[error("invalid port {value:?}: {reason}")]
     Port { value: String, reason: &'static str },
     #[error("invalid {kind} list {value:?}: {reason}")]
-    IdList { kind: IdKind, value: String, reason: String },
+    IdList {
+        kind: IdKind,
+        value: String,
+        reason: String,
+    },
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -48,7 +52,10 @@ impl Default for OutboundPolicy {
 
 /// A TCP port, 1 to 65535.
 pub fn parse_port(value: &str) -> Result<u16, PolicyError> {
-    let error = |reason| PolicyError::Port { value: value.to_owned(), reason };
+    let error = |reason| PolicyError::Port {
+        value: value.to_owned(),
+        reason,
+    };
     match value.trim().parse::<u32>() {
         Ok(0) => Err(error("port 0 is not a port to listen on; use 1 to 65535")),
         Ok(port) => u16::try_from(port).map_err(|_| error("ports go up to 65535")),
@@ -58,7 +65,11 @@ pub fn parse_port(value: &str) -> Result<u16, PolicyError> {
 
 /// A comma-separated list of numeric UIDs or GIDs, as istio-iptables' `-u`/`-g` take them.
 pub fn parse_id_list(kind: IdKind, value: &str) -> Result<Vec<u32>, PolicyError> {
-    let error = |reason: String| PolicyError::IdList { kind, value: value.to_owned(), reason };
+    let error = |reason: String| PolicyError::IdList {
+        kind,
+        value: value.to_owned(),
+        reason,
+    };
     if value.trim().is_empty() {
         return Err(error(format!("empty; give at least one numeric {kind}")));
     }
@@ -67,7 +78,9 @@ pub fn parse_id_list(kind: IdKind, value: &str) -> Result<Vec<u32>, PolicyError>
         match item.parse::<u32>() {
             // (uid_t)-1 means "no id" to the kernel; it can never be a process's owner.
             Ok(u32::MAX) | Err(_) => {
-                return Err(error(format!("{item:?} is not a numeric {kind} (0 to 4294967294)")))
+                return Err(error(format!(
+                    "{item:?} is not a numeric {kind} (0 to 4294967294)"
+                )))
             }
             Ok(id) if !ids.contains(&id) => ids.push(id),
             Ok(_) => {}
@@ -98,14 +111,29 @@ mod tests {
     #[test]
     fn id_lists_parse_and_drop_repeats() {
         assert_eq!(parse_id_list(IdKind::Uid, "1337"), Ok(vec![1337]));
-        assert_eq!(parse_id_list(IdKind::Uid, "1337, 0,1337"), Ok(vec![1337, 0]));
+        assert_eq!(
+            parse_id_list(IdKind::Uid, "1337, 0,1337"),
+            Ok(vec![1337, 0])
+        );
     }
 
     #[test]
     fn bad_id_lists_are_refused_naming_the_kind() {
-        for bad in ["", " ", "abc", "1337,", "1337,,1", "-1", "4294967295", "99999999999"] {
+        for bad in [
+            "",
+            " ",
+            "abc",
+            "1337,",
+            "1337,,1",
+            "-1",
+            "4294967295",
+            "99999999999",
+        ] {
             let message = parse_id_list(IdKind::Gid, bad).unwrap_err().to_string();
-            assert!(message.starts_with("invalid GID list"), "{bad:?}: {message}");
+            assert!(
+                message.starts_with("invalid GID list"),
+                "{bad:?}: {message}"
+            );
         }
     }
 }

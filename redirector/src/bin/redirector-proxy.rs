@@ -19,7 +19,10 @@ use redirector::original_dst::so_original_dst;
 use serde_json::json;
 
 #[derive(Parser)]
-#[command(name = "redirector-proxy", about = "forward redirected connections to their original destination")]
+#[command(
+    name = "redirector-proxy",
+    about = "forward redirected connections to their original destination"
+)]
 struct Args {
     /// Address of the outbound listener.
     #[arg(long, default_value = "127.0.0.1:15001")]
@@ -31,7 +34,8 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let listener = TcpListener::bind(args.listen).with_context(|| format!("listening on {}", args.listen))?;
+    let listener =
+        TcpListener::bind(args.listen).with_context(|| format!("listening on {}", args.listen))?;
     let timeout = Duration::from_millis(args.connect_timeout_ms);
     for accepted in listener.incoming() {
         match accepted {
@@ -51,19 +55,31 @@ fn emit(event: serde_json::Value) {
 }
 
 fn proxy(client: TcpStream, connect_timeout: Duration) {
-    let peer = client.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    let peer = client
+        .peer_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
     let original = match so_original_dst(client.as_fd()) {
         Ok(original) => original,
-        Err(e) => return emit(json!({ "event": "no_orig_dst", "peer": peer, "error": e.to_string() })),
+        Err(e) => {
+            return emit(json!({ "event": "no_orig_dst", "peer": peer, "error": e.to_string() }))
+        }
     };
     let upstream = match TcpStream::connect_timeout(&original.into(), connect_timeout) {
         Ok(upstream) => upstream,
         Err(e) => {
-            return emit(json!({ "event": "upstream_error", "peer": peer, "orig_dst": original.to_string(), "error": e.to_string() }))
+            return emit(
+                json!({ "event": "upstream_error", "peer": peer, "orig_dst": original.to_string(), "error": e.to_string() }),
+            )
         }
     };
-    let upstream_local = upstream.local_addr().map(|a| a.to_string()).unwrap_or_default();
-    emit(json!({ "event": "forward", "peer": peer, "orig_dst": original.to_string(), "upstream_local": upstream_local }));
+    let upstream_local = upstream
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    emit(
+        json!({ "event": "forward", "peer": peer, "orig_dst": original.to_string(), "upstream_local": upstream_local }),
+    );
     let (Ok(client_rx), Ok(upstream_tx)) = (client.try_clone(), upstream.try_clone()) else {
         return emit(json!({ "event": "error", "peer": peer, "error": "cloning sockets" }));
     };
