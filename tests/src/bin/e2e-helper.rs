@@ -1,0 +1,234 @@
+//! Small tools the end-to-end tests run inside pods:
+//! - `exec`: enter a cgroup, a netns and an identity, then exec a command;
+//! - `serve`: a TCP server answering each line with what it saw of the connection;
+//! - `connect`: a TCP client reporting where it ended up connected and what the server saw.
+
+use std::convert::Infallible;
+use std::ffi::CString;
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::ffi::OsStrExt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{ensure, Context, Result};
+use clap::{Parser, Subcommand};
+use nix::sched::{setns, CloneFlags};
+use nix::unistd::{execvp, setgid, setgroups, setuid, Gid, Uid};
+use redirector_tests::{ConnectOptions, ConnectReport, ConnectSummary, ServerReply};
+use socket2::{Domain, Protocol, Socket, Type};
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+const REPLY_TIMEOUT: Duration = Duration::from_secs(5);
+
+#[derive(Parser)]
+#[command(
+    name = "e2e-helper",
+    about = "Helper processes for redirector's end-to-end tests"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Action,
+}
+
+#[derive(Subcommand)]
+enum Action {
+    /// Join a cgroup, then a named netns, then drop to UID/GID, then exec CMD.
+    Exec {
+        /// Name under /run/netns.
+        #[arg(long)]
+        netns: String,
+        /// cgroup v2 directory to join.
+        #[arg(long)]
+        cgroup: PathBuf,
+        #[arg(long)]
+        uid: u32,
+        #[arg(long)]
+        gid: u32,
+        /// The command and its arguments, after `--`.
+        #[arg(last = true, required = true)]
+        command: Vec<std::ffi::OsString>,
+    },
+    /// Answer one line per connection with {"peer","local","line"} as JSON, then close.
+    Serve {
+        #[arg(long)]
+        listen: SocketAddr,
+    },
+    /// Connect, send a line, read the reply, and report as JSON.
+    Connect(ConnectOptions),
+}
+
+fn main() {
+    // clap exits with status 2 on bad arguments.
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Action::Exec {
+            netns,
+            cgroup,
+            uid,
+            gid,
+            command,
+        } => exec_in_pod(&netns, &cgroup, uid, gid, &command).map(|never| match never {}),
+        Action::Serve { listen } => serve(listen),
+        Action::Connect(options) => {
+            connect(&options);
+            Ok(())
+        }
+    };
+    if let Err(error) = result {
+        eprintln!("e2e-helper: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+/// The order matters: the cgroup is joined through /sys/fs/cgroup of the current mount namespace,
+/// and the identity is dropped last because joining needs root. No thread exists yet, so setns and
+/// the set*id calls apply to the whole process.
+fn exec_in_pod(
+    netns: &str,
+    cgroup: &std::path::Path,
+    uid: u32,
+    gid: u32,
+    command: &[std::ffi::OsString],
+) -> Result<Infallible> {
+    let procs = cgroup.join("cgroup.procs");
+    std::fs::write(&procs, std::process::id().to_string())
+        .with_context(|| format!("joining cgroup {}", cgroup.display()))?;
+
+    let netns_path = PathBuf::from("/run/netns").join(netns);
+    let netns_file = std::fs::File::open(&netns_path)
+        .with_context(|| format!("opening netns {}", netns_path.display()))?;
+    setns(&netns_file, CloneFlags::CLONE_NEWNET)
+        .with_context(|| format!("entering netns {netns}"))?;
+    drop(netns_file);
+
+    setgroups(&[]).context("clearing supplementary groups")?;
+    setgid(Gid::from_raw(gid)).with_context(|| format!("setgid({gid})"))?;
+    setuid(Uid::from_raw(uid)).with_context(|| format!("setuid({uid})"))?;
+
+    let argv = command
+        .iter()
+        .map(|arg| CString::new(arg.as_bytes()))
+        .collect::<Result<Vec<_>, _>>()
+        .context("command argument contains a NUL byte")?;
+    let error = execvp(&argv[0], &argv).unwrap_err();
+    Err(error).with_context(|| format!("executing {:?} as uid {uid}", command[0]))
+}
+
+fn serve(listen: SocketAddr) -> Result<()> {
+    let listener = TcpListener::bind(listen).with_context(|| format!("binding {listen}"))?;
+    // Tests wait for this line before connecting.
+    println!("listening");
+    std::io::stdout().flush()?;
+    for stream in listener.incoming() {
+        match stream {
+            Ok(stream) => {
+                std::thread::spawn(move || {
+                    if let Err(error) = answer(stream) {
+                        eprintln!("e2e-helper serve: {error:#}");
+                    }
+                });
+            }
+            Err(error) => eprintln!("e2e-helper serve: accept: {error}"),
+        }
+    }
+    Ok(())
+}
+
+fn answer(stream: TcpStream) -> Result<()> {
+    stream.set_read_timeout(Some(REPLY_TIMEOUT))?;
+    stream.set_write_timeout(Some(REPLY_TIMEOUT))?;
+    let peer = stream.peer_addr().context("getpeername")?;
+    let local = stream.local_addr().context("getsockname")?;
+    let mut line = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut line)
+        .with_context(|| format!("reading from {peer}"))?;
+    let reply = ServerReply {
+        peer,
+        local,
+        line: line.trim_end_matches(['\n', '\r']).to_owned(),
+    };
+    let mut text = serde_json::to_string(&reply)?;
+    text.push('\n');
+    (&stream)
+        .write_all(text.as_bytes())
+        .with_context(|| format!("replying to {peer}"))
+}
+
+fn connect(options: &ConnectOptions) {
+    let output = if options.count == 1 {
+        serde_json::to_string(&one_connection(options))
+    } else {
+        let mut summary = ConnectSummary::default();
+        for _ in 0..options.count {
+            match one_connection(options).error {
+                None => summary.ok += 1,
+                Some(error) => {
+                    summary.failed += 1;
+                    summary.first_error.get_or_insert(error);
+                }
+            }
+        }
+        serde_json::to_string(&summary)
+    };
+    println!("{}", output.expect("reports always serialize"));
+}
+
+/// A connection failure is part of the report, not an error of the helper.
+fn one_connection(options: &ConnectOptions) -> ConnectReport {
+    let mut report = ConnectReport::default();
+    if let Err(error) = exchange(options, &mut report) {
+        report.error = Some(format!("{error:#}"));
+    }
+    report
+}
+
+/// Fills `report` as it goes, so a failure still shows how far the connection got.
+fn exchange(options: &ConnectOptions, report: &mut ConnectReport) -> Result<()> {
+    let destination = options.to;
+    let socket = Socket::new(
+        Domain::for_address(destination),
+        Type::STREAM,
+        Some(Protocol::TCP),
+    )
+    .context("creating socket")?;
+    if let Some(port) = options.bind_port {
+        let unspecified = match destination {
+            SocketAddr::V4(_) => SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)),
+            SocketAddr::V6(_) => SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)),
+        };
+        // Lets repeated runs reuse the port while an earlier connection is in TIME_WAIT.
+        socket
+            .set_reuse_address(true)
+            .context("setting SO_REUSEADDR")?;
+        socket
+            .bind(&unspecified.into())
+            .with_context(|| format!("binding {unspecified}"))?;
+    }
+    socket
+        .connect_timeout(&destination.into(), CONNECT_TIMEOUT)
+        .with_context(|| format!("connecting to {destination}"))?;
+    let stream: TcpStream = socket.into();
+    report.local = Some(stream.local_addr().context("getsockname")?);
+    report.peer = Some(stream.peer_addr().context("getpeername")?);
+
+    if options.hold_ms > 0 {
+        std::thread::sleep(Duration::from_millis(options.hold_ms));
+    }
+    stream.set_read_timeout(Some(REPLY_TIMEOUT))?;
+    stream.set_write_timeout(Some(REPLY_TIMEOUT))?;
+    (&stream)
+        .write_all(format!("{}\n", options.message).as_bytes())
+        .context("sending the message")?;
+    let mut reply = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut reply)
+        .context("reading the reply")?;
+    ensure!(!reply.is_empty(), "connection closed without a reply");
+    report.reply = Some(
+        serde_json::from_str(reply.trim_end())
+            .with_context(|| format!("reply is not JSON: {reply:?}"))?,
+    );
+    Ok(())
+}

@@ -1,0 +1,360 @@
+//! Test fixtures: a [`Sandbox`] per test (own bpffs root and cgroup subtree) and [`Pod`]s in it
+//! (own netns and cgroup, wired over a veth to a server netns that runs an echo server).
+
+use std::ffi::{OsStr, OsString};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::path::Path;
+use std::process::Command;
+use std::sync::Once;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use serde::de::DeserializeOwned;
+
+use crate::bpffs::BpfRoot;
+use crate::cgroup::Cgroup;
+use crate::netns::{Netns, VethPair};
+use crate::process::{binary, Child, Output};
+use crate::protocol::{
+    ConnectOptions, ConnectReport, Counters, DoneEvent, ForwardEvent, ProxyEvent, Status,
+};
+use crate::tools::{
+    redirector, redirector_processes_mentioning, status_json, wait_for_tcp_listener,
+};
+
+/// redirector's default proxy port, where redirected connections land.
+pub const PROXY_PORT: u16 = 15001;
+/// Where a redirected client finds itself connected (its getpeername()).
+pub const PROXY_ADDR: SocketAddr =
+    SocketAddr::V4(SocketAddrV4::new(Ipv4Addr::LOCALHOST, PROXY_PORT));
+
+/// How long a started server or proxy may take to listen.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the proxy may take to log an event after the client finished.
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(5);
+/// e2e-helper connect's own limits (3 s connect + 5 s reply) plus slack.
+const SINGLE_CONNECTION_TIMEOUT: Duration = Duration::from_secs(12);
+
+/// The credentials a pod process runs with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Identity {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+impl Identity {
+    /// An ordinary application process: intercepted.
+    pub const APP: Identity = Identity {
+        uid: 1000,
+        gid: 1000,
+    };
+    /// The sidecar proxy (redirector's default exempt UID/GID): never intercepted.
+    pub const PROXY: Identity = Identity {
+        uid: 1337,
+        gid: 1337,
+    };
+}
+
+/// Run `command` (program and arguments) through `e2e-helper exec`: in `cgroup`, then in `netns`,
+/// then as `identity`. The returned guard's pid is that of `command` itself (exec, no fork).
+pub fn spawn_in_pod<S: AsRef<OsStr>>(
+    netns: &Netns,
+    cgroup: &Cgroup,
+    identity: Identity,
+    command: &[S],
+) -> Result<Child> {
+    let program = command
+        .first()
+        .context("spawn_in_pod needs a command")?
+        .as_ref();
+    let label = format!(
+        "{} in {}",
+        Path::new(program)
+            .file_name()
+            .unwrap_or(program)
+            .to_string_lossy(),
+        cgroup
+            .path()
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+    );
+    let mut exec = Command::new(binary("e2e-helper")?);
+    exec.args(["exec", "--netns", netns.name(), "--cgroup"])
+        .arg(cgroup.path())
+        .args([
+            "--uid",
+            &identity.uid.to_string(),
+            "--gid",
+            &identity.gid.to_string(),
+            "--",
+        ])
+        .args(command);
+    Child::spawn(&label, exec)
+}
+
+/// Wait for a finished `e2e-helper connect` and parse its last stdout line as `T`
+/// ([`ConnectReport`] or [`crate::ConnectSummary`]).
+pub fn client_result<T: DeserializeOwned>(client: &Child, timeout: Duration) -> Result<T> {
+    let output = client.wait_exit(timeout)?.ensure_success()?;
+    let last_line = output
+        .stdout
+        .lines()
+        .rev()
+        .find(|line| !line.trim().is_empty())
+        .unwrap_or("");
+    serde_json::from_str(last_line).with_context(|| {
+        format!(
+            "parsing the result of `{}`: {:?}",
+            output.command_line, output.stdout
+        )
+    })
+}
+
+/// Everything one test owns: a unique bpffs pin root and a cgroup subtree for its pods.
+/// Dropping it uninstalls redirector from that root, then kills and removes the cgroups.
+pub struct Sandbox {
+    pub bpffs: BpfRoot,
+    pub cgroups: Cgroup,
+}
+
+impl Sandbox {
+    /// Needs root (fails otherwise); mounts bpffs if needed; first sweeps what killed runs left.
+    pub fn new(tag: &str) -> Result<Sandbox> {
+        if !nix::unistd::geteuid().is_root() {
+            bail!("the end-to-end tests need root: they create network namespaces, cgroups and eBPF attachments");
+        }
+        static SWEEP: Once = Once::new();
+        SWEEP.call_once(|| {
+            Netns::sweep_stale();
+            Cgroup::sweep_stale();
+            BpfRoot::sweep_stale();
+        });
+        Ok(Sandbox {
+            bpffs: BpfRoot::create(tag)?,
+            cgroups: Cgroup::create_root(tag)?,
+        })
+    }
+
+    /// The bpffs root every redirector command of this sandbox uses.
+    pub fn root(&self) -> &Path {
+        self.bpffs.path()
+    }
+
+    /// A cgroup of this sandbox, e.g. a sibling of the pods that is never enrolled.
+    pub fn cgroup(&self, name: &str) -> Result<Cgroup> {
+        self.cgroups.child(name)
+    }
+
+    /// A pod whose server listens on `server_port` in its server netns. No proxy yet.
+    pub fn pod(&self, name: &str, server_port: u16) -> Result<Pod> {
+        Pod::create(self, name, server_port)
+    }
+
+    /// `redirector ARGS... --bpffs ROOT`; a non-zero exit is returned, not an error.
+    pub fn redirector<S: AsRef<OsStr>>(&self, args: &[S]) -> Result<Output> {
+        let mut full: Vec<OsString> = args.iter().map(|arg| arg.as_ref().to_owned()).collect();
+        full.extend(["--bpffs".into(), self.root().into()]);
+        redirector(full)
+    }
+
+    /// `redirector enroll --cgroup DIR` with the default proxy settings; must succeed.
+    pub fn enroll(&self, cgroup: &Cgroup) -> Result<Output> {
+        self.redirector(&[
+            OsStr::new("enroll"),
+            "--cgroup".as_ref(),
+            cgroup.path().as_os_str(),
+        ])?
+        .ensure_success()
+        .with_context(|| format!("enrolling {}", cgroup.path().display()))
+    }
+
+    /// `redirector unenroll --cgroup DIR`; the exit status is for the caller to judge.
+    pub fn unenroll(&self, cgroup: &Cgroup) -> Result<Output> {
+        self.redirector(&[
+            OsStr::new("unenroll"),
+            "--cgroup".as_ref(),
+            cgroup.path().as_os_str(),
+        ])
+    }
+
+    pub fn status(&self) -> Result<Status> {
+        status_json(self.root())
+    }
+
+    /// The status counters of an enrolled cgroup.
+    pub fn counters(&self, cgroup: &Cgroup) -> Result<Counters> {
+        let status = self.status()?;
+        let id = cgroup.id()?;
+        status.pod(id).map(|pod| pod.counters).with_context(|| {
+            format!(
+                "cgroup {} (id {id}) is not in status: {status:?}",
+                cgroup.path().display()
+            )
+        })
+    }
+
+    /// Fails if a redirector process working on this sandbox's root is still running: interception
+    /// has to live in the kernel alone once `enroll` has exited.
+    pub fn ensure_no_redirector_running(&self) -> Result<()> {
+        let pids = redirector_processes_mentioning(self.root().as_os_str())?;
+        if !pids.is_empty() {
+            bail!(
+                "redirector processes for {} still running: {pids:?}",
+                self.root().display()
+            );
+        }
+        Ok(())
+    }
+}
+
+/// A server started by [`Pod::create`] in the pod's server netns.
+pub struct Server {
+    pub addr: SocketAddr,
+    pub process: Child,
+}
+
+/// A pod: its own netns and cgroup (not enrolled until the test says so), linked by a veth to a
+/// server netns where an echo server listens. Fields drop in order: processes first, then cgroups,
+/// then the network.
+pub struct Pod {
+    pub server: Server,
+    pub cgroup: Cgroup,
+    pub server_cgroup: Cgroup,
+    pub veth: VethPair,
+    pub netns: Netns,
+    pub server_netns: Netns,
+}
+
+impl Pod {
+    fn create(sandbox: &Sandbox, name: &str, server_port: u16) -> Result<Pod> {
+        let netns = Netns::create(name)?;
+        let server_netns = Netns::create(&format!("{name}srv"))?;
+        let veth = VethPair::connect(&netns, &server_netns)?;
+        let cgroup = sandbox.cgroup(name)?;
+        let server_cgroup = sandbox.cgroup(&format!("{name}-server"))?;
+        let addr = SocketAddr::new(veth.b_addr.into(), server_port);
+        let serve = [
+            binary("e2e-helper")?.into_os_string(),
+            "serve".into(),
+            "--listen".into(),
+            addr.to_string().into(),
+        ];
+        let process = spawn_in_pod(&server_netns, &server_cgroup, Identity::APP, &serve)?;
+        process.wait_for_line(|line| line == "listening", STARTUP_TIMEOUT)?;
+        Ok(Pod {
+            server: Server { addr, process },
+            cgroup,
+            server_cgroup,
+            veth,
+            netns,
+            server_netns,
+        })
+    }
+
+    /// The pod's own address on the veth (the proxy's upstream connections come from it).
+    pub fn addr(&self) -> Ipv4Addr {
+        self.veth.a_addr
+    }
+
+    /// Start `redirector-proxy --listen 127.0.0.1:15001` in the pod as UID/GID 1337 and wait until
+    /// it listens.
+    pub fn start_proxy(&self) -> Result<Proxy> {
+        let command = [
+            binary("redirector-proxy")?.into_os_string(),
+            "--listen".into(),
+            PROXY_ADDR.to_string().into(),
+        ];
+        let process = spawn_in_pod(&self.netns, &self.cgroup, Identity::PROXY, &command)?;
+        wait_for_tcp_listener(process.pid(), PROXY_PORT, STARTUP_TIMEOUT)
+            .with_context(|| format!("waiting for the proxy to listen{}", process.diagnostics()))?;
+        Ok(Proxy { process })
+    }
+
+    /// Start `e2e-helper connect` in this pod's netns, in `cgroup` (the pod's or a sibling).
+    pub fn spawn_client(
+        &self,
+        cgroup: &Cgroup,
+        identity: Identity,
+        options: &ConnectOptions,
+    ) -> Result<Child> {
+        let mut command = vec![binary("e2e-helper")?.into_os_string(), "connect".into()];
+        command.extend(options.to_args().into_iter().map(OsString::from));
+        spawn_in_pod(&self.netns, cgroup, identity, &command)
+    }
+
+    /// One connection from the pod's own cgroup, run to completion.
+    pub fn connect(&self, identity: Identity, options: &ConnectOptions) -> Result<ConnectReport> {
+        self.connect_from(&self.cgroup, identity, options)
+    }
+
+    /// One connection from `cgroup` in this pod's netns, run to completion.
+    pub fn connect_from(
+        &self,
+        cgroup: &Cgroup,
+        identity: Identity,
+        options: &ConnectOptions,
+    ) -> Result<ConnectReport> {
+        let client = self.spawn_client(cgroup, identity, options)?;
+        client_result(
+            &client,
+            SINGLE_CONNECTION_TIMEOUT + Duration::from_millis(options.hold_ms),
+        )
+    }
+}
+
+/// A running `redirector-proxy` and what it logged.
+pub struct Proxy {
+    pub process: Child,
+}
+
+impl Proxy {
+    pub fn events(&self) -> Vec<ProxyEvent> {
+        self.process.json_lines()
+    }
+
+    pub fn forward_events(&self) -> Vec<ForwardEvent> {
+        self.events()
+            .into_iter()
+            .filter_map(|event| match event {
+                ProxyEvent::Forward(forward) => Some(forward),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// The forward event for the client connection from `client`, waiting for it if needed.
+    pub fn forward_event(&self, client: SocketAddr) -> Result<ForwardEvent> {
+        match self.wait_for_event(client, |event| matches!(event, ProxyEvent::Forward(_)))? {
+            ProxyEvent::Forward(forward) => Ok(forward),
+            _ => unreachable!("filtered on forward events"),
+        }
+    }
+
+    /// The done event for the client connection from `client`, waiting for it if needed.
+    pub fn done_event(&self, client: SocketAddr) -> Result<DoneEvent> {
+        match self.wait_for_event(client, |event| matches!(event, ProxyEvent::Done(_)))? {
+            ProxyEvent::Done(done) => Ok(done),
+            _ => unreachable!("filtered on done events"),
+        }
+    }
+
+    fn wait_for_event(
+        &self,
+        client: SocketAddr,
+        kind: fn(&ProxyEvent) -> bool,
+    ) -> Result<ProxyEvent> {
+        self.process.wait_for_json(
+            |event: &ProxyEvent| kind(event) && event_peer(event) == client,
+            EVENT_TIMEOUT,
+        )
+    }
+}
+
+fn event_peer(event: &ProxyEvent) -> SocketAddr {
+    match event {
+        ProxyEvent::Forward(forward) => forward.peer,
+        ProxyEvent::Done(done) => done.peer,
+        ProxyEvent::NoOrigDst(miss) => miss.peer,
+    }
+}
