@@ -9,6 +9,7 @@
 mod chart;
 mod load;
 mod measure;
+mod perf;
 mod report;
 mod rig;
 mod serve;
@@ -30,6 +31,9 @@ use crate::rig::{CpuPlan, Rig, Variant};
 use crate::setup_cost::{run_setup, SetupPlan};
 use crate::system::{map_memory_bytes, system_info};
 use crate::wire::Pattern;
+
+/// Background CPU use (in CPUs) above which the lab warns that its figures will be noisy.
+const BUSY_WARNING: f64 = 0.1;
 
 #[derive(Parser)]
 #[command(
@@ -92,6 +96,12 @@ struct RunOptions {
     /// Leave out the HAProxy cross-check variants.
     #[arg(long)]
     no_haproxy: bool,
+    /// Run only these variants, e.g. `B1,IPT,EBPF` [default: all].
+    #[arg(long, value_delimiter = ',', value_parser = parse_variant)]
+    variants: Option<Vec<Variant>>,
+    /// Skip the CPU profiles with perf (never taken in quick mode).
+    #[arg(long)]
+    no_perf: bool,
     /// Where the results go [default: target/lab next to the binary's profile folder].
     #[arg(long)]
     out: Option<PathBuf>,
@@ -140,12 +150,19 @@ fn run(options: RunOptions) -> Result<()> {
         variants: Variant::MAIN
             .into_iter()
             .chain(Variant::HAPROXY.into_iter().filter(|_| !options.no_haproxy))
+            .filter(|variant| {
+                options
+                    .variants
+                    .as_ref()
+                    .is_none_or(|chosen| chosen.contains(variant))
+            })
             .collect(),
     };
     anyhow::ensure!(
         config.setup_sizes.iter().all(|&n| n > 0),
         "--setup-sizes must be positive numbers of pods"
     );
+    anyhow::ensure!(!config.variants.is_empty(), "no variant left to run");
     let out = match options.out {
         Some(out) => out,
         None => default_out_dir()?,
@@ -156,6 +173,12 @@ fn run(options: RunOptions) -> Result<()> {
         "lab: kernel {}, {} ({} CPUs; {}); {}",
         system.kernel, system.cpu, system.cpus, system.pinning, system.iptables
     );
+    if let Some(busy) = system
+        .busy_cpus_before_start
+        .filter(|&busy| busy > BUSY_WARNING)
+    {
+        eprintln!("lab: warning: {busy:.2} CPUs were busy before the start; other work on the machine makes the figures noisy");
+    }
 
     let seconds = Duration::from_secs_f64(config.seconds_per_run);
     let plan = TrafficPlan {
@@ -163,20 +186,35 @@ fn run(options: RunOptions) -> Result<()> {
         rounds: config.rounds,
         warmup: Duration::from_secs_f64(config.warmup_seconds),
         duration: seconds,
+        quiet_timeout: pick(quick, Duration::from_secs(30), Duration::from_secs(2)),
     };
-    let (samples, program_costs, intercepted_connections, map_memory) = {
+    let with_perf = !quick && !options.no_perf && perf::available();
+    let (samples, program_costs, perf, intercepted_connections, map_memory) = {
         let rig = Rig::build(&config.variants, cpus)?;
         let samples = run_traffic(&rig, &plan)?;
-        let program_costs = profile_programs(
-            &rig,
-            rig.sandbox.root(),
-            &[Workload::Crr, Workload::Rr1],
-            seconds,
-        )?;
+        let program_costs = if config.variants.contains(&Variant::Ebpf) {
+            profile_programs(
+                &rig,
+                rig.sandbox.root(),
+                &[Workload::Crr, Workload::Rr1],
+                seconds,
+            )?
+        } else {
+            Vec::new()
+        };
+        let perf = if with_perf {
+            let profiled: Vec<Variant> = [Variant::B1, Variant::Ipt, Variant::Ebpf]
+                .into_iter()
+                .filter(|variant| config.variants.contains(variant))
+                .collect();
+            perf::profile(&rig, &profiled, plan.warmup, seconds, &out.join("perf"))?
+        } else {
+            Vec::new()
+        };
         let evidence = rig.interception_evidence()?;
         let map_memory = map_memory_bytes(rig.sandbox.root())?;
         eprintln!("lab: traffic done, removing the pods");
-        (samples, program_costs, evidence, map_memory)
+        (samples, program_costs, perf, evidence, map_memory)
     };
     let setup_samples = run_setup(&SetupPlan {
         sizes: config.setup_sizes.clone(),
@@ -190,6 +228,7 @@ fn run(options: RunOptions) -> Result<()> {
             samples,
             setup_samples,
             program_costs,
+            perf,
             map_memory_bytes: map_memory,
             intercepted_connections,
         },
@@ -201,6 +240,24 @@ fn run(options: RunOptions) -> Result<()> {
         out.display()
     );
     Ok(())
+}
+
+fn parse_variant(name: &str) -> Result<Variant, String> {
+    Variant::MAIN
+        .into_iter()
+        .chain(Variant::HAPROXY)
+        .find(|variant| variant.name().eq_ignore_ascii_case(name))
+        .ok_or_else(|| {
+            let known: Vec<&str> = Variant::MAIN
+                .into_iter()
+                .chain(Variant::HAPROXY)
+                .map(Variant::name)
+                .collect();
+            format!(
+                "unknown variant {name:?}; the variants are {}",
+                known.join(", ")
+            )
+        })
 }
 
 /// The quick-mode default or the full one.

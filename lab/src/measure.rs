@@ -11,6 +11,7 @@ use clap::ValueEnum as _;
 use serde::{Serialize, Serializer};
 
 use crate::rig::{Rig, Variant};
+use crate::system::{wait_until_quiet, OtherWork};
 use crate::wire::{LoadReport, Pattern, PortStats};
 
 /// A pattern with its message size.
@@ -87,6 +88,9 @@ pub struct Sample {
     /// What the server saw of this run on the variant's port.
     pub server_connections: u64,
     pub server_bytes_in: u64,
+    /// CPUs' worth of work outside the lab while the run ran (other processes, kernel
+    /// workers, stolen time); see [`Sample::disturbed`].
+    pub other_cpus: Option<f64>,
 }
 
 impl Sample {
@@ -113,15 +117,26 @@ impl Sample {
             gbit_s,
             server_connections: 0,
             server_bytes_in: 0,
+            other_cpus: None,
         }
     }
+
+    /// Whether other work took enough CPU during the run to slow it down.
+    pub fn disturbed(&self) -> bool {
+        self.other_cpus.is_some_and(|cpus| cpus > DISTURBED_CPUS)
+    }
 }
+
+/// Work outside the lab (in CPUs) above which a run counts as disturbed.
+pub const DISTURBED_CPUS: f64 = 0.2;
 
 pub struct TrafficPlan {
     pub variants: Vec<Variant>,
     pub rounds: u32,
     pub warmup: Duration,
     pub duration: Duration,
+    /// How long each run waits for a quiet machine before it starts anyway.
+    pub quiet_timeout: Duration,
 }
 
 /// Every round runs each workload on every variant back to back (A B C D, A B C D, ...), and
@@ -136,6 +151,8 @@ pub fn run_traffic(rig: &Rig, plan: &TrafficPlan) -> Result<Vec<Sample>> {
             let start = (round as usize - 1) % order.len();
             order.rotate_left(start);
             for variant in order {
+                wait_until_quiet(plan.quiet_timeout);
+                let other_work = OtherWork::start(rig.sandbox.cgroups.path());
                 let report = rig
                     .run_load(variant, workload, plan.warmup, plan.duration)
                     .with_context(|| format!("round {round}"));
@@ -147,15 +164,22 @@ pub fn run_traffic(rig: &Rig, plan: &TrafficPlan) -> Result<Vec<Sample>> {
                 let mut sample = Sample::new(round, variant, workload, &report);
                 sample.server_connections = report.server.connections - before.connections;
                 sample.server_bytes_in = report.server.bytes_in - before.bytes_in;
+                sample.other_cpus = other_work.and_then(|meter| meter.cpus());
                 ensure!(
                     sample.server_bytes_in > 0,
                     "{} {} carried no bytes to the server: {report:?}",
                     variant.name(),
                     workload.name()
                 );
+                let disturbed = match sample.other_cpus {
+                    Some(cpus) if sample.disturbed() => {
+                        format!("  (disturbed: {cpus:.2} CPUs of other work)")
+                    }
+                    _ => String::new(),
+                };
                 samples.push(sample);
                 eprintln!(
-                    "lab: [{:>3}/{total}] round {round} {:<8} {:<13} {}",
+                    "lab: [{:>3}/{total}] round {round} {:<8} {:<13} {}{disturbed}",
                     samples.len(),
                     workload.name(),
                     variant.name(),

@@ -9,7 +9,8 @@ use anyhow::{Context, Result};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::measure::{ProgramCost, Sample, Workload};
+use crate::measure::{ProgramCost, Sample, Workload, DISTURBED_CPUS};
+use crate::perf::PerfProfile;
 use crate::rig::Variant;
 use crate::setup_cost::{Method, SetupSample};
 use crate::system::SystemInfo;
@@ -105,7 +106,10 @@ impl Metric {
 pub struct TrafficRow {
     pub variant: Variant,
     pub workload: Workload,
+    /// Runs the figures come from.
     pub runs: usize,
+    /// Runs left out because other work disturbed them (see [`Sample::disturbed`]).
+    pub disturbed_runs_left_out: usize,
     pub errors: u64,
     pub server_bytes_in: u64,
     pub rate_per_s: Option<Spread>,
@@ -171,6 +175,8 @@ pub struct Results {
     pub traffic: Vec<TrafficRow>,
     pub overhead: Vec<OverheadRow>,
     pub program_costs: Vec<ProgramCost>,
+    /// CPU profiles during the connection-rate pattern (empty when perf did not run).
+    pub perf: Vec<PerfProfile>,
     pub setup: Vec<SetupRow>,
     /// Memory of redirector's maps, allocated once per node (not per pod).
     pub map_memory_bytes: u64,
@@ -187,6 +193,7 @@ pub struct Measurements {
     pub samples: Vec<Sample>,
     pub setup_samples: Vec<SetupSample>,
     pub program_costs: Vec<ProgramCost>,
+    pub perf: Vec<PerfProfile>,
     pub map_memory_bytes: u64,
     pub intercepted_connections: Vec<(&'static str, u64)>,
 }
@@ -199,6 +206,7 @@ impl Results {
             overhead: overhead_rows(&config.variants, &measured.samples),
             config,
             program_costs: measured.program_costs,
+            perf: measured.perf,
             setup: setup_rows(&measured.setup_samples),
             map_memory_bytes: measured.map_memory_bytes,
             intercepted_connections: measured
@@ -378,7 +386,7 @@ impl Results {
         let config = &self.config;
         let _ = writeln!(
             out,
-            "Kernel {}, {} ({} CPUs; {}), {}. {} round(s) of {} s per run after {} s of warm-up; variants interleaved.",
+            "Kernel {}, {} ({} CPUs; {}), {}. {} round(s) of {} s per run after {} s of warm-up; variants interleaved. CPUs busy before the start: {}.",
                 system.kernel,
                 system.cpu,
                 system.cpus,
@@ -386,12 +394,16 @@ impl Results {
                 system.iptables,
                 config.rounds,
                 config.seconds_per_run,
-            config.warmup_seconds
+            config.warmup_seconds,
+            system
+                .busy_cpus_before_start
+                .map_or("unknown".to_owned(), |busy| format!("{busy:.2}"))
         );
         for table in [
             self.traffic_table(),
             self.overhead_table(),
             self.program_table(),
+            self.perf_table(),
             self.setup_table(),
             self.memory_table(),
             self.goal_table(),
@@ -436,14 +448,21 @@ impl Results {
                 "bulk Gbit/s",
             ],
             rows,
-            notes: vec![format!(
-                "Connections each intercepting pod redirected: {}.",
-                self.intercepted_connections
-                    .iter()
-                    .map(|(pod, count)| format!("{pod} {count}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )],
+            notes: vec![
+                format!(
+                    "Connections each intercepting pod redirected: {}.",
+                    self.intercepted_connections
+                        .iter()
+                        .map(|(pod, count)| format!("{pod} {count}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                format!(
+                    "Runs during which other work used more than {DISTURBED_CPUS} CPUs are left out where a quiet run of the same variant and workload exists: {} of {} runs left out.",
+                    self.traffic.iter().map(|row| row.disturbed_runs_left_out).sum::<usize>(),
+                    self.samples.len()
+                ),
+            ],
         }
     }
 
@@ -531,6 +550,46 @@ impl Results {
             rows,
             notes: vec![
                 "Runs count every socket of the pod's cgroup: the client's and the proxy's.".to_owned(),
+            ],
+        }
+    }
+
+    fn perf_table(&self) -> Table {
+        let rows = self
+            .perf
+            .iter()
+            .map(|profile| {
+                vec![
+                    profile.variant.name().to_owned(),
+                    format!("{:.0}", profile.busy_pct),
+                    format!("{:.1}", profile.netfilter_pct_of_busy),
+                    format!("{:.1}", profile.bpf_pct_of_busy),
+                    profile
+                        .other_cpus
+                        .map_or("?".to_owned(), |cpus| format!("{cpus:.2}")),
+                    profile
+                        .top
+                        .iter()
+                        .take(4)
+                        .map(|(percent, symbol)| format!("{symbol} {percent:.1}%"))
+                        .collect::<Vec<_>>()
+                        .join(", "),
+                ]
+            })
+            .collect();
+        Table {
+            title: "Where the CPU goes during CRR (perf record -a -e cpu-clock, one extra run each)",
+            headers: vec![
+                "variant",
+                "busy %",
+                "netfilter+conntrack % of busy",
+                "BPF % of busy",
+                "other work, CPUs",
+                "top symbols (% of all samples)",
+            ],
+            rows,
+            notes: vec![
+                "Symbols are grouped by name (nf_*, nft_*, *conntrack*, ... and bpf_*, htab_*, *cgroup_bpf*, ...). Not run in quick mode or without perf.".to_owned(),
             ],
         }
     }
@@ -672,22 +731,35 @@ fn csv_of<T: Serialize>(rows: &[T]) -> Result<Vec<u8>> {
     writer.into_inner().context("finishing a CSV file")
 }
 
+/// The runs to take figures from: the undisturbed ones when there are any.
+fn quiet_runs(runs: Vec<&Sample>) -> Vec<&Sample> {
+    let quiet: Vec<&Sample> = runs.iter().copied().filter(|s| !s.disturbed()).collect();
+    if quiet.is_empty() {
+        runs
+    } else {
+        quiet
+    }
+}
+
 fn traffic_rows(variants: &[Variant], samples: &[Sample]) -> Vec<TrafficRow> {
     let mut rows = Vec::new();
     for &variant in variants {
         for workload in Workload::ALL {
-            let runs: Vec<&Sample> = samples
+            let all: Vec<&Sample> = samples
                 .iter()
                 .filter(|s| s.variant == variant && s.workload == workload)
                 .collect();
-            if runs.is_empty() {
+            if all.is_empty() {
                 continue;
             }
+            let total = all.len();
+            let runs = quiet_runs(all);
             let spread = |metric: Metric| Spread::of(runs.iter().filter_map(|s| metric.of(s)));
             rows.push(TrafficRow {
                 variant,
                 workload,
                 runs: runs.len(),
+                disturbed_runs_left_out: total - runs.len(),
                 errors: runs.iter().map(|s| s.errors).sum(),
                 server_bytes_in: runs.iter().map(|s| s.server_bytes_in).sum(),
                 rate_per_s: spread(Metric::RatePerS),
@@ -709,17 +781,23 @@ fn overhead_rows(variants: &[Variant], samples: &[Sample]) -> Vec<OverheadRow> {
         Metric::P999Us,
         Metric::GbitS,
     ];
-    let value = |variant, workload, round, metric: Metric| {
-        samples
-            .iter()
-            .find(|s| s.variant == variant && s.workload == workload && s.round == round)
-            .and_then(|s| metric.of(s))
-    };
-    let rounds: Vec<u32> = {
-        let mut rounds: Vec<u32> = samples.iter().map(|s| s.round).collect();
-        rounds.sort_unstable();
-        rounds.dedup();
-        rounds
+    let mut rounds: Vec<u32> = samples.iter().map(|s| s.round).collect();
+    rounds.sort_unstable();
+    rounds.dedup();
+    // Differences of the rounds where both runs were undisturbed; all rounds if there is none.
+    let differences = |variant, baseline, workload, metric: Metric, quiet_only: bool| {
+        let value = |variant, round| {
+            samples
+                .iter()
+                .find(|s| s.variant == variant && s.workload == workload && s.round == round)
+                .filter(|s| !(quiet_only && s.disturbed()))
+                .and_then(|s| metric.of(s))
+        };
+        Spread::of(
+            rounds
+                .iter()
+                .filter_map(|&round| Some(value(variant, round)? - value(baseline, round)?)),
+        )
     };
     let mut rows = Vec::new();
     for &variant in variants {
@@ -728,13 +806,9 @@ fn overhead_rows(variants: &[Variant], samples: &[Sample]) -> Vec<OverheadRow> {
         };
         for workload in Workload::ALL {
             for metric in METRICS {
-                let differences = rounds.iter().filter_map(|&round| {
-                    Some(
-                        value(variant, workload, round, metric)?
-                            - value(baseline, workload, round, metric)?,
-                    )
-                });
-                if let Some(difference) = Spread::of(differences) {
+                let difference = differences(variant, baseline, workload, metric, true)
+                    .or_else(|| differences(variant, baseline, workload, metric, false));
+                if let Some(difference) = difference {
                     rows.push(OverheadRow {
                         variant,
                         baseline,

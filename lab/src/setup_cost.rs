@@ -22,7 +22,9 @@ use redirector_tests::{binary, nat_rules, Cgroup, Netns, Sandbox};
 use serde::Serialize;
 
 use crate::rig::{apply_istio_rules, ISTIO_RULE_COUNT};
-use crate::system::{map_memory_bytes, network_namespaces, wait_for_netns_teardown, KernelMemory};
+use crate::system::{
+    map_memory_bytes, network_namespaces, wait_for_netns_teardown, wait_until_quiet, KernelMemory,
+};
 use crate::timed::run_timed;
 
 const ENROLL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -31,6 +33,8 @@ const NETNS_TEARDOWN_TIMEOUT: Duration = Duration::from_secs(180);
 const NETNS_WORKERS: usize = 8;
 /// Kernel memory is read after this pause, so that freed objects of the last process settle.
 const SETTLE: Duration = Duration::from_millis(300);
+/// How long a timed step waits for the machine to be quiet before it starts anyway.
+const QUIET_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 pub enum Method {
@@ -129,7 +133,7 @@ fn measured(
     step: impl FnOnce() -> Result<Duration>,
 ) -> Result<SetupSample> {
     let maps = || pin_root.map_or(Ok(0), map_memory_bytes);
-    std::thread::sleep(SETTLE);
+    wait_until_quiet(QUIET_TIMEOUT);
     let (memory_before, maps_before) = (KernelMemory::read()?, maps()?);
     let elapsed = step()?;
     std::thread::sleep(SETTLE);

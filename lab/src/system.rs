@@ -21,6 +21,9 @@ pub struct SystemInfo {
     pub iptables: String,
     /// `haproxy -v`, first line.
     pub haproxy: Option<String>,
+    /// CPUs' worth of time spent by anything (stolen time included) in the second before the
+    /// lab started: other work on the machine makes the figures noisy.
+    pub busy_cpus_before_start: Option<f64>,
 }
 
 pub fn system_info(cpus: &CpuPlan) -> SystemInfo {
@@ -42,6 +45,70 @@ pub fn system_info(cpus: &CpuPlan) -> SystemInfo {
         pinning: cpus.describe(),
         iptables: first_line_of("iptables", &["-V"]).unwrap_or_else(|| "not found".to_owned()),
         haproxy: first_line_of("haproxy", &["-v"]),
+        busy_cpus_before_start: busy_cpus(Duration::from_secs(1)),
+    }
+}
+
+/// CPUs' worth of non-idle time over `window`, from /proc/stat.
+fn busy_cpus(window: Duration) -> Option<f64> {
+    let before = busy_time()?;
+    let started = Instant::now();
+    std::thread::sleep(window);
+    let busy = busy_time()?.checked_sub(before)?;
+    Some(busy.as_secs_f64() / started.elapsed().as_secs_f64())
+}
+
+/// CPU time all CPUs have spent not idle since boot (stolen time included), from the `cpu`
+/// line of /proc/stat: user nice system idle iowait irq softirq steal, in clock ticks.
+fn busy_time() -> Option<Duration> {
+    let text = std::fs::read_to_string("/proc/stat").ok()?;
+    let ticks: Vec<u64> = text
+        .lines()
+        .next()?
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|value| value.parse().ok())
+        .collect();
+    let busy: u64 = ticks.iter().sum::<u64>() - ticks.get(3)? - ticks.get(4)?;
+    // SAFETY: sysconf only reads a constant.
+    let ticks_per_second = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+    Some(Duration::from_micros(busy * 1_000_000 / ticks_per_second))
+}
+
+/// CPU time the processes of a cgroup (and below) have used, from its `cpu.stat`.
+fn cgroup_cpu_time(cgroup: &Path) -> Option<Duration> {
+    let text = std::fs::read_to_string(cgroup.join("cpu.stat")).ok()?;
+    text.lines()
+        .find_map(|line| line.strip_prefix("usage_usec "))
+        .and_then(|value| value.trim().parse().ok())
+        .map(Duration::from_micros)
+}
+
+/// Measures how much CPU work outside the lab's cgroup ran during a measurement: other
+/// processes, kernel workers, stolen time. Such work makes a run slower than the variant is.
+pub struct OtherWork {
+    lab_cgroup: std::path::PathBuf,
+    started: Instant,
+    busy: Duration,
+    lab: Duration,
+}
+
+impl OtherWork {
+    pub fn start(lab_cgroup: &Path) -> Option<OtherWork> {
+        Some(OtherWork {
+            lab_cgroup: lab_cgroup.to_path_buf(),
+            busy: busy_time()?,
+            lab: cgroup_cpu_time(lab_cgroup)?,
+            started: Instant::now(),
+        })
+    }
+
+    /// CPUs' worth of time used outside the lab since the start.
+    pub fn cpus(&self) -> Option<f64> {
+        let busy = busy_time()?.checked_sub(self.busy)?;
+        let lab = cgroup_cpu_time(&self.lab_cgroup)?.checked_sub(self.lab)?;
+        Some(busy.saturating_sub(lab).as_secs_f64() / self.started.elapsed().as_secs_f64())
     }
 }
 
@@ -118,7 +185,8 @@ pub fn map_memory_bytes(pin_root: &Path) -> Result<u64> {
 }
 
 /// Network namespaces the kernel still holds (dying ones included), from the `net_namespace`
-/// slab cache; `None` when that cache is not listed.
+/// slab cache; `None` when that cache is not listed. Objects cached per CPU count as held, so
+/// the figure may stay a little above the number of live namespaces.
 pub fn network_namespaces() -> Option<u64> {
     let text = std::fs::read_to_string("/proc/slabinfo").ok()?;
     let line = text
@@ -127,20 +195,43 @@ pub fn network_namespaces() -> Option<u64> {
     line.split_whitespace().nth(1)?.parse().ok()
 }
 
-/// Deleted network namespaces are torn down by a kernel worker after `ip netns del` returns.
-/// Waits (at most `timeout`) until the count is back to `baseline`, so that the teardown does
-/// not run during the next measurement.
-pub fn wait_for_netns_teardown(baseline: Option<u64>, timeout: Duration) {
-    let Some(baseline) = baseline else {
-        std::thread::sleep(Duration::from_secs(2));
-        return;
-    };
+/// CPU use (in CPUs) below which the machine counts as quiet.
+const QUIET_CPUS: f64 = 0.1;
+const QUIET_WINDOW: Duration = Duration::from_millis(250);
+
+/// Waits until the CPUs are nearly idle (other work, or the kernel still tearing down deleted
+/// network namespaces, would otherwise land in the next measurement), at most `timeout`.
+/// Returns the CPUs busy in the last window.
+pub fn wait_until_quiet(timeout: Duration) -> f64 {
     let deadline = Instant::now() + timeout;
-    while network_namespaces().is_some_and(|count| count > baseline) {
+    loop {
+        let busy = busy_cpus(QUIET_WINDOW).unwrap_or(0.0);
+        if busy <= QUIET_CPUS || Instant::now() >= deadline {
+            return busy;
+        }
+    }
+}
+
+/// After `ip netns del`, the kernel tears namespaces down in a worker. Waits (at most
+/// `timeout`) until their count is back to `baseline` or stops falling, and the CPUs are quiet.
+pub fn wait_for_netns_teardown(baseline: Option<u64>, timeout: Duration) {
+    let deadline = Instant::now() + timeout;
+    let mut last = network_namespaces();
+    loop {
+        let busy = wait_until_quiet(deadline.saturating_duration_since(Instant::now()));
+        let now = network_namespaces();
+        let settled = match (baseline, now) {
+            (Some(baseline), Some(now)) => now <= baseline || Some(now) == last,
+            _ => true,
+        };
+        if settled && busy <= QUIET_CPUS {
+            return;
+        }
         if Instant::now() >= deadline {
             eprintln!("lab: the kernel is still tearing down network namespaces after {timeout:?}; going on");
             return;
         }
-        std::thread::sleep(Duration::from_millis(100));
+        last = now;
+        std::thread::sleep(Duration::from_millis(500));
     }
 }
