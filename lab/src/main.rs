@@ -29,7 +29,7 @@ use crate::measure::{profile_programs, run_traffic, TrafficPlan, Workload};
 use crate::report::{Config, Measurements, Results, Style};
 use crate::rig::{CpuPlan, Rig, Variant};
 use crate::setup_cost::{run_setup, SetupPlan};
-use crate::system::{map_memory_bytes, system_info};
+use crate::system::system_info;
 use crate::wire::Pattern;
 
 /// Background CPU use (in CPUs) above which the lab warns that its figures will be noisy.
@@ -78,13 +78,13 @@ struct RunOptions {
     /// options still override.
     #[arg(long)]
     quick: bool,
-    /// Rounds of every workload on every variant [default: 5; quick: 1].
+    /// Rounds of every workload on every variant [default: 8; quick: 1].
     #[arg(long)]
     rounds: Option<u32>,
-    /// Measured seconds per run [default: 3; quick: 1].
+    /// Measured seconds per run [default: 2; quick: 1].
     #[arg(long)]
     seconds: Option<f64>,
-    /// Unmeasured warm-up seconds before each run [default: 0.5; quick: 0.2].
+    /// Unmeasured warm-up seconds before each run [default: 0.3; quick: 0.2].
     #[arg(long)]
     warmup_seconds: Option<f64>,
     /// Numbers of pods to time the setup for [default: 1,10,100,1000; quick: 1,10].
@@ -140,9 +140,9 @@ fn run(options: RunOptions) -> Result<()> {
     let quick = options.quick;
     let config = Config {
         quick,
-        rounds: options.rounds.unwrap_or(pick(quick, 5, 1)).max(1),
-        seconds_per_run: options.seconds.unwrap_or(pick(quick, 3.0, 1.0)),
-        warmup_seconds: options.warmup_seconds.unwrap_or(pick(quick, 0.5, 0.2)),
+        rounds: options.rounds.unwrap_or(pick(quick, 8, 1)).max(1),
+        seconds_per_run: options.seconds.unwrap_or(pick(quick, 2.0, 1.0)),
+        warmup_seconds: options.warmup_seconds.unwrap_or(pick(quick, 0.3, 0.2)),
         setup_sizes: options
             .setup_sizes
             .unwrap_or_else(|| pick(quick, vec![1, 10, 100, 1000], vec![1, 10])),
@@ -163,6 +163,16 @@ fn run(options: RunOptions) -> Result<()> {
         "--setup-sizes must be positive numbers of pods"
     );
     anyhow::ensure!(!config.variants.is_empty(), "no variant left to run");
+    anyhow::ensure!(
+        config.seconds_per_run > 0.0 && config.seconds_per_run.is_finite(),
+        "--seconds must be a positive number, not {}",
+        config.seconds_per_run
+    );
+    anyhow::ensure!(
+        config.warmup_seconds >= 0.0 && config.warmup_seconds.is_finite(),
+        "--warmup-seconds must be zero or positive, not {}",
+        config.warmup_seconds
+    );
     let out = match options.out {
         Some(out) => out,
         None => default_out_dir()?,
@@ -189,7 +199,7 @@ fn run(options: RunOptions) -> Result<()> {
         quiet_timeout: pick(quick, Duration::from_secs(30), Duration::from_secs(2)),
     };
     let with_perf = !quick && !options.no_perf && perf::available();
-    let (samples, program_costs, perf, intercepted_connections, map_memory) = {
+    let (samples, program_costs, perf, intercepted_connections) = {
         let rig = Rig::build(&config.variants, cpus)?;
         let samples = run_traffic(&rig, &plan)?;
         let program_costs = if config.variants.contains(&Variant::Ebpf) {
@@ -212,11 +222,10 @@ fn run(options: RunOptions) -> Result<()> {
             Vec::new()
         };
         let evidence = rig.interception_evidence()?;
-        let map_memory = map_memory_bytes(rig.sandbox.root())?;
         eprintln!("lab: traffic done, removing the pods");
-        (samples, program_costs, perf, evidence, map_memory)
+        (samples, program_costs, perf, evidence)
     };
-    let setup_samples = run_setup(&SetupPlan {
+    let setup = run_setup(&SetupPlan {
         sizes: config.setup_sizes.clone(),
         rounds: config.setup_rounds,
     })?;
@@ -226,10 +235,10 @@ fn run(options: RunOptions) -> Result<()> {
         config,
         Measurements {
             samples,
-            setup_samples,
+            setup_samples: setup.samples,
             program_costs,
             perf,
-            map_memory_bytes: map_memory,
+            map_memory_bytes: setup.map_memory_bytes,
             intercepted_connections,
         },
     );

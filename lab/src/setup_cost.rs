@@ -90,14 +90,21 @@ pub struct SetupPlan {
     pub rounds: u32,
 }
 
+pub struct SetupResults {
+    pub samples: Vec<SetupSample>,
+    /// Memory of redirector's maps once installed (bpftool bytes_memlock), before any pod.
+    pub map_memory_bytes: u64,
+}
+
 /// Runs every method for every size, `rounds` times, rotating the order of the methods.
-pub fn run_setup(plan: &SetupPlan) -> Result<Vec<SetupSample>> {
+pub fn run_setup(plan: &SetupPlan) -> Result<SetupResults> {
     let sandbox = Sandbox::new("labsetup")?;
     let root = sandbox.root().to_path_buf();
     // The one-time install, not timed: enrolling a first cgroup loads and pins the programs.
     let first = sandbox.cgroup("install")?;
     sandbox.enroll(&first)?;
     sandbox.unenroll(&first)?.ensure_success()?;
+    let map_memory_bytes = map_memory_bytes(&root)?;
     let mut samples = Vec::new();
     for &pods in &plan.sizes {
         for round in 1..=plan.rounds {
@@ -121,7 +128,10 @@ pub fn run_setup(plan: &SetupPlan) -> Result<Vec<SetupSample>> {
             }
         }
     }
-    Ok(samples)
+    Ok(SetupResults {
+        samples,
+        map_memory_bytes,
+    })
 }
 
 /// Kernel memory and redirector's map memory before and after `step`, which returns its time.
@@ -224,13 +234,15 @@ fn redirector_library(
 
 /// Checks that all `pods` are enrolled, then unenrolls them (untimed).
 fn unenroll_all(root: &Path, cgroups: &[Cgroup], pods: usize) -> Result<()> {
-    let mut redirector = Redirector::open(PinRoot::new(root))?
-        .context("redirector is not installed in the setup sandbox")?;
-    let enrolled = redirector.pods()?.len();
+    let pins = PinRoot::new(root);
+    // Counting link pins is cheap; `Redirector::pods` would look every cgroup up by id.
+    let enrolled = pins.pinned_pods()?.len();
     ensure!(
         enrolled == pods,
         "{enrolled} pods are enrolled, expected {pods}"
     );
+    let mut redirector =
+        Redirector::open(pins)?.context("redirector is not installed in the setup sandbox")?;
     for cgroup in cgroups {
         redirector.unenroll(cgroup.id()?)?;
     }
