@@ -1,8 +1,13 @@
-//! `redirector-lab load`: one single-threaded client running one pattern for a while, then
-//! reading the server's counters through the same path. Prints a [`LoadReport`] as JSON.
+//! `redirector-lab load`: one single-threaded client running one pattern, then reading the
+//! server's counters through the same path. Prints a [`LoadReport`] as JSON.
+//!
+//! It sends either for one stretch of time, or in turns handed out by the lab (see
+//! [`Schedule::Turns`]), so that several variants can share the same minutes of machine time.
 
+use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -17,8 +22,118 @@ pub struct LoadOptions {
     pub to: SocketAddr,
     pub pattern: Pattern,
     pub size: usize,
-    pub warmup: Duration,
-    pub duration: Duration,
+    pub schedule: Schedule,
+}
+
+/// When the client sends.
+pub enum Schedule {
+    /// `warmup`, then `duration` measured.
+    Continuous {
+        warmup: Duration,
+        duration: Duration,
+    },
+    /// Each byte read from the FIFO `go` starts a turn of `slice`; when it is over, the client
+    /// writes a byte to the FIFO `done`. End of file on `go` ends the run. The first turns, up
+    /// to `warmup` in all, are not measured. Not for bulk, whose socket buffers would keep
+    /// sending between turns.
+    Turns {
+        go: PathBuf,
+        done: PathBuf,
+        slice: Duration,
+        warmup: Duration,
+    },
+}
+
+/// A stretch of time to send in: measured from `measure_from` (or not at all when that is
+/// `end`) until `end`.
+struct Window {
+    measure_from: Instant,
+    end: Instant,
+}
+
+/// The windows a [`Schedule`] gives, one after another.
+enum Windows {
+    Continuous {
+        warmup: Duration,
+        duration: Duration,
+        done: bool,
+    },
+    Turns {
+        go: File,
+        done: File,
+        slice: Duration,
+        warmup_left: Duration,
+    },
+}
+
+impl Windows {
+    fn new(schedule: &Schedule) -> io::Result<Windows> {
+        Ok(match schedule {
+            Schedule::Continuous { warmup, duration } => Windows::Continuous {
+                warmup: *warmup,
+                duration: *duration,
+                done: false,
+            },
+            Schedule::Turns {
+                go,
+                done,
+                slice,
+                warmup,
+            } => Windows::Turns {
+                go: File::open(go)?,
+                done: OpenOptions::new().write(true).open(done)?,
+                slice: *slice,
+                warmup_left: *warmup,
+            },
+        })
+    }
+
+    /// The next window, once it has begun; `None` when the run is over.
+    fn next(&mut self) -> io::Result<Option<Window>> {
+        match self {
+            Windows::Continuous {
+                warmup,
+                duration,
+                done,
+            } => {
+                if *done {
+                    return Ok(None);
+                }
+                *done = true;
+                let now = Instant::now();
+                Ok(Some(Window {
+                    measure_from: now + *warmup,
+                    end: now + *warmup + *duration,
+                }))
+            }
+            Windows::Turns {
+                go,
+                slice,
+                warmup_left,
+                ..
+            } => {
+                if go.read(&mut [0u8])? == 0 {
+                    return Ok(None);
+                }
+                let now = Instant::now();
+                let end = now + *slice;
+                let measured = warmup_left.is_zero();
+                *warmup_left = warmup_left.saturating_sub(*slice);
+                Ok(Some(Window {
+                    measure_from: if measured { now } else { end },
+                    end,
+                }))
+            }
+        }
+    }
+
+    /// Hands the turn back.
+    fn finish(&mut self) -> io::Result<()> {
+        match self {
+            Windows::Continuous { .. } => Ok(()),
+            Windows::Turns { done, .. } => done.write_all(b"d"),
+        }
+    }
 }
 
 /// Errors of single transactions are counted, not fatal: the report shows them.
@@ -58,7 +173,10 @@ pub fn run(options: &LoadOptions) -> Result<LoadReport> {
             (seconds, samples.len() as u64, samples, 0)
         }
         Pattern::Bulk => {
-            let (seconds, bytes) = bulk(options.to, options.duration)?;
+            let Schedule::Continuous { duration, .. } = options.schedule else {
+                bail!("bulk runs in one stretch of time, not in turns");
+            };
+            let (seconds, bytes) = bulk(options.to, duration)?;
             (seconds, 0, Vec::new(), bytes)
         }
     };
@@ -80,40 +198,45 @@ pub fn run(options: &LoadOptions) -> Result<LoadReport> {
     })
 }
 
-/// Runs `transaction` back to back on the state `open` makes (re-opened after a failure), for
-/// the warm-up and then the measured time; returns the measured seconds and the latency of
-/// each measured transaction in nanoseconds.
+/// Runs `transaction` back to back on the state `open` makes (re-opened after a failure), in
+/// every window of the schedule; returns the measured seconds and the latency of each measured
+/// transaction in nanoseconds.
 fn repeat<S>(
     options: &LoadOptions,
     errors: &mut Errors,
     mut open: impl FnMut() -> io::Result<S>,
     mut transaction: impl FnMut(&mut S) -> io::Result<()>,
 ) -> Result<(f64, Vec<u64>)> {
-    let started = Instant::now();
-    let measure_from = started + options.warmup;
-    let end = measure_from + options.duration;
+    let mut windows = Windows::new(&options.schedule).context("opening the turn FIFOs")?;
+    let mut measured = Duration::ZERO;
     let mut samples = Vec::new();
     let mut state = None;
-    while Instant::now() < end {
-        let current = match state.as_mut() {
-            Some(current) => current,
-            None => match open() {
-                Ok(opened) => state.insert(opened),
+    while let Some(window) = windows.next().context("waiting for a turn")? {
+        while Instant::now() < window.end {
+            let current = match state.as_mut() {
+                Some(current) => current,
+                None => match open() {
+                    Ok(opened) => state.insert(opened),
+                    Err(e) => {
+                        errors.record(e);
+                        continue;
+                    }
+                },
+            };
+            let start = Instant::now();
+            match transaction(current) {
+                Ok(()) if start >= window.measure_from => {
+                    samples.push(start.elapsed().as_nanos() as u64)
+                }
+                Ok(()) => {}
                 Err(e) => {
                     errors.record(e);
-                    continue;
+                    state = None;
                 }
-            },
-        };
-        let start = Instant::now();
-        match transaction(current) {
-            Ok(()) if start >= measure_from => samples.push(start.elapsed().as_nanos() as u64),
-            Ok(()) => {}
-            Err(e) => {
-                errors.record(e);
-                state = None;
             }
         }
+        measured += window.end.saturating_duration_since(window.measure_from);
+        windows.finish().context("handing the turn back")?;
     }
     if samples.is_empty() {
         bail!(
@@ -123,7 +246,7 @@ fn repeat<S>(
             errors.first.as_deref().unwrap_or("none")
         );
     }
-    Ok((options.duration.as_secs_f64(), samples))
+    Ok((measured.as_secs_f64(), samples))
 }
 
 fn connect(to: SocketAddr) -> io::Result<TcpStream> {

@@ -16,6 +16,7 @@ mod serve;
 mod setup_cost;
 mod system;
 mod timed;
+mod turns;
 mod wire;
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -25,12 +26,17 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+use crate::load::Schedule;
 use crate::measure::{profile_programs, run_traffic, TrafficPlan, Workload};
 use crate::report::{Config, Measurements, Results, Style};
 use crate::rig::{CpuPlan, Rig, Variant};
 use crate::setup_cost::{run_setup, SetupPlan};
 use crate::system::system_info;
 use crate::wire::Pattern;
+
+/// Length of a turn when variants take turns: hundreds of transactions, short next to the
+/// drifts of a shared VM.
+const TURN_SLICE: Duration = Duration::from_millis(50);
 
 /// Background CPU use (in CPUs) above which the lab warns that its figures will be noisy.
 const BUSY_WARNING: f64 = 0.1;
@@ -69,6 +75,16 @@ enum Action {
         warmup_ms: u64,
         #[arg(long, default_value_t = 3000)]
         duration_ms: u64,
+        /// Send in turns: wait for a byte on this FIFO before each turn (end of file ends the
+        /// run); --duration-ms is then ignored.
+        #[arg(long, requires_all = ["done", "slice_ms"])]
+        go: Option<PathBuf>,
+        /// Write a byte to this FIFO after each turn.
+        #[arg(long, requires = "go")]
+        done: Option<PathBuf>,
+        /// Length of a turn.
+        #[arg(long, requires = "go")]
+        slice_ms: Option<u64>,
     },
 }
 
@@ -81,7 +97,7 @@ struct RunOptions {
     /// Rounds of every workload on every variant [default: 8; quick: 1].
     #[arg(long)]
     rounds: Option<u32>,
-    /// Measured seconds per run [default: 2; quick: 1].
+    /// Measured seconds per variant, workload and round [default: 2; quick: 1].
     #[arg(long)]
     seconds: Option<f64>,
     /// Unmeasured warm-up seconds before each run [default: 0.3; quick: 0.2].
@@ -118,12 +134,25 @@ fn main() {
             size,
             warmup_ms,
             duration_ms,
+            go,
+            done,
+            slice_ms,
         } => load::run(&load::LoadOptions {
             to,
             pattern,
             size,
-            warmup: Duration::from_millis(warmup_ms),
-            duration: Duration::from_millis(duration_ms),
+            schedule: match (go, done, slice_ms) {
+                (Some(go), Some(done), Some(slice_ms)) => Schedule::Turns {
+                    go,
+                    done,
+                    slice: Duration::from_millis(slice_ms),
+                    warmup: Duration::from_millis(warmup_ms),
+                },
+                _ => Schedule::Continuous {
+                    warmup: Duration::from_millis(warmup_ms),
+                    duration: Duration::from_millis(duration_ms),
+                },
+            },
         })
         .and_then(|report| {
             println!("{}", serde_json::to_string(&report)?);
@@ -143,6 +172,7 @@ fn run(options: RunOptions) -> Result<()> {
         rounds: options.rounds.unwrap_or(pick(quick, 8, 1)).max(1),
         seconds_per_run: options.seconds.unwrap_or(pick(quick, 2.0, 1.0)),
         warmup_seconds: options.warmup_seconds.unwrap_or(pick(quick, 0.3, 0.2)),
+        turn_ms: TURN_SLICE.as_millis(),
         setup_sizes: options
             .setup_sizes
             .unwrap_or_else(|| pick(quick, vec![1, 10, 100, 1000], vec![1, 10])),
@@ -196,7 +226,8 @@ fn run(options: RunOptions) -> Result<()> {
         rounds: config.rounds,
         warmup: Duration::from_secs_f64(config.warmup_seconds),
         duration: seconds,
-        quiet_timeout: pick(quick, Duration::from_secs(30), Duration::from_secs(2)),
+        slice: TURN_SLICE,
+        quiet_timeout: pick(quick, Duration::from_secs(10), Duration::from_secs(2)),
     };
     let with_perf = !quick && !options.no_perf && perf::available();
     let (samples, program_costs, perf, intercepted_connections) = {

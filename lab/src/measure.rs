@@ -135,12 +135,16 @@ pub struct TrafficPlan {
     pub rounds: u32,
     pub warmup: Duration,
     pub duration: Duration,
+    /// Length of one turn when variants take turns.
+    pub slice: Duration,
     /// How long each run waits for a quiet machine before it starts anyway.
     pub quiet_timeout: Duration,
 }
 
-/// Every round runs each workload on every variant back to back (A B C D, A B C D, ...), and
-/// each round starts one variant later, so that no variant always runs first.
+/// Every round runs each workload on every variant. Connection-rate and request/response runs
+/// take short turns (all variants within the same seconds; see [`crate::turns`]); bulk runs go
+/// one after another. Each round starts one variant later, so that no variant always goes
+/// first.
 pub fn run_traffic(rig: &Rig, plan: &TrafficPlan) -> Result<Vec<Sample>> {
     let total = plan.rounds as usize * Workload::ALL.len() * plan.variants.len();
     let mut samples = Vec::with_capacity(total);
@@ -150,41 +154,53 @@ pub fn run_traffic(rig: &Rig, plan: &TrafficPlan) -> Result<Vec<Sample>> {
             let mut order = plan.variants.clone();
             let start = (round as usize - 1) % order.len();
             order.rotate_left(start);
-            for variant in order {
+            let sessions: Vec<Vec<Variant>> = match workload.pattern() {
+                Pattern::Bulk => order.iter().map(|&variant| vec![variant]).collect(),
+                Pattern::Crr | Pattern::Rr => vec![order],
+            };
+            for session in sessions {
                 wait_until_quiet(plan.quiet_timeout);
                 let other_work = OtherWork::start(rig.sandbox.cgroups.path());
-                let report = rig
-                    .run_load(variant, workload, plan.warmup, plan.duration)
-                    .with_context(|| format!("round {round}"));
-                if report.is_err() {
+                let reports = match session.as_slice() {
+                    [variant] => rig
+                        .run_load(*variant, workload, plan.warmup, plan.duration)
+                        .map(|report| vec![report]),
+                    _ => {
+                        rig.run_in_turns(&session, workload, plan.warmup, plan.duration, plan.slice)
+                    }
+                };
+                if reports.is_err() {
                     rig.check_server()?;
                 }
-                let report = report?;
-                let before = seen.insert(variant, report.server).unwrap_or_default();
-                let mut sample = Sample::new(round, variant, workload, &report);
-                sample.server_connections = report.server.connections - before.connections;
-                sample.server_bytes_in = report.server.bytes_in - before.bytes_in;
-                sample.other_cpus = other_work.and_then(|meter| meter.cpus());
-                ensure!(
-                    sample.server_bytes_in > 0,
-                    "{} {} carried no bytes to the server: {report:?}",
-                    variant.name(),
-                    workload.name()
-                );
-                let disturbed = match sample.other_cpus {
-                    Some(cpus) if sample.disturbed() => {
-                        format!("  (disturbed: {cpus:.2} CPUs of other work)")
-                    }
-                    _ => String::new(),
-                };
-                samples.push(sample);
-                eprintln!(
-                    "lab: [{:>3}/{total}] round {round} {:<8} {:<13} {}{disturbed}",
-                    samples.len(),
-                    workload.name(),
-                    variant.name(),
-                    progress_figures(&report)
-                );
+                let reports = reports.with_context(|| format!("round {round}"))?;
+                let other_cpus = other_work.and_then(|meter| meter.cpus());
+                for (variant, report) in session.into_iter().zip(reports) {
+                    let before = seen.insert(variant, report.server).unwrap_or_default();
+                    let mut sample = Sample::new(round, variant, workload, &report);
+                    sample.server_connections = report.server.connections - before.connections;
+                    sample.server_bytes_in = report.server.bytes_in - before.bytes_in;
+                    sample.other_cpus = other_cpus;
+                    ensure!(
+                        sample.server_bytes_in > 0,
+                        "{} {} carried no bytes to the server: {report:?}",
+                        variant.name(),
+                        workload.name()
+                    );
+                    let disturbed = match sample.other_cpus {
+                        Some(cpus) if sample.disturbed() => {
+                            format!("  (disturbed: {cpus:.2} CPUs of other work)")
+                        }
+                        _ => String::new(),
+                    };
+                    samples.push(sample);
+                    eprintln!(
+                        "lab: [{:>3}/{total}] round {round} {:<8} {:<13} {}{disturbed}",
+                        samples.len(),
+                        workload.name(),
+                        variant.name(),
+                        progress_figures(&report)
+                    );
+                }
             }
         }
     }

@@ -24,6 +24,8 @@ pub struct Config {
     pub rounds: u32,
     pub seconds_per_run: f64,
     pub warmup_seconds: f64,
+    /// Length of a turn when variants take turns (CRR and RR).
+    pub turn_ms: u128,
     pub setup_sizes: Vec<usize>,
     pub setup_rounds: u32,
     pub variants: Vec<Variant>,
@@ -384,20 +386,23 @@ impl Results {
         let mut out = String::new();
         let system = &self.system;
         let config = &self.config;
+        let busy = system
+            .busy_cpus_before_start
+            .map_or("unknown".to_owned(), |busy| format!("{busy:.2}"));
         let _ = writeln!(
             out,
-            "Kernel {}, {} ({} CPUs; {}), {}. {} round(s) of {} s per run after {} s of warm-up; variants interleaved. CPUs busy before the start: {}.",
-                system.kernel,
-                system.cpu,
-                system.cpus,
-                system.pinning,
-                system.iptables,
-                config.rounds,
-                config.seconds_per_run,
+            "Kernel {}, {} ({} CPUs; {}), {}. {} round(s); in each, every variant gets {} s \
+             measured after {} s of warm-up per workload, in {} ms turns with the other variants \
+             (bulk: one after another). CPUs busy before the start: {busy}.",
+            system.kernel,
+            system.cpu,
+            system.cpus,
+            system.pinning,
+            system.iptables,
+            config.rounds,
+            config.seconds_per_run,
             config.warmup_seconds,
-            system
-                .busy_cpus_before_start
-                .map_or("unknown".to_owned(), |busy| format!("{busy:.2}"))
+            config.turn_ms,
         );
         for table in [
             self.traffic_table(),

@@ -30,6 +30,7 @@ use serde::Serialize;
 
 use crate::measure::Workload;
 use crate::timed::run_timed;
+use crate::turns::Turns;
 use crate::wire::LoadReport;
 
 /// The rules `istio-iptables -p 15001 -z 15006 -u 1337 -m REDIRECT -i '*' -b '*'` applies
@@ -46,6 +47,8 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
 /// Process start, connection set-up and the stats request, on top of the run itself.
 const LOAD_SLACK: Duration = Duration::from_secs(30);
 const IPTABLES_TIMEOUT: Duration = Duration::from_secs(30);
+/// How much longer than its slice a turn may take: the client's I/O timeouts, plus slack.
+const TURN_SLACK: Duration = Duration::from_secs(15);
 
 /// How the server is reached.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -378,8 +381,8 @@ impl Rig {
         })
     }
 
-    /// Runs one load generator for `variant` in its pod (as an application UID) and returns its
-    /// report.
+    /// Runs one load generator for `variant` in its pod (as an application UID), for `warmup`
+    /// and then `duration`, and returns its report.
     pub fn run_load(
         &self,
         variant: Variant,
@@ -387,31 +390,93 @@ impl Rig {
         warmup: Duration,
         duration: Duration,
     ) -> Result<LoadReport> {
+        let duration_arg: [OsString; 2] = [
+            "--duration-ms".into(),
+            duration.as_millis().to_string().into(),
+        ];
+        let client = self.spawn_load(variant, workload, warmup, &duration_arg)?;
+        load_report(&client, variant, workload, warmup + duration)
+    }
+
+    /// Runs the load generators of all `variants` at once, taking turns of `slice` (see
+    /// [`Turns`]) until each has had `warmup` and then `duration`; the order of the turns
+    /// rotates every cycle. Returns the reports in the order of `variants`.
+    pub fn run_in_turns(
+        &self,
+        variants: &[Variant],
+        workload: Workload,
+        warmup: Duration,
+        duration: Duration,
+        slice: Duration,
+    ) -> Result<Vec<LoadReport>> {
+        let mut turns = Turns::new(variants.len())?;
+        let clients = variants
+            .iter()
+            .enumerate()
+            .map(|(i, &variant)| {
+                let seat = turns.seat(i);
+                let turn_args: [OsString; 6] = [
+                    "--go".into(),
+                    seat.go_path.clone().into(),
+                    "--done".into(),
+                    seat.done_path.clone().into(),
+                    "--slice-ms".into(),
+                    slice.as_millis().to_string().into(),
+                ];
+                self.spawn_load(variant, workload, warmup, &turn_args)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let cycles = ((warmup + duration).as_secs_f64() / slice.as_secs_f64()).ceil() as usize;
+        for cycle in 0..cycles {
+            for k in 0..variants.len() {
+                let i = (cycle + k) % variants.len();
+                turns.turn(i, slice + TURN_SLACK).with_context(|| {
+                    format!(
+                        "{} {} in turns{}",
+                        variants[i].name(),
+                        workload.name(),
+                        clients[i].diagnostics()
+                    )
+                })?;
+            }
+        }
+        // Closing the FIFOs ends the clients' runs.
+        drop(turns);
+        variants
+            .iter()
+            .zip(&clients)
+            .map(|(&variant, client)| load_report(client, variant, workload, Duration::ZERO))
+            .collect()
+    }
+
+    /// Starts `redirector-lab load` for `variant` in its pod, with `schedule` arguments.
+    fn spawn_load(
+        &self,
+        variant: Variant,
+        workload: Workload,
+        warmup: Duration,
+        schedule: &[OsString],
+    ) -> Result<Child> {
         let pod = self.pod_of(variant)?;
-        let command = pinned(
-            self.cpus.client,
-            vec![
-                binary("redirector-lab")?.into(),
-                "load".into(),
-                "--to".into(),
-                self.destination(variant)?.to_string().into(),
-                "--pattern".into(),
-                workload.pattern_arg().into(),
-                "--size".into(),
-                workload.size().to_string().into(),
-                "--warmup-ms".into(),
-                warmup.as_millis().to_string().into(),
-                "--duration-ms".into(),
-                duration.as_millis().to_string().into(),
-            ],
-        );
-        let client = spawn_in_pod(&pod.netns, &pod.cgroup, Identity::APP, &command)?;
-        let output = client
-            .wait_exit(warmup + duration + LOAD_SLACK)?
-            .ensure_success()
-            .with_context(|| format!("{} {} run", variant.name(), workload.name()))?;
-        let last = output.stdout.lines().last().unwrap_or_default();
-        serde_json::from_str(last).with_context(|| format!("parsing the load report {last:?}"))
+        let mut command: Vec<OsString> = vec![
+            binary("redirector-lab")?.into(),
+            "load".into(),
+            "--to".into(),
+            self.destination(variant)?.to_string().into(),
+            "--pattern".into(),
+            workload.pattern_arg().into(),
+            "--size".into(),
+            workload.size().to_string().into(),
+            "--warmup-ms".into(),
+            warmup.as_millis().to_string().into(),
+        ];
+        command.extend(schedule.iter().cloned());
+        spawn_in_pod(
+            &pod.netns,
+            &pod.cgroup,
+            Identity::APP,
+            &pinned(self.cpus.client, command),
+        )
     }
 
     /// Proof that the intercepting pods intercepted: connections redirected per pod (iptables:
@@ -443,6 +508,21 @@ impl Rig {
         }
         Ok(())
     }
+}
+
+/// Waits for a load generator that has `left` of its run to go, and parses its report.
+fn load_report(
+    client: &Child,
+    variant: Variant,
+    workload: Workload,
+    left: Duration,
+) -> Result<LoadReport> {
+    let output = client
+        .wait_exit(left + LOAD_SLACK)?
+        .ensure_success()
+        .with_context(|| format!("{} {} run", variant.name(), workload.name()))?;
+    let last = output.stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).with_context(|| format!("parsing the load report {last:?}"))
 }
 
 fn proxy_specs(kind: PodKind, server: Ipv4Addr, variants: &[Variant]) -> Vec<ProxySpec> {
