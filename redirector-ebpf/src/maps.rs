@@ -2,20 +2,29 @@
 //! serves every pod on the node and the state survives the process that loaded it.
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuHashMap},
+    maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuHashMap},
 };
 use redirector_common::{
-    ConnectionRecord, ExemptOwnerKey, PeerKey, PodConfig, PodStats, RawSockAddr, Settings,
-    MAX_EXEMPT_OWNERS, MAX_PODS, MAX_TRACKED_CONNECTIONS,
+    ConnectionRecord, OwnerKey, PeerKey, PodAddrKey, PodConfig, PodStats, PortKey, RawSockAddr,
+    Settings, MAX_ADDR_PREFIXES, MAX_OWNERS, MAX_PODS, MAX_PORTS, MAX_TRACKED_CONNECTIONS,
 };
 
 /// Pod cgroup id → the pod's settings. Written by the loader at enroll time.
 #[map]
 pub static POD_CONFIG: HashMap<u64, PodConfig> = HashMap::pinned(MAX_PODS, 0);
 
-/// (pod, UID or GID) pairs whose connections the pod does not capture.
+/// The pods' proxy UIDs/GIDs and owner-group filters.
 #[map]
-pub static EXEMPT_OWNERS: HashMap<ExemptOwnerKey, u8> = HashMap::pinned(MAX_EXEMPT_OWNERS, 0);
+pub static OWNERS: HashMap<OwnerKey, u8> = HashMap::pinned(MAX_OWNERS, 0);
+
+/// (pod, port) → `PORT_*` bits.
+#[map]
+pub static PORTS: HashMap<PortKey, u32> = HashMap::pinned(MAX_PORTS, 0);
+
+/// (pod, family, address prefix) → `ADDR_*` bits of every set holding that prefix, merged
+/// at enroll time so that one longest-prefix lookup answers all address questions.
+#[map]
+pub static POD_ADDRS: LpmTrie<PodAddrKey, u32> = LpmTrie::pinned(MAX_ADDR_PREFIXES, 0);
 
 /// Pod cgroup id → counters.
 #[map]

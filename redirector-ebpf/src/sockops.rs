@@ -8,9 +8,10 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use aya_log_ebpf::debug;
-use redirector_common::{PeerKey, AF_INET};
+use redirector_common::PeerKey;
 
 use crate::{
+    addr,
     maps::{ORIG_BY_COOKIE, ORIG_BY_PEER},
     pod::logging_enabled,
     raw,
@@ -47,13 +48,14 @@ fn on_established(ctx: &SockOpsContext) {
     let Some(record) = ORIG_BY_COOKIE.get_ptr_mut(&raw::socket_cookie(ctx)) else {
         return;
     };
-    let (local_addr, local_port, remote_port) = raw::sock_ops_ipv4_ends(ctx);
+    let (family, local_addr, local_port, remote_port) = raw::sock_ops_ends(ctx);
+    let (family, local_addr) = addr::normalize(family, local_addr);
     let peer = PeerKey {
         netns_cookie: raw::netns_cookie(ctx),
-        peer_addr: [local_addr, 0, 0, 0],
+        peer_addr: local_addr,
         peer_port: local_port,
         proxy_port: remote_port,
-        family: AF_INET,
+        family,
         _pad: 0,
     };
     // SAFETY: map value pointer valid for this run; LRU entries are not freed under us.

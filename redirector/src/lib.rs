@@ -4,11 +4,13 @@
 //! - [`pods`]: enroll, unenroll and list pods ([`pods::Redirector`]).
 //! - [`original_dst`]: the original destination of a redirected connection, for proxies.
 //! - [`pins`], [`loader`], [`link`]: the bpffs layout, the embedded programs, cgroup links.
-//! - [`cgroup`], [`kernel`], [`policy`]: input validation.
+//! - [`cgroup`], [`kernel`], [`policy`], [`flags`], [`netns`]: input, validated.
 pub mod cgroup;
+pub mod flags;
 pub mod kernel;
 pub mod link;
 pub mod loader;
+pub mod netns;
 pub mod original_dst;
 pub mod pins;
 pub mod pods;

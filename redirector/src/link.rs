@@ -18,18 +18,31 @@ use std::{
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum CgroupHook {
     Connect4,
+    Connect6,
     SockOps,
     GetSockopt,
+    GetPeerName4,
+    GetPeerName6,
 }
 
 impl CgroupHook {
-    pub const ALL: [CgroupHook; 3] = [Self::Connect4, Self::SockOps, Self::GetSockopt];
+    pub const ALL: [CgroupHook; 6] = [
+        Self::Connect4,
+        Self::Connect6,
+        Self::SockOps,
+        Self::GetSockopt,
+        Self::GetPeerName4,
+        Self::GetPeerName6,
+    ];
 
     fn attach_type(self) -> u32 {
         match self {
-            Self::SockOps => 3,     // BPF_CGROUP_SOCK_OPS
-            Self::Connect4 => 10,   // BPF_CGROUP_INET4_CONNECT
-            Self::GetSockopt => 21, // BPF_CGROUP_GETSOCKOPT
+            Self::SockOps => 3,       // BPF_CGROUP_SOCK_OPS
+            Self::Connect4 => 10,     // BPF_CGROUP_INET4_CONNECT
+            Self::Connect6 => 11,     // BPF_CGROUP_INET6_CONNECT
+            Self::GetSockopt => 21,   // BPF_CGROUP_GETSOCKOPT
+            Self::GetPeerName4 => 29, // BPF_CGROUP_INET4_GETPEERNAME
+            Self::GetPeerName6 => 30, // BPF_CGROUP_INET6_GETPEERNAME
         }
     }
 
@@ -37,13 +50,17 @@ impl CgroupHook {
     pub fn pin_name(self) -> &'static str {
         match self {
             Self::Connect4 => "connect4",
+            Self::Connect6 => "connect6",
             Self::SockOps => "sockops",
             Self::GetSockopt => "getsockopt",
+            Self::GetPeerName4 => "getpeername4",
+            Self::GetPeerName6 => "getpeername6",
         }
     }
 }
 
 const BPF_OBJ_PIN: libc::c_int = 6;
+const BPF_OBJ_GET: libc::c_int = 7;
 const BPF_LINK_CREATE: libc::c_int = 28;
 
 #[repr(C)]
@@ -54,6 +71,7 @@ struct LinkCreateAttr {
     flags: u32,
 }
 
+/// The `BPF_OBJ_PIN` / `BPF_OBJ_GET` part of `union bpf_attr`.
 #[repr(C)]
 struct ObjPinAttr {
     pathname: u64,
@@ -104,4 +122,18 @@ pub fn attach_pinned(
     };
     bpf(BPF_OBJ_PIN, &mut pin_attr)?;
     Ok(())
+}
+
+/// Opens a pinned object (a program, here) by its path.
+pub fn open_pinned(pin: &Path) -> io::Result<OwnedFd> {
+    let path = CString::new(pin.as_os_str().as_bytes())
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
+    let mut attr = ObjPinAttr {
+        pathname: path.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+    };
+    let raw = bpf(BPF_OBJ_GET, &mut attr)?;
+    // SAFETY: BPF_OBJ_GET returned a new fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(raw as libc::c_int) })
 }

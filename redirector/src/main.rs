@@ -9,10 +9,11 @@ use std::{
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand, ValueEnum};
 use redirector::{
+    flags::{IstioFlags, OutputFormat},
     loader::Programs,
+    netns::PodNetns,
     pins::{PinRoot, DEFAULT_ROOT},
     pods::{self, PodStatus, RecordCounts, Redirector},
-    policy::{self, IdKind, OutboundPolicy},
 };
 
 #[derive(Parser)]
@@ -32,7 +33,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Capture a pod's outbound TCP (returns once interception is active).
-    Enroll(EnrollArgs),
+    Enroll(Box<EnrollArgs>),
     /// Stop capturing a pod's traffic and remove everything enrolling it made (idempotent).
     Unenroll {
         /// The pod's cgroup v2 directory.
@@ -57,21 +58,15 @@ enum Command {
 #[derive(clap::Args)]
 struct EnrollArgs {
     /// The pod's cgroup v2 directory.
-    #[arg(long)]
-    cgroup: PathBuf,
-    /// Port the proxy's outbound listener has on loopback.
-    #[arg(short = 'p', long, default_value = "15001", value_parser = policy::parse_port)]
-    proxy_port: u16,
-    /// UIDs whose connections are not captured (the proxy's), comma-separated.
-    #[arg(short = 'u', long = "proxy-uid", default_value = "1337", value_parser = |s: &str| policy::parse_id_list(IdKind::Uid, s).map(IdList))]
-    proxy_uids: IdList,
-    /// GIDs whose connections are not captured (the proxy's), comma-separated.
-    #[arg(short = 'g', long = "proxy-gid", default_value = "1337", value_parser = |s: &str| policy::parse_id_list(IdKind::Gid, s).map(IdList))]
-    proxy_gids: IdList,
+    #[arg(long, required_unless_present = "dry_run")]
+    cgroup: Option<PathBuf>,
+    /// The pod's network namespace (e.g. /run/netns/NAME or /proc/PID/ns/net): its addresses
+    /// are the pod's local ones, and decide whether IPv6 is captured, as in istio-iptables.
+    #[arg(long, visible_alias = "network-namespace")]
+    netns: Option<PathBuf>,
+    #[command(flatten)]
+    istio: IstioFlags,
 }
-
-#[derive(Clone)]
-struct IdList(Vec<u32>);
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Output {
@@ -96,16 +91,7 @@ fn main() -> anyhow::Result<()> {
         .init();
     let root = PinRoot::new(cli.bpffs);
     match cli.command {
-        Command::Enroll(args) => {
-            let policy = OutboundPolicy {
-                proxy_port: args.proxy_port,
-                proxy_uids: args.proxy_uids.0,
-                proxy_gids: args.proxy_gids.0,
-            };
-            let cgroup = pods::enroll(&root, &args.cgroup, &policy)
-                .with_context(|| format!("enrolling {}", args.cgroup.display()))?;
-            tracing::info!(cgroup = %cgroup.path.display(), cgroup_id = cgroup.id, ?policy, "enrolled");
-        }
+        Command::Enroll(args) => enroll(&root, *args)?,
         Command::Unenroll { cgroup } => {
             let was = pods::unenroll(&root, &cgroup)
                 .with_context(|| format!("unenrolling {}", cgroup.display()))?;
@@ -130,6 +116,46 @@ fn main() -> anyhow::Result<()> {
         }
         Command::Log { seconds } => stream_kernel_log(&root, seconds.map(Duration::from_secs))?,
     }
+    Ok(())
+}
+
+fn enroll(root: &PinRoot, args: EnrollArgs) -> anyhow::Result<()> {
+    let policy = args.istio.to_policy()?;
+    if args.istio.dry_run {
+        let ipv6 = match &args.netns {
+            Some(path) => {
+                let netns = PodNetns::read(path)?;
+                let on = netns.network.ipv6_enabled(policy.dual_stack);
+                format!(
+                    "{} (from the addresses of {})",
+                    if on { "captured" } else { "not captured" },
+                    path.display()
+                )
+            }
+            None => "captured (no --netns given)".to_owned(),
+        };
+        match args.istio.output_format() {
+            OutputFormat::Table => print!("{}", policy.render_table(&ipv6)),
+            OutputFormat::Json => println!(
+                "{}",
+                serde_json::to_string_pretty(
+                    &serde_json::json!({ "policy": policy, "ipv6": ipv6 })
+                )?
+            ),
+        }
+        return Ok(());
+    }
+    let cgroup = args
+        .cgroup
+        .expect("clap requires --cgroup without --dry-run");
+    let enrolled = pods::enroll(root, &cgroup, &policy, args.netns.as_deref())
+        .with_context(|| format!("enrolling {}", cgroup.display()))?;
+    tracing::info!(
+        cgroup = %enrolled.cgroup.path.display(),
+        cgroup_id = enrolled.cgroup.id,
+        netns = ?enrolled.netns.as_ref().map(|n| &n.path),
+        "enrolled"
+    );
     Ok(())
 }
 
@@ -186,7 +212,7 @@ fn stream_kernel_log(root: &PinRoot, limit: Option<Duration>) -> anyhow::Result<
             root.path().display()
         );
     };
-    let program_id = Programs::open(root)?.log_program_id()?;
+    let program_id = Programs::log_program_id(root)?;
     let mut logger = aya_log::EbpfLogger::init_from_id(program_id)
         .context("opening the programs' log buffer")?;
     redirector.set_connection_logging(true)?;

@@ -1,8 +1,17 @@
 //! The library API: enroll, unenroll and list pods on one pin root.
 use std::path::{Path, PathBuf};
 
-use aya::maps::{MapError, PerCpuValues};
-use redirector_common::{ExemptOwnerKey, PodConfig, PodStats, Settings, OWNER_GID, OWNER_UID};
+use std::net::IpAddr;
+
+use aya::maps::{lpm_trie::Key, MapError, PerCpuValues};
+use ipnet::IpNet;
+use redirector_common::{
+    OwnerKey, PodAddrKey, PodStats, PortKey, Settings, ADDR_DNS_SERVER, ADDR_EXCLUDE, ADDR_INCLUDE,
+    ADDR_LOCAL, ADDR_LOOPBACK_CIDR, AF_INET, AF_INET6, OWNER_GID, OWNER_UID,
+    POD_ADDR_KEY_FIXED_BITS, POLICY_CAPTURE_ALL_DNS, POLICY_GROUPS_EXCLUDE, POLICY_GROUPS_INCLUDE,
+    POLICY_INCLUDE_ALL, POLICY_IPV4, POLICY_IPV6, POLICY_LOOPBACK_INCLUDED, POLICY_REDIRECT_DNS,
+    PORT_INBOUND_EXCLUDE, PORT_INBOUND_INCLUDE, PORT_OUTBOUND_EXCLUDE, PORT_OUTBOUND_INCLUDE,
+};
 use serde::Serialize;
 
 use crate::{
@@ -10,8 +19,9 @@ use crate::{
     kernel::{self, KernelError},
     link::{self, CgroupHook},
     loader::{self, LoadError, Maps, Programs},
+    netns::{NetnsError, PodNetns},
     pins::{PinError, PinRoot, RootLock},
-    policy::OutboundPolicy,
+    policy::{CompiledPolicy, PodNetwork, Policy},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +44,8 @@ pub enum Error {
     Map { map: &'static str, source: MapError },
     #[error("counting CPUs: {0}")]
     Cpus(std::io::Error),
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
 }
 
 fn map_error(map: &'static str) -> impl FnOnce(MapError) -> Error {
@@ -67,11 +79,105 @@ pub struct PodStatus {
     pub cgroup: Option<PathBuf>,
     pub cgroup_id: u64,
     pub proxy_port: u16,
+    pub inbound_capture_port: u16,
+    pub inbound_tunnel_port: u16,
     pub proxy_uids: Vec<u32>,
     pub proxy_gids: Vec<u32>,
-    /// Hooks whose link is pinned (all three while the pod is enrolled).
+    /// The pod's `POLICY_*` switches, by name.
+    pub switches: Vec<&'static str>,
+    /// Ports with a rule, and which.
+    pub ports: Vec<LabelledEntry>,
+    /// Address prefixes with a rule, and which sets hold them.
+    pub prefixes: Vec<LabelledEntry>,
+    /// Hooks whose link is pinned (all of them while the pod is enrolled).
     pub attached: Vec<&'static str>,
     pub counters: Counters,
+}
+
+/// A port or prefix with the names of the sets that hold it.
+#[derive(Clone, Debug, Serialize)]
+pub struct LabelledEntry {
+    pub value: String,
+    pub sets: Vec<&'static str>,
+}
+
+const SWITCH_NAMES: [(u32, &str); 9] = [
+    (POLICY_IPV4, "ipv4"),
+    (POLICY_IPV6, "ipv6"),
+    (POLICY_INCLUDE_ALL, "include_all"),
+    (POLICY_REDIRECT_DNS, "redirect_dns"),
+    (POLICY_CAPTURE_ALL_DNS, "capture_all_dns"),
+    (POLICY_LOOPBACK_INCLUDED, "loopback_included"),
+    (POLICY_GROUPS_INCLUDE, "owner_groups_include"),
+    (POLICY_GROUPS_EXCLUDE, "owner_groups_exclude"),
+    (0, ""),
+];
+const PORT_SET_NAMES: [(u32, &str); 4] = [
+    (PORT_OUTBOUND_EXCLUDE, "outbound_exclude"),
+    (PORT_OUTBOUND_INCLUDE, "outbound_include"),
+    (PORT_INBOUND_INCLUDE, "inbound_include"),
+    (PORT_INBOUND_EXCLUDE, "inbound_exclude"),
+];
+const ADDR_SET_NAMES: [(u32, &str); 5] = [
+    (ADDR_LOCAL, "local"),
+    (ADDR_LOOPBACK_CIDR, "loopback_cidr"),
+    (ADDR_EXCLUDE, "exclude"),
+    (ADDR_INCLUDE, "include"),
+    (ADDR_DNS_SERVER, "dns_server"),
+];
+
+/// The names of the bits set in `bits`.
+pub fn bit_names(bits: u32, names: &[(u32, &'static str)]) -> Vec<&'static str> {
+    names
+        .iter()
+        .filter(|(bit, _)| *bit != 0 && bits & bit != 0)
+        .map(|(_, name)| *name)
+        .collect()
+}
+
+pub fn port_set_names(bits: u32) -> Vec<&'static str> {
+    bit_names(bits, &PORT_SET_NAMES)
+}
+
+pub fn addr_set_names(bits: u32) -> Vec<&'static str> {
+    bit_names(bits, &ADDR_SET_NAMES)
+}
+
+pub fn switch_names(bits: u32) -> Vec<&'static str> {
+    bit_names(bits, &SWITCH_NAMES)
+}
+
+/// The trie key of a prefix of a pod.
+pub fn prefix_key(pod: u64, prefix: IpNet) -> Key<PodAddrKey> {
+    let (family, addr) = match prefix.addr() {
+        IpAddr::V4(v4) => (AF_INET, [u32::from_ne_bytes(v4.octets()), 0, 0, 0]),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            (AF_INET6, [word(0), word(4), word(8), word(12)])
+        }
+    };
+    Key::new(
+        POD_ADDR_KEY_FIXED_BITS + u32::from(prefix.prefix_len()),
+        PodAddrKey::new(pod, family, addr),
+    )
+}
+
+fn key_prefix(key: &Key<PodAddrKey>) -> Option<(u64, IpNet)> {
+    let data = key.data();
+    let pod = u64::from(data.pod[0]) | (u64::from(data.pod[1]) << 32);
+    let len = u8::try_from(key.prefix_len().checked_sub(POD_ADDR_KEY_FIXED_BITS)?).ok()?;
+    let bytes = |w: u32| w.to_ne_bytes();
+    let addr: IpAddr = if data.family == u32::from(AF_INET) {
+        std::net::Ipv4Addr::from(bytes(data.addr[0])).into()
+    } else {
+        let mut octets = [0u8; 16];
+        for (i, w) in data.addr.iter().enumerate() {
+            octets[i * 4..i * 4 + 4].copy_from_slice(&bytes(*w));
+        }
+        std::net::Ipv6Addr::from(octets).into()
+    };
+    Some((pod, IpNet::new(addr, len).ok()?))
 }
 
 /// Connection records currently held (they leave when their connection closes).
@@ -129,10 +235,16 @@ impl Redirector {
     /// Enrolls the pod whose cgroup is `cgroup`, or updates its policy if it is enrolled
     /// already (new connections follow the new policy; links are not re-made). On failure
     /// a new enrollment is undone completely.
-    pub fn enroll(&mut self, cgroup: &Cgroup, policy: &OutboundPolicy) -> Result<(), Error> {
+    pub fn enroll(
+        &mut self,
+        cgroup: &Cgroup,
+        policy: &Policy,
+        network: &PodNetwork,
+    ) -> Result<(), Error> {
         let new = self.maps.pod_config.get(&cgroup.id, 0).is_err();
+        let compiled = policy.compile(cgroup.id, network);
         let result = self
-            .write_policy(cgroup.id, policy)
+            .write_policy(cgroup.id, &compiled)
             .and_then(|()| self.attach_missing(cgroup));
         if result.is_err() && new {
             let _ = self.unenroll(cgroup.id);
@@ -140,7 +252,9 @@ impl Redirector {
         result
     }
 
-    fn write_policy(&mut self, pod: u64, policy: &OutboundPolicy) -> Result<(), Error> {
+    /// Writes a compiled policy: the sets first and the config last, so that the programs
+    /// never see a pod whose sets are still missing; entries the new policy dropped go last.
+    fn write_policy(&mut self, pod: u64, compiled: &CompiledPolicy) -> Result<(), Error> {
         if self.maps.pod_stats.get(&pod, 0).is_err() {
             let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::Cpus(e))?;
             let zeroes =
@@ -150,31 +264,56 @@ impl Redirector {
                 .insert(pod, zeroes, 0)
                 .map_err(map_error("POD_STATS"))?;
         }
-        let wanted: Vec<ExemptOwnerKey> = owner_keys(pod, policy).collect();
-        for key in &wanted {
+        for key in &compiled.owners {
             self.maps
-                .exempt_owners
+                .owners
                 .insert(*key, 1, 0)
-                .map_err(map_error("EXEMPT_OWNERS"))?;
+                .map_err(map_error("OWNERS"))?;
         }
-        let config = PodConfig {
-            proxy_port: policy.proxy_port,
-            _pad: [0; 6],
-        };
+        let port_keys: Vec<PortKey> = compiled
+            .ports
+            .iter()
+            .map(|&(port, _)| port_key(pod, port))
+            .collect();
+        for (key, &(_, bits)) in port_keys.iter().zip(&compiled.ports) {
+            self.maps
+                .ports
+                .insert(*key, bits, 0)
+                .map_err(map_error("PORTS"))?;
+        }
+        let prefix_keys: Vec<(IpNet, u32)> = compiled.prefixes.clone();
+        for &(prefix, bits) in &prefix_keys {
+            self.maps
+                .pod_addrs
+                .insert(&prefix_key(pod, prefix), bits, 0)
+                .map_err(map_error("POD_ADDRS"))?;
+        }
         self.maps
             .pod_config
-            .insert(pod, config, 0)
+            .insert(pod, compiled.config, 0)
             .map_err(map_error("POD_CONFIG"))?;
-        // Owners dropped from the policy go last, so that no moment exempts nobody.
+
         for stale in self
             .owners_of(pod)?
             .into_iter()
-            .filter(|key| !wanted.contains(key))
+            .filter(|key| !compiled.owners.contains(key))
         {
-            self.maps
-                .exempt_owners
-                .remove(&stale)
-                .map_err(map_error("EXEMPT_OWNERS"))?;
+            ignore_missing(self.maps.owners.remove(&stale)).map_err(map_error("OWNERS"))?;
+        }
+        for stale in self
+            .ports_of(pod)?
+            .into_iter()
+            .filter(|key| !port_keys.contains(key))
+        {
+            ignore_missing(self.maps.ports.remove(&stale)).map_err(map_error("PORTS"))?;
+        }
+        for (stale, _) in self
+            .prefixes_of(pod)?
+            .into_iter()
+            .filter(|(p, _)| !prefix_keys.iter().any(|(q, _)| q == p))
+        {
+            ignore_missing(self.maps.pod_addrs.remove(&prefix_key(pod, stale)))
+                .map_err(map_error("POD_ADDRS"))?;
         }
         Ok(())
     }
@@ -200,9 +339,7 @@ impl Redirector {
                 cgroup: cgroup.path.clone(),
                 source,
             };
-            let program = programs
-                .fd(hook)
-                .map_err(|e| attach_error(std::io::Error::other(e)))?;
+            let program = programs.fd(hook);
             link::attach_pinned(
                 program,
                 cgroup.dir.as_fd(),
@@ -218,31 +355,64 @@ impl Redirector {
     /// was there.
     pub fn unenroll(&mut self, pod: u64) -> Result<bool, Error> {
         let existed = self.root.pod_dir(pod).exists() || self.maps.pod_config.get(&pod, 0).is_ok();
+        // Links first: once they are gone no program runs for the pod.
         self.root.remove_pod(pod)?;
         ignore_missing(self.maps.pod_config.remove(&pod)).map_err(map_error("POD_CONFIG"))?;
         for key in self.owners_of(pod)? {
-            ignore_missing(self.maps.exempt_owners.remove(&key))
-                .map_err(map_error("EXEMPT_OWNERS"))?;
+            ignore_missing(self.maps.owners.remove(&key)).map_err(map_error("OWNERS"))?;
+        }
+        for key in self.ports_of(pod)? {
+            ignore_missing(self.maps.ports.remove(&key)).map_err(map_error("PORTS"))?;
+        }
+        for (prefix, _) in self.prefixes_of(pod)? {
+            ignore_missing(self.maps.pod_addrs.remove(&prefix_key(pod, prefix)))
+                .map_err(map_error("POD_ADDRS"))?;
         }
         ignore_missing(self.maps.pod_stats.remove(&pod)).map_err(map_error("POD_STATS"))?;
         Ok(existed)
     }
 
-    fn owners_of(&self, pod: u64) -> Result<Vec<ExemptOwnerKey>, Error> {
-        let keys: Result<Vec<_>, _> = self.maps.exempt_owners.keys().collect();
+    fn owners_of(&self, pod: u64) -> Result<Vec<OwnerKey>, Error> {
+        let keys: Result<Vec<_>, _> = self.maps.owners.keys().collect();
         Ok(keys
-            .map_err(map_error("EXEMPT_OWNERS"))?
+            .map_err(map_error("OWNERS"))?
             .into_iter()
             .filter(|key| key.pod == pod)
             .collect())
+    }
+
+    fn ports_of(&self, pod: u64) -> Result<Vec<PortKey>, Error> {
+        let keys: Result<Vec<_>, _> = self.maps.ports.keys().collect();
+        Ok(keys
+            .map_err(map_error("PORTS"))?
+            .into_iter()
+            .filter(|key| key.pod == pod)
+            .collect())
+    }
+
+    /// The pod's address prefixes with their set bits.
+    fn prefixes_of(&self, pod: u64) -> Result<Vec<(IpNet, u32)>, Error> {
+        let mut prefixes = Vec::new();
+        for entry in self.maps.pod_addrs.iter() {
+            let (key, bits) = entry.map_err(map_error("POD_ADDRS"))?;
+            if let Some((owner, prefix)) = key_prefix(&key) {
+                if owner == pod {
+                    prefixes.push((prefix, bits));
+                }
+            }
+        }
+        prefixes.sort_unstable();
+        Ok(prefixes)
     }
 
     /// Every enrolled pod with its policy and counters.
     pub fn pods(&self) -> Result<Vec<PodStatus>, Error> {
         let cgroup_mount = cgroup::cgroup2_mount().ok();
         let pods: Result<Vec<_>, _> = self.maps.pod_config.iter().collect();
-        let owners: Result<Vec<_>, _> = self.maps.exempt_owners.keys().collect();
-        let owners = owners.map_err(map_error("EXEMPT_OWNERS"))?;
+        let owners: Result<Vec<_>, _> = self.maps.owners.keys().collect();
+        let owners = owners.map_err(map_error("OWNERS"))?;
+        let ports: Result<Vec<_>, _> = self.maps.ports.iter().collect();
+        let ports = ports.map_err(map_error("PORTS"))?;
         let mut statuses = Vec::new();
         for (pod, config) in pods.map_err(map_error("POD_CONFIG"))? {
             let ids = |kind| {
@@ -256,6 +426,8 @@ impl Redirector {
             if let Ok(per_cpu) = self.maps.pod_stats.get(&pod, 0) {
                 per_cpu.iter().for_each(|cpu| total.add(cpu));
             }
+            let mut pod_ports: Vec<_> = ports.iter().filter(|(k, _)| k.pod == pod).collect();
+            pod_ports.sort_by_key(|(k, _)| k.port);
             let pod_dir = self.root.pod_dir(pod);
             statuses.push(PodStatus {
                 cgroup: cgroup_mount
@@ -263,8 +435,26 @@ impl Redirector {
                     .and_then(|mount| cgroup::find_by_id(mount, pod)),
                 cgroup_id: pod,
                 proxy_port: config.proxy_port,
+                inbound_capture_port: config.inbound_port,
+                inbound_tunnel_port: config.tunnel_port,
                 proxy_uids: ids(OWNER_UID),
                 proxy_gids: ids(OWNER_GID),
+                switches: switch_names(config.flags),
+                ports: pod_ports
+                    .iter()
+                    .map(|(k, bits)| LabelledEntry {
+                        value: k.port.to_string(),
+                        sets: port_set_names(*bits),
+                    })
+                    .collect(),
+                prefixes: self
+                    .prefixes_of(pod)?
+                    .into_iter()
+                    .map(|(p, bits)| LabelledEntry {
+                        value: p.to_string(),
+                        sets: addr_set_names(bits),
+                    })
+                    .collect(),
                 attached: CgroupHook::ALL
                     .into_iter()
                     .filter(|h| pod_dir.join(h.pin_name()).exists())
@@ -304,18 +494,12 @@ impl Redirector {
     }
 }
 
-fn owner_keys(pod: u64, policy: &OutboundPolicy) -> impl Iterator<Item = ExemptOwnerKey> + '_ {
-    let uids = policy.proxy_uids.iter().map(move |&id| ExemptOwnerKey {
+fn port_key(pod: u64, port: u16) -> PortKey {
+    PortKey {
         pod,
-        kind: OWNER_UID,
-        id,
-    });
-    let gids = policy.proxy_gids.iter().map(move |&id| ExemptOwnerKey {
-        pod,
-        kind: OWNER_GID,
-        id,
-    });
-    uids.chain(gids)
+        port,
+        _pad: [0; 6],
+    }
 }
 
 /// Deleting a key that is not there is success for an idempotent unenroll.
@@ -329,25 +513,41 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
     }
 }
 
-/// Enrolls the pod at `cgroup_path` on `root`, installing redirector there if needed.
+/// Enrolls the pod at `cgroup_path` on `root`, installing redirector there if needed. The
+/// pod's network namespace, when given, tells which destinations are local to the pod (its
+/// own addresses) and whether IPv6 is captured, as istio-iptables decides; without it only
+/// loopback is local and IPv6 is captured.
 /// Bad input is refused before anything is touched; a failure after that leaves the root
 /// as it was (an installation this call made is removed again).
 pub fn enroll(
     root: &PinRoot,
     cgroup_path: &Path,
-    policy: &OutboundPolicy,
-) -> Result<Cgroup, Error> {
+    policy: &Policy,
+    netns: Option<&Path>,
+) -> Result<Enrolled, Error> {
     let cgroup = Cgroup::open(cgroup_path)?;
+    let netns = netns.map(PodNetns::read).transpose()?;
+    let network = netns
+        .as_ref()
+        .map(|n| n.network.clone())
+        .unwrap_or_default();
     let fresh = !root.exists();
     let result = Redirector::install(root.clone())
-        .and_then(|mut redirector| redirector.enroll(&cgroup, policy));
+        .and_then(|mut redirector| redirector.enroll(&cgroup, policy, &network));
     if let Err(error) = result {
         if fresh {
             let _ = root.remove_all();
         }
         return Err(error);
     }
-    Ok(cgroup)
+    Ok(Enrolled { cgroup, netns })
+}
+
+/// What [`enroll`] found and enrolled.
+#[derive(Debug)]
+pub struct Enrolled {
+    pub cgroup: Cgroup,
+    pub netns: Option<PodNetns>,
 }
 
 /// Unenrolls the pod at `cgroup_path`; returns whether it was enrolled. Idempotent.

@@ -34,11 +34,17 @@ fn enrolled_pod(sandbox: &Sandbox, name: &str, server_port: u16) -> Result<(Prox
 }
 
 /// The connection went client → proxy → original destination: returns the proxy's forward event.
+/// The client's socket was connected to the proxy on loopback (its own address is loopback),
+/// yet getpeername reports the original destination, as after an iptables REDIRECT.
 fn assert_redirected(pod: &Pod, proxy: &Proxy, report: &ConnectReport) -> Result<ForwardEvent> {
     let reply = report.server_reply()?;
     ensure!(
-        report.peer == Some(PROXY_ADDR),
-        "client's getpeername is not the proxy: {report:?}"
+        report.local_addr()?.ip() == PROXY_ADDR.ip(),
+        "client's socket is not connected over loopback to the proxy: {report:?}"
+    );
+    ensure!(
+        report.peer == Some(pod.server.addr),
+        "client's getpeername is not the original destination: {report:?}"
     );
     let forward = proxy.forward_event(report.local_addr()?)?;
     ensure!(
