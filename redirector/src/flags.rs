@@ -346,4 +346,118 @@ mod tests {
             ]
         );
     }
+
+    /// Dry-run output for Istio-style command lines, pinned in testdata/dry-run/. Run with
+    /// UPDATE_GOLDEN=1 to rewrite the files after an intended change.
+    #[test]
+    fn dry_run_output_matches_the_golden_files() {
+        let cases: [(&str, &[&str]); 5] = [
+            (
+                "sidecar-injector",
+                &[
+                    "-p",
+                    "15001",
+                    "-z",
+                    "15006",
+                    "-u",
+                    "1337",
+                    "-m",
+                    "REDIRECT",
+                    "-i",
+                    "*",
+                    "-x",
+                    "",
+                    "-b",
+                    "*",
+                    "-d",
+                    "15090,15021,15020",
+                ],
+            ),
+            (
+                "ip-range-dns",
+                &[
+                    "-p",
+                    "15001",
+                    "-z",
+                    "15006",
+                    "-e",
+                    "15008",
+                    "-u",
+                    "3,4",
+                    "-g",
+                    "1,2",
+                    "-m",
+                    "REDIRECT",
+                    "-i",
+                    "10.99.0.0/16",
+                    "-x",
+                    "10.11.0.0/16",
+                    "--redirect-dns",
+                    "--dns-servers",
+                    "127.0.0.53",
+                    "-n",
+                ],
+            ),
+            (
+                "ipv6-uid-gid",
+                &[
+                    "-u",
+                    "3,4",
+                    "-g",
+                    "1,2",
+                    "-b",
+                    "4000,5000",
+                    "-d",
+                    "6000,7000",
+                    "-i",
+                    "fd00:db8::/32",
+                    "-x",
+                    "fd00:db8::/32",
+                    "-q",
+                    "32000,31000",
+                    "-o",
+                    "5432",
+                ],
+            ),
+            (
+                "capture-all-dns-groups",
+                &[
+                    "-i",
+                    "",
+                    "--redirect-dns",
+                    "--capture-all-dns",
+                    "--owner-groups-exclude",
+                    "888,0",
+                    "--ipv4-loopback-cidr",
+                    "127.0.0.1/8",
+                    "--dual-stack",
+                ],
+            ),
+            ("defaults", &[]),
+        ];
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/testdata/dry-run");
+        for (name, line) in cases {
+            let policy = parse(line).unwrap();
+            let table = policy.render_table("captured (no --netns given)");
+            let json = serde_json::to_string_pretty(&policy).unwrap() + "\n";
+            for (file, actual) in [
+                (format!("{name}.txt"), table),
+                (format!("{name}.json"), json),
+            ] {
+                let path = dir.join(file);
+                if std::env::var_os("UPDATE_GOLDEN").is_some() {
+                    fs::create_dir_all(&dir).unwrap();
+                    fs::write(&path, &actual).unwrap();
+                }
+                let expected =
+                    fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+                assert_eq!(
+                    actual,
+                    expected,
+                    "{} differs from the golden file",
+                    path.display()
+                );
+            }
+        }
+    }
 }

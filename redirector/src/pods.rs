@@ -1,16 +1,14 @@
 //! The library API: enroll, unenroll and list pods on one pin root.
 use std::path::{Path, PathBuf};
 
-use std::net::IpAddr;
-
 use aya::maps::{lpm_trie::Key, MapError, PerCpuValues};
 use ipnet::IpNet;
 use redirector_common::{
     OwnerKey, PodAddrKey, PodStats, PortKey, Settings, ADDR_DNS_SERVER, ADDR_EXCLUDE, ADDR_INCLUDE,
-    ADDR_LOCAL, ADDR_LOOPBACK_CIDR, AF_INET, AF_INET6, OWNER_GID, OWNER_UID,
-    POD_ADDR_KEY_FIXED_BITS, POLICY_CAPTURE_ALL_DNS, POLICY_GROUPS_EXCLUDE, POLICY_GROUPS_INCLUDE,
-    POLICY_INCLUDE_ALL, POLICY_IPV4, POLICY_IPV6, POLICY_LOOPBACK_INCLUDED, POLICY_REDIRECT_DNS,
-    PORT_INBOUND_EXCLUDE, PORT_INBOUND_INCLUDE, PORT_OUTBOUND_EXCLUDE, PORT_OUTBOUND_INCLUDE,
+    ADDR_LOCAL, ADDR_LOOPBACK_CIDR, OWNER_GID, OWNER_UID, POD_ADDR_KEY_FIXED_BITS,
+    POLICY_CAPTURE_ALL_DNS, POLICY_GROUPS_EXCLUDE, POLICY_GROUPS_INCLUDE, POLICY_INCLUDE_ALL,
+    POLICY_IPV4, POLICY_IPV6, POLICY_LOOPBACK_INCLUDED, POLICY_REDIRECT_DNS, PORT_INBOUND_EXCLUDE,
+    PORT_INBOUND_INCLUDE, PORT_OUTBOUND_EXCLUDE, PORT_OUTBOUND_INCLUDE,
 };
 use serde::Serialize;
 
@@ -20,6 +18,7 @@ use crate::{
     link::{self, CgroupHook},
     loader::{self, LoadError, Maps, Programs},
     netns::{NetnsError, PodNetns},
+    original_dst::{ip_from_words, kernel_words},
     pins::{PinError, PinRoot, RootLock},
     policy::{CompiledPolicy, PodNetwork, Policy},
 };
@@ -149,14 +148,7 @@ pub fn switch_names(bits: u32) -> Vec<&'static str> {
 
 /// The trie key of a prefix of a pod.
 pub fn prefix_key(pod: u64, prefix: IpNet) -> Key<PodAddrKey> {
-    let (family, addr) = match prefix.addr() {
-        IpAddr::V4(v4) => (AF_INET, [u32::from_ne_bytes(v4.octets()), 0, 0, 0]),
-        IpAddr::V6(v6) => {
-            let o = v6.octets();
-            let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
-            (AF_INET6, [word(0), word(4), word(8), word(12)])
-        }
-    };
+    let (family, addr) = kernel_words(prefix.addr());
     Key::new(
         POD_ADDR_KEY_FIXED_BITS + u32::from(prefix.prefix_len()),
         PodAddrKey::new(pod, family, addr),
@@ -167,17 +159,8 @@ fn key_prefix(key: &Key<PodAddrKey>) -> Option<(u64, IpNet)> {
     let data = key.data();
     let pod = u64::from(data.pod[0]) | (u64::from(data.pod[1]) << 32);
     let len = u8::try_from(key.prefix_len().checked_sub(POD_ADDR_KEY_FIXED_BITS)?).ok()?;
-    let bytes = |w: u32| w.to_ne_bytes();
-    let addr: IpAddr = if data.family == u32::from(AF_INET) {
-        std::net::Ipv4Addr::from(bytes(data.addr[0])).into()
-    } else {
-        let mut octets = [0u8; 16];
-        for (i, w) in data.addr.iter().enumerate() {
-            octets[i * 4..i * 4 + 4].copy_from_slice(&bytes(*w));
-        }
-        std::net::Ipv6Addr::from(octets).into()
-    };
-    Some((pod, IpNet::new(addr, len).ok()?))
+    let family = u16::try_from(data.family).ok()?;
+    Some((pod, IpNet::new(ip_from_words(family, data.addr), len).ok()?))
 }
 
 /// Connection records currently held (they leave when their connection closes).

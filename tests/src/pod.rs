@@ -2,7 +2,7 @@
 //! (own netns and cgroup, wired over a veth to a server netns that runs an echo server).
 
 use std::ffi::{OsStr, OsString};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::path::Path;
 use std::process::Command;
 use std::sync::Once;
@@ -160,13 +160,20 @@ impl Sandbox {
 
     /// `redirector enroll --cgroup DIR` with the default proxy settings; must succeed.
     pub fn enroll(&self, cgroup: &Cgroup) -> Result<Output> {
-        self.redirector(&[
+        self.enroll_with(cgroup, &[])
+    }
+
+    /// `redirector enroll --cgroup DIR FLAGS...` (e.g. istio-iptables flags); must succeed.
+    pub fn enroll_with(&self, cgroup: &Cgroup, flags: &[&str]) -> Result<Output> {
+        let mut args = vec![
             OsStr::new("enroll"),
             "--cgroup".as_ref(),
             cgroup.path().as_os_str(),
-        ])?
-        .ensure_success()
-        .with_context(|| format!("enrolling {}", cgroup.path().display()))
+        ];
+        args.extend(flags.iter().map(OsStr::new));
+        self.redirector(&args)?
+            .ensure_success()
+            .with_context(|| format!("enrolling {} with {flags:?}", cgroup.path().display()))
     }
 
     /// `redirector unenroll --cgroup DIR`; the exit status is for the caller to judge.
@@ -257,14 +264,41 @@ impl Pod {
         self.veth.a_addr
     }
 
+    /// The pod's own IPv6 address on the veth.
+    pub fn addr6(&self) -> Ipv6Addr {
+        self.veth.a_addr6
+    }
+
+    /// Another echo server in the server netns (e.g. on the IPv6 address), until dropped.
+    pub fn serve(&self, addr: SocketAddr) -> Result<Server> {
+        let serve = [
+            binary("e2e-helper")?.into_os_string(),
+            "serve".into(),
+            "--listen".into(),
+            addr.to_string().into(),
+        ];
+        let process = spawn_in_pod(
+            &self.server_netns,
+            &self.server_cgroup,
+            Identity::APP,
+            &serve,
+        )?;
+        process.wait_for_line(|line| line == "listening", STARTUP_TIMEOUT)?;
+        Ok(Server { addr, process })
+    }
+
     /// Start `redirector-proxy --listen 127.0.0.1:15001` in the pod as UID/GID 1337 and wait until
     /// it listens.
     pub fn start_proxy(&self) -> Result<Proxy> {
-        let command = [
-            binary("redirector-proxy")?.into_os_string(),
-            "--listen".into(),
-            PROXY_ADDR.to_string().into(),
-        ];
+        self.start_proxy_on(&[PROXY_ADDR])
+    }
+
+    /// Start `redirector-proxy` listening on each of `listen` (all on port 15001).
+    pub fn start_proxy_on(&self, listen: &[SocketAddr]) -> Result<Proxy> {
+        let mut command = vec![binary("redirector-proxy")?.into_os_string()];
+        for addr in listen {
+            command.extend(["--listen".into(), addr.to_string().into()]);
+        }
         let process = spawn_in_pod(&self.netns, &self.cgroup, Identity::PROXY, &command)?;
         wait_for_tcp_listener(process.pid(), PROXY_PORT, STARTUP_TIMEOUT)
             .with_context(|| format!("waiting for the proxy to listen{}", process.diagnostics()))?;

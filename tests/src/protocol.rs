@@ -175,7 +175,20 @@ pub struct PodStatus {
     pub proxy_port: u16,
     pub proxy_uids: Vec<u32>,
     pub proxy_gids: Vec<u32>,
+    /// Address prefixes with a rule, and the sets holding them.
+    #[serde(default)]
+    pub prefixes: Vec<LabelledEntry>,
+    /// Ports with a rule, and the sets holding them.
+    #[serde(default)]
+    pub ports: Vec<LabelledEntry>,
     pub counters: Counters,
+}
+
+/// A port or prefix of a pod's policy, as `redirector status -o json` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct LabelledEntry {
+    pub value: String,
+    pub sets: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

@@ -392,6 +392,62 @@ fn bad_enroll_inputs_fail_and_leave_nothing_behind() -> Result<()> {
             args: victim_with(&["--proxy-gid", "xyz"]),
             expected_words: &["gid"],
         },
+        // istio-iptables flags (issue 3): every malformed value or meaningless flag is refused.
+        BadEnroll {
+            problem: "include CIDR with a /33",
+            args: victim_with(&["-i", "10.0.0.0/33"]),
+            expected_words: &["cidr"],
+        },
+        BadEnroll {
+            problem: "exclude CIDR that is not one",
+            args: victim_with(&["-x", "10.0.0.0/8,nonsense"]),
+            expected_words: &["cidr"],
+        },
+        BadEnroll {
+            problem: "inbound capture port 70000",
+            args: victim_with(&["-z", "70000"]),
+            expected_words: &["port"],
+        },
+        BadEnroll {
+            problem: "outbound port 0",
+            args: victim_with(&["-q", "80,0"]),
+            expected_words: &["port"],
+        },
+        BadEnroll {
+            problem: "inbound port list that does not parse",
+            args: victim_with(&["-b", "80,http"]),
+            expected_words: &["port"],
+        },
+        BadEnroll {
+            problem: "TPROXY mode",
+            args: victim_with(&["-m", "TPROXY"]),
+            expected_words: &["tproxy"],
+        },
+        BadEnroll {
+            problem: "unknown mode",
+            args: victim_with(&["-m", "MASQUERADE"]),
+            expected_words: &["mode"],
+        },
+        BadEnroll {
+            problem: "kube virt interfaces",
+            args: victim_with(&["-k", "eth1"]),
+            expected_words: &["kube-virt-interfaces"],
+        },
+        BadEnroll {
+            problem: "exclude-everything CIDR",
+            args: victim_with(&["-x", "*"]),
+            expected_words: &["every destination"],
+        },
+        BadEnroll {
+            problem: "network namespace that does not exist",
+            args: victim_with(&["--netns", "/run/netns/rdt-no-such-netns"]),
+            expected_words: &["network namespace"],
+        },
+        BadEnroll {
+            problem: "network namespace path that is not one",
+            args: victim_with(&["--netns", "/proc/self/status"]),
+            expected_words: &["not a network namespace"],
+        },
         BadEnroll {
             problem: "bpffs root on a non-bpf filesystem",
             args: with_bpffs(not_bpffs.path()),

@@ -24,9 +24,9 @@ use serde_json::json;
     about = "forward redirected connections to their original destination"
 )]
 struct Args {
-    /// Address of the outbound listener.
+    /// Addresses to listen on (repeat for IPv4 and IPv6, e.g. 127.0.0.1:15001 and [::1]:15001).
     #[arg(long, default_value = "127.0.0.1:15001")]
-    listen: SocketAddr,
+    listen: Vec<SocketAddr>,
     /// Give up an upstream connect after this many milliseconds.
     #[arg(long, default_value_t = 3000)]
     connect_timeout_ms: u64,
@@ -34,9 +34,21 @@ struct Args {
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let listener =
-        TcpListener::bind(args.listen).with_context(|| format!("listening on {}", args.listen))?;
     let timeout = Duration::from_millis(args.connect_timeout_ms);
+    let listeners = args
+        .listen
+        .iter()
+        .map(|addr| TcpListener::bind(addr).with_context(|| format!("listening on {addr}")))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    thread::scope(|scope| {
+        for listener in &listeners {
+            scope.spawn(move || accept_loop(listener, timeout));
+        }
+    });
+    Ok(())
+}
+
+fn accept_loop(listener: &TcpListener, timeout: Duration) {
     for accepted in listener.incoming() {
         match accepted {
             Ok(client) => {
@@ -45,7 +57,6 @@ fn main() -> anyhow::Result<()> {
             Err(e) => emit(json!({ "event": "accept_error", "error": e.to_string() })),
         }
     }
-    Ok(())
 }
 
 fn emit(event: serde_json::Value) {
@@ -65,7 +76,7 @@ fn proxy(client: TcpStream, connect_timeout: Duration) {
             return emit(json!({ "event": "no_orig_dst", "peer": peer, "error": e.to_string() }))
         }
     };
-    let upstream = match TcpStream::connect_timeout(&original.into(), connect_timeout) {
+    let upstream = match TcpStream::connect_timeout(&original, connect_timeout) {
         Ok(upstream) => upstream,
         Err(e) => {
             return emit(
