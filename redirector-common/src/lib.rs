@@ -29,6 +29,9 @@ pub mod map_names {
     pub const ORIG_BY_COOKIE: &str = "ORIG_BY_COOKIE";
     pub const ORIG_BY_PEER: &str = "ORIG_BY_PEER";
     pub const SETTINGS: &str = "SETTINGS";
+    pub const LISTENERS: &str = "LISTENERS";
+    pub const INBOUND_ADDRS: &str = "INBOUND_ADDRS";
+    pub const INBOUND_NETNS: &str = "INBOUND_NETNS";
 }
 
 /// Names of the programs in the eBPF object.
@@ -39,6 +42,7 @@ pub mod program_names {
     pub const GETSOCKOPT: &str = "redirector_getsockopt";
     pub const GETPEERNAME4: &str = "redirector_getpeername4";
     pub const GETPEERNAME6: &str = "redirector_getpeername6";
+    pub const INBOUND: &str = "redirector_inbound";
 }
 
 pub const AF_INET: u16 = 2;
@@ -82,6 +86,12 @@ pub const POLICY_LOOPBACK_INCLUDED: u32 = 1 << 5;
 pub const POLICY_GROUPS_INCLUDE: u32 = 1 << 6;
 /// Owner-group filter: processes whose GID is in the pod's group set are not captured.
 pub const POLICY_GROUPS_EXCLUDE: u32 = 1 << 7;
+/// `-b '*'`: every inbound port but the excluded ones is captured (otherwise only the
+/// `PORT_INBOUND_INCLUDE` ones).
+pub const POLICY_INBOUND_ALL: u32 = 1 << 8;
+/// `--inbound-fail-open`: with no proxy listening, inbound connections reach the
+/// application instead of being refused.
+pub const POLICY_INBOUND_FAIL_OPEN: u32 = 1 << 9;
 
 /// Which owner id an [`OwnerKey`] names.
 pub const OWNER_UID: u32 = 0;
@@ -162,6 +172,13 @@ pub struct PodStats {
     pub exempted: u64,
     pub orig_dst_lookups: u64,
     pub orig_dst_misses: u64,
+    /// Inbound connections handed to the proxy's inbound listener.
+    pub inbound_captured: u64,
+    /// Inbound connections to a port that is not captured.
+    pub inbound_excluded: u64,
+    /// Inbound connections that were to be captured while no proxy listened (refused, or
+    /// delivered to the application with fail-open).
+    pub inbound_no_proxy: u64,
 }
 
 impl PodStats {
@@ -170,7 +187,52 @@ impl PodStats {
         self.exempted += other.exempted;
         self.orig_dst_lookups += other.orig_dst_lookups;
         self.orig_dst_misses += other.orig_dst_misses;
+        self.inbound_captured += other.inbound_captured;
+        self.inbound_excluded += other.inbound_excluded;
+        self.inbound_no_proxy += other.inbound_no_proxy;
     }
+}
+
+/// Most pod addresses (IPv4 and IPv6) with inbound capture, node-wide.
+pub const MAX_INBOUND_ADDRS: u32 = MAX_PODS * 8;
+
+/// A pod address with inbound capture: the key the `sk_lookup` program finds the pod by
+/// (it may not read the netns cookie itself), from the connection's local address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InboundAddrKey {
+    pub family: u32,
+    /// Network byte order words; IPv4 in `addr[0]`.
+    pub addr: [u32; 4],
+}
+
+/// The pod behind an inbound address.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InboundPod {
+    /// The pod's cgroup id (its `POD_CONFIG` key).
+    pub pod: u64,
+    pub netns_cookie: u64,
+}
+
+/// A network namespace with inbound capture: which listening port is the proxy's.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct InboundNetns {
+    pub pod: u64,
+    pub inbound_port: u16,
+    pub _pad: [u8; 6],
+}
+
+/// The proxy's inbound listening socket in a pod's network namespace, by family (an IPv6
+/// socket that is not v6-only serves IPv4 too).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ListenerKey {
+    pub netns_cookie: u64,
+    pub port: u16,
+    pub family: u16,
+    pub _pad: u32,
 }
 
 /// A socket address as the kernel hands it to BPF: address words in network byte order
@@ -237,4 +299,8 @@ mod pod_impls {
     unsafe impl aya::Pod for PeerKey {}
     unsafe impl aya::Pod for ConnectionRecord {}
     unsafe impl aya::Pod for Settings {}
+    unsafe impl aya::Pod for InboundAddrKey {}
+    unsafe impl aya::Pod for InboundPod {}
+    unsafe impl aya::Pod for InboundNetns {}
+    unsafe impl aya::Pod for ListenerKey {}
 }

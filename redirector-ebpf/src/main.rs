@@ -6,6 +6,7 @@
 //! | `sockops`     | `sockops` (STATE_CB)                 | 4.16 (netns cookie in sock_ops: 5.15) |
 //! | `sockopt`     | `cgroup/getsockopt`                  | 5.3 (netns cookie in sockopt: 5.8) |
 //! | `getpeername` | `cgroup/getpeername4`, `getpeername6`| 5.8 |
+//! | `inbound`     | `sk_lookup` on the pod's netns       | 5.9 |
 //!
 //! All three are attached to a pod's cgroup v2 directory through bpf_link (5.7), so the
 //! whole set needs Linux 5.15 or later.
@@ -15,6 +16,7 @@
 mod addr;
 mod connect;
 mod getpeername;
+mod inbound;
 mod maps;
 mod pod;
 mod policy;

@@ -2,11 +2,12 @@
 //! serves every pod on the node and the state survives the process that loaded it.
 use aya_ebpf::{
     macros::map,
-    maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuHashMap},
+    maps::{lpm_trie::LpmTrie, Array, HashMap, LruHashMap, PerCpuHashMap, SockHash},
 };
 use redirector_common::{
-    ConnectionRecord, OwnerKey, PeerKey, PodAddrKey, PodConfig, PodStats, PortKey, RawSockAddr,
-    Settings, MAX_ADDR_PREFIXES, MAX_OWNERS, MAX_PODS, MAX_PORTS, MAX_TRACKED_CONNECTIONS,
+    ConnectionRecord, InboundAddrKey, InboundNetns, InboundPod, ListenerKey, OwnerKey, PeerKey,
+    PodAddrKey, PodConfig, PodStats, PortKey, RawSockAddr, Settings, MAX_ADDR_PREFIXES,
+    MAX_INBOUND_ADDRS, MAX_OWNERS, MAX_PODS, MAX_PORTS, MAX_TRACKED_CONNECTIONS,
 };
 
 /// Pod cgroup id → the pod's settings. Written by the loader at enroll time.
@@ -43,3 +44,17 @@ pub static ORIG_BY_PEER: LruHashMap<PeerKey, RawSockAddr> =
 /// Node-wide run-time switches (one entry).
 #[map]
 pub static SETTINGS: Array<Settings> = Array::pinned(1, 0);
+
+/// Pod address → pod and netns, for the inbound `sk_lookup` program.
+#[map]
+pub static INBOUND_ADDRS: HashMap<InboundAddrKey, InboundPod> =
+    HashMap::pinned(MAX_INBOUND_ADDRS, 0);
+
+/// Netns cookie → the pod's inbound capture port, for the listen callback.
+#[map]
+pub static INBOUND_NETNS: HashMap<u64, InboundNetns> = HashMap::pinned(MAX_PODS, 0);
+
+/// The proxies' inbound listening sockets, put here by the listen callback; a socket
+/// leaves by itself when it closes. Two families per pod.
+#[map]
+pub static LISTENERS: SockHash<ListenerKey> = SockHash::pinned(MAX_PODS * 2, 0);

@@ -3,7 +3,7 @@
 //! wrapper for the socket/netns cookie helpers; everything unsafe about them lives here.
 use aya_ebpf::{
     helpers::{bpf_get_current_uid_gid, bpf_get_netns_cookie, bpf_get_socket_cookie},
-    programs::{SockAddrContext, SockOpsContext, SockoptContext},
+    programs::{SkLookupContext, SockAddrContext, SockOpsContext, SockoptContext},
     EbpfContext,
 };
 
@@ -211,4 +211,62 @@ pub fn sockopt_answer<T: Copy>(ctx: &SockoptContext, value: &T) -> bool {
         core::ptr::write_volatile(&mut (*sockopt).retval, 0);
     }
     true
+}
+
+/// An inbound TCP listener lookup: (family, local addr, local port, remote addr), addresses
+/// in network byte order (IPv4 in word 0), the port in host byte order; `None` for other
+/// protocols.
+#[inline(always)]
+pub fn sk_lookup_tcp(ctx: &SkLookupContext) -> Option<(u32, [u32; 4], u16, [u32; 4])> {
+    // SAFETY: the kernel hands a valid bpf_sk_lookup for the program's run.
+    let lookup = unsafe { &*ctx.lookup };
+    if lookup.protocol != IPPROTO_TCP {
+        return None;
+    }
+    // local_port is host order.
+    let port = lookup.local_port as u16;
+    if lookup.family == AF_INET6 {
+        let (l, r) = (&lookup.local_ip6, &lookup.remote_ip6);
+        Some((
+            AF_INET6,
+            [l[0], l[1], l[2], l[3]],
+            port,
+            [r[0], r[1], r[2], r[3]],
+        ))
+    } else {
+        Some((
+            lookup.family,
+            [lookup.local_ip4, 0, 0, 0],
+            port,
+            [lookup.remote_ip4, 0, 0, 0],
+        ))
+    }
+}
+
+/// The raw sock_ops context, for helpers that take it (sock_hash_update).
+#[inline(always)]
+pub fn sock_ops(ctx: &SockOpsContext) -> &mut aya_ebpf::bindings::bpf_sock_ops {
+    // SAFETY: the kernel hands a valid bpf_sock_ops for the program's run; the helper that
+    // borrows it only reads.
+    unsafe { &mut *ctx.ops }
+}
+
+/// The local address of the socket of a getsockopt() call: (family, addr, port).
+#[inline(always)]
+pub fn sockopt_local(ctx: &SockoptContext) -> Option<(u32, [u32; 4], u16)> {
+    // SAFETY: as for sockopt_socket_ends.
+    unsafe {
+        let sk = (*ctx.sockopt).__bindgen_anon_1.sk;
+        if sk.is_null() {
+            return None;
+        }
+        let family = (*sk).family;
+        let local = if family == AF_INET6 {
+            let s = &(*sk).src_ip6;
+            [s[0], s[1], s[2], s[3]]
+        } else {
+            [(*sk).src_ip4, 0, 0, 0]
+        };
+        Some((family, local, (*sk).src_port as u16))
+    }
 }

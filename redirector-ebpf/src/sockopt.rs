@@ -9,7 +9,7 @@ use redirector_common::{PeerKey, RawSockAddr, AF_INET, AF_INET6};
 
 use crate::{
     addr,
-    maps::ORIG_BY_PEER,
+    maps::{INBOUND_NETNS, ORIG_BY_PEER},
     pod::{count, current_pod, logging_enabled},
     raw,
 };
@@ -55,6 +55,16 @@ pub fn redirector_getsockopt(ctx: SockoptContext) -> i32 {
 }
 
 #[inline(always)]
+fn count_lookup(missed: bool) {
+    if let Some((pod, _)) = current_pod() {
+        count(pod, |stats| {
+            stats.orig_dst_lookups += 1;
+            stats.orig_dst_misses += u64::from(missed);
+        });
+    }
+}
+
+#[inline(always)]
 fn answer_original_dst(ctx: &SockoptContext, as_ipv6: bool) {
     let Some((family, peer_addr, peer_port, local_port)) = raw::sockopt_socket_ends(ctx) else {
         return;
@@ -68,23 +78,29 @@ fn answer_original_dst(ctx: &SockoptContext, as_ipv6: bool) {
         family,
         _pad: 0,
     };
-    let original = ORIG_BY_PEER.get_ptr(&key);
-    if let Some((pod, _)) = current_pod() {
-        count(pod, |stats| {
-            stats.orig_dst_lookups += 1;
-            stats.orig_dst_misses += u64::from(original.is_none());
-        });
-    }
-    let Some(original) = original else {
-        // Like the kernel without a conntrack entry; a real conntrack answer (iptables in
-        // the same netns) is kept.
-        if raw::sockopt_retval(ctx) != 0 {
-            raw::sockopt_fail(ctx, ENOENT);
+    let original = match ORIG_BY_PEER.get_ptr(&key) {
+        // SAFETY: map value pointer valid for this run.
+        Some(original) => unsafe { *original },
+        // An inbound connection was not translated: like conntrack, whose original
+        // destination for it is the socket's own local address.
+        None if INBOUND_NETNS.get_ptr(&key.netns_cookie).is_some() => {
+            let Some((family, local, port)) = raw::sockopt_local(ctx) else {
+                return;
+            };
+            let (family, addr) = addr::normalize(family, local);
+            RawSockAddr { addr, port, family }
         }
-        return;
+        None => {
+            count_lookup(true);
+            // Like the kernel without a conntrack entry; a real conntrack answer (iptables
+            // in the same netns) is kept.
+            if raw::sockopt_retval(ctx) != 0 {
+                raw::sockopt_fail(ctx, ENOENT);
+            }
+            return;
+        }
     };
-    // SAFETY: map value pointer valid for this run.
-    let original = unsafe { *original };
+    count_lookup(false);
     let answered = if as_ipv6 {
         answer_ipv6(ctx, &original)
     } else {

@@ -102,6 +102,10 @@ pub struct IstioFlags {
         default_value = "127.0.0.1/32"
     )]
     pub ipv4_loopback_cidr: String,
+    /// With no proxy listening on the inbound port, deliver inbound connections to the
+    /// application instead of refusing them.
+    #[arg(long = "inbound-fail-open")]
+    pub inbound_fail_open: bool,
     /// Print the effective policy and change nothing.
     #[arg(short = 'n', long = "dry-run")]
     pub dry_run: bool,
@@ -192,6 +196,7 @@ impl IstioFlags {
             )?,
             ipv4_loopback_cidr,
             dual_stack: self.dual_stack,
+            inbound_fail_open: self.inbound_fail_open,
         })
     }
 

@@ -14,25 +14,37 @@ use std::{
     path::Path,
 };
 
-/// The cgroup hooks redirector attaches, with the kernel's `enum bpf_attach_type` values.
+/// The hooks redirector attaches, with the kernel's `enum bpf_attach_type` values: six on
+/// the pod's cgroup, and inbound capture on the pod's network namespace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum CgroupHook {
+pub enum Hook {
     Connect4,
     Connect6,
     SockOps,
     GetSockopt,
     GetPeerName4,
     GetPeerName6,
+    Inbound,
 }
 
-impl CgroupHook {
-    pub const ALL: [CgroupHook; 6] = [
+impl Hook {
+    /// The hooks attached to the pod's cgroup.
+    pub const CGROUP: [Hook; 6] = [
         Self::Connect4,
         Self::Connect6,
         Self::SockOps,
         Self::GetSockopt,
         Self::GetPeerName4,
         Self::GetPeerName6,
+    ];
+    pub const ALL: [Hook; 7] = [
+        Self::Connect4,
+        Self::Connect6,
+        Self::SockOps,
+        Self::GetSockopt,
+        Self::GetPeerName4,
+        Self::GetPeerName6,
+        Self::Inbound,
     ];
 
     fn attach_type(self) -> u32 {
@@ -43,6 +55,7 @@ impl CgroupHook {
             Self::GetSockopt => 21,   // BPF_CGROUP_GETSOCKOPT
             Self::GetPeerName4 => 29, // BPF_CGROUP_INET4_GETPEERNAME
             Self::GetPeerName6 => 30, // BPF_CGROUP_INET6_GETPEERNAME
+            Self::Inbound => 36,      // BPF_SK_LOOKUP
         }
     }
 
@@ -55,6 +68,7 @@ impl CgroupHook {
             Self::GetSockopt => "getsockopt",
             Self::GetPeerName4 => "getpeername4",
             Self::GetPeerName6 => "getpeername6",
+            Self::Inbound => "inbound",
         }
     }
 }
@@ -96,17 +110,18 @@ fn bpf<T>(cmd: libc::c_int, attr: &mut T) -> io::Result<libc::c_long> {
     }
 }
 
-/// Attaches `program` to `cgroup` at `hook` and pins the link at `pin`. The link lives as
-/// long as the pin: removing the file detaches it.
+/// Attaches `program` at `hook` to `target` (the pod's cgroup directory, or its network
+/// namespace for [`Hook::Inbound`]) and pins the link at `pin`. The link lives as long as
+/// the pin: removing the file detaches it.
 pub fn attach_pinned(
     program: BorrowedFd<'_>,
-    cgroup: BorrowedFd<'_>,
-    hook: CgroupHook,
+    target: BorrowedFd<'_>,
+    hook: Hook,
     pin: &Path,
 ) -> io::Result<()> {
     let mut create = LinkCreateAttr {
         prog_fd: program.as_raw_fd() as u32,
-        target_fd: cgroup.as_raw_fd() as u32,
+        target_fd: target.as_raw_fd() as u32,
         attach_type: hook.attach_type(),
         flags: 0,
     };

@@ -8,16 +8,16 @@ use std::{
 use aya::{
     maps::{lpm_trie::LpmTrie, Array, HashMap, Map, MapData, MapError, PerCpuHashMap},
     pin::PinError,
-    programs::{CgroupSockAddr, CgroupSockopt, Program, ProgramError, SockOps},
+    programs::{CgroupSockAddr, CgroupSockopt, Program, ProgramError, SkLookup, SockOps},
     EbpfLoader,
 };
 use redirector_common::{
-    map_names, program_names, ConnectionRecord, OwnerKey, PeerKey, PodAddrKey, PodConfig, PodStats,
-    PortKey, RawSockAddr, Settings,
+    map_names, program_names, ConnectionRecord, InboundAddrKey, InboundNetns, InboundPod, OwnerKey,
+    PeerKey, PodAddrKey, PodConfig, PodStats, PortKey, RawSockAddr, Settings,
 };
 
 use crate::{
-    link::{self, CgroupHook},
+    link::{self, Hook},
     pins::PinRoot,
 };
 
@@ -57,21 +57,22 @@ pub enum LoadError {
     },
 }
 
-fn program_name(hook: CgroupHook) -> &'static str {
+fn program_name(hook: Hook) -> &'static str {
     match hook {
-        CgroupHook::Connect4 => program_names::CONNECT4,
-        CgroupHook::Connect6 => program_names::CONNECT6,
-        CgroupHook::SockOps => program_names::SOCKOPS,
-        CgroupHook::GetSockopt => program_names::GETSOCKOPT,
-        CgroupHook::GetPeerName4 => program_names::GETPEERNAME4,
-        CgroupHook::GetPeerName6 => program_names::GETPEERNAME6,
+        Hook::Connect4 => program_names::CONNECT4,
+        Hook::Connect6 => program_names::CONNECT6,
+        Hook::SockOps => program_names::SOCKOPS,
+        Hook::GetSockopt => program_names::GETSOCKOPT,
+        Hook::GetPeerName4 => program_names::GETPEERNAME4,
+        Hook::GetPeerName6 => program_names::GETPEERNAME6,
+        Hook::Inbound => program_names::INBOUND,
     }
 }
 
 /// Loads one program of the object and pins it.
 fn load_and_pin(
     program: &mut Program,
-    hook: CgroupHook,
+    hook: Hook,
     pin: &Path,
 ) -> Result<Result<(), PinError>, ProgramError> {
     fn load<P>(program: &mut Program, pin: &Path) -> Result<Result<(), PinError>, ProgramError>
@@ -84,12 +85,12 @@ fn load_and_pin(
         Ok(program.pin_program(pin))
     }
     match hook {
-        CgroupHook::Connect4
-        | CgroupHook::Connect6
-        | CgroupHook::GetPeerName4
-        | CgroupHook::GetPeerName6 => load::<CgroupSockAddr>(program, pin),
-        CgroupHook::SockOps => load::<SockOps>(program, pin),
-        CgroupHook::GetSockopt => load::<CgroupSockopt>(program, pin),
+        Hook::Connect4 | Hook::Connect6 | Hook::GetPeerName4 | Hook::GetPeerName6 => {
+            load::<CgroupSockAddr>(program, pin)
+        }
+        Hook::SockOps => load::<SockOps>(program, pin),
+        Hook::GetSockopt => load::<CgroupSockopt>(program, pin),
+        Hook::Inbound => load::<SkLookup>(program, pin),
     }
 }
 
@@ -111,13 +112,13 @@ macro_rules! impl_load_pin {
         }
     )+};
 }
-impl_load_pin!(CgroupSockAddr, SockOps, CgroupSockopt);
+impl_load_pin!(CgroupSockAddr, SockOps, CgroupSockopt, SkLookup);
 
 /// Loads and pins the programs unless they are pinned already; maps are pinned by name
 /// under `<root>/maps` (existing pins are reused, so state survives reloads). The caller
 /// holds the root's lock.
 pub fn ensure_programs_pinned(root: &PinRoot) -> Result<(), LoadError> {
-    let pins = CgroupHook::ALL.map(|hook| root.program(program_name(hook)));
+    let pins = Hook::ALL.map(|hook| root.program(program_name(hook)));
     if pins.iter().all(|pin| pin.exists()) {
         return Ok(());
     }
@@ -132,7 +133,7 @@ pub fn ensure_programs_pinned(root: &PinRoot) -> Result<(), LoadError> {
     let mut ebpf = EbpfLoader::new()
         .default_map_pin_directory(root.maps_dir())
         .load(EBPF_OBJECT)?;
-    for hook in CgroupHook::ALL {
+    for hook in Hook::ALL {
         let name = program_name(hook);
         let program = ebpf
             .program_mut(name)
@@ -146,12 +147,12 @@ pub fn ensure_programs_pinned(root: &PinRoot) -> Result<(), LoadError> {
 
 /// The pinned programs, opened to be attached.
 pub struct Programs {
-    fds: Vec<(CgroupHook, OwnedFd)>,
+    fds: Vec<(Hook, OwnedFd)>,
 }
 
 impl Programs {
     pub fn open(root: &PinRoot) -> Result<Self, LoadError> {
-        let fds = CgroupHook::ALL
+        let fds = Hook::ALL
             .into_iter()
             .map(|hook| {
                 let name = program_name(hook);
@@ -163,7 +164,7 @@ impl Programs {
         Ok(Self { fds })
     }
 
-    pub fn fd(&self, hook: CgroupHook) -> BorrowedFd<'_> {
+    pub fn fd(&self, hook: Hook) -> BorrowedFd<'_> {
         let (_, fd) = self
             .fds
             .iter()
@@ -197,6 +198,8 @@ pub struct Maps {
     pub orig_by_cookie: HashMap<MapData, u64, ConnectionRecord>,
     pub orig_by_peer: HashMap<MapData, PeerKey, RawSockAddr>,
     pub settings: Array<MapData, Settings>,
+    pub inbound_addrs: HashMap<MapData, InboundAddrKey, InboundPod>,
+    pub inbound_netns: HashMap<MapData, u64, InboundNetns>,
 }
 
 impl Maps {
@@ -210,6 +213,8 @@ impl Maps {
             orig_by_cookie: open_map(root, map_names::ORIG_BY_COOKIE)?,
             orig_by_peer: open_map(root, map_names::ORIG_BY_PEER)?,
             settings: open_map(root, map_names::SETTINGS)?,
+            inbound_addrs: open_map(root, map_names::INBOUND_ADDRS)?,
+            inbound_netns: open_map(root, map_names::INBOUND_NETNS)?,
         })
     }
 }

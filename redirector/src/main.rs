@@ -161,16 +161,19 @@ fn enroll(root: &PinRoot, args: EnrollArgs) -> anyhow::Result<()> {
 
 fn print_table(pods: &[PodStatus], records: RecordCounts) {
     println!(
-        "{:<50} {:>10} {:>6} {:<12} {:<12} {:>10} {:>9} {:>8} {:>7}",
+        "{:<50} {:>10} {:>11} {:>12} {:>12} {:>10} {:>9} {:>8} {:>7} {:>9} {:>9} {:>9}",
         "CGROUP",
         "ID",
-        "PORT",
+        "PORTS",
         "PROXY-UIDS",
         "PROXY-GIDS",
         "REDIRECTED",
         "EXEMPTED",
         "LOOKUPS",
-        "MISSES"
+        "MISSES",
+        "IN-CAPT",
+        "IN-EXCL",
+        "IN-NOPRX"
     );
     let list = |ids: &[u32]| ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
     for pod in pods {
@@ -178,18 +181,22 @@ fn print_table(pods: &[PodStatus], records: RecordCounts) {
             .cgroup
             .as_ref()
             .map_or("(gone)".to_owned(), |p| p.display().to_string());
+        let ports = format!("{}/{}", pod.proxy_port, pod.inbound_capture_port);
         let c = pod.counters;
         println!(
-            "{:<50} {:>10} {:>6} {:<12} {:<12} {:>10} {:>9} {:>8} {:>7}",
+            "{:<50} {:>10} {:>11} {:>12} {:>12} {:>10} {:>9} {:>8} {:>7} {:>9} {:>9} {:>9}",
             cgroup,
             pod.cgroup_id,
-            pod.proxy_port,
+            ports,
             list(&pod.proxy_uids),
             list(&pod.proxy_gids),
             c.redirected,
             c.exempted,
             c.orig_dst_lookups,
-            c.orig_dst_misses
+            c.orig_dst_misses,
+            c.inbound_captured,
+            c.inbound_excluded,
+            c.inbound_no_proxy
         );
     }
     println!(

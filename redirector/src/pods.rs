@@ -1,26 +1,30 @@
 //! The library API: enroll, unenroll and list pods on one pin root.
-use std::path::{Path, PathBuf};
+use std::{
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
 
 use aya::maps::{lpm_trie::Key, MapError, PerCpuValues};
 use ipnet::IpNet;
 use redirector_common::{
-    OwnerKey, PodAddrKey, PodStats, PortKey, Settings, ADDR_DNS_SERVER, ADDR_EXCLUDE, ADDR_INCLUDE,
-    ADDR_LOCAL, ADDR_LOOPBACK_CIDR, OWNER_GID, OWNER_UID, POD_ADDR_KEY_FIXED_BITS,
-    POLICY_CAPTURE_ALL_DNS, POLICY_GROUPS_EXCLUDE, POLICY_GROUPS_INCLUDE, POLICY_INCLUDE_ALL,
-    POLICY_IPV4, POLICY_IPV6, POLICY_LOOPBACK_INCLUDED, POLICY_REDIRECT_DNS, PORT_INBOUND_EXCLUDE,
-    PORT_INBOUND_INCLUDE, PORT_OUTBOUND_EXCLUDE, PORT_OUTBOUND_INCLUDE,
+    InboundAddrKey, InboundNetns, InboundPod, OwnerKey, PodAddrKey, PodStats, PortKey, Settings,
+    ADDR_DNS_SERVER, ADDR_EXCLUDE, ADDR_INCLUDE, ADDR_LOCAL, ADDR_LOOPBACK_CIDR, OWNER_GID,
+    OWNER_UID, POD_ADDR_KEY_FIXED_BITS, POLICY_CAPTURE_ALL_DNS, POLICY_GROUPS_EXCLUDE,
+    POLICY_GROUPS_INCLUDE, POLICY_INCLUDE_ALL, POLICY_IPV4, POLICY_IPV6, POLICY_LOOPBACK_INCLUDED,
+    POLICY_REDIRECT_DNS, PORT_INBOUND_EXCLUDE, PORT_INBOUND_INCLUDE, PORT_OUTBOUND_EXCLUDE,
+    PORT_OUTBOUND_INCLUDE,
 };
 use serde::Serialize;
 
 use crate::{
     cgroup::{self, Cgroup, CgroupError},
     kernel::{self, KernelError},
-    link::{self, CgroupHook},
+    link::{self, Hook},
     loader::{self, LoadError, Maps, Programs},
     netns::{NetnsError, PodNetns},
     original_dst::{ip_from_words, kernel_words},
     pins::{PinError, PinRoot, RootLock},
-    policy::{CompiledPolicy, PodNetwork, Policy},
+    policy::{CompiledPolicy, Policy},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +49,14 @@ pub enum Error {
     Cpus(std::io::Error),
     #[error(transparent)]
     Netns(#[from] NetnsError),
+    #[error("inbound capture (-b) needs the pod's network namespace: pass --netns")]
+    InboundNeedsNetns,
+    #[error("address {addr} already has inbound capture for another pod (cgroup id {other}); pod addresses must be unique on a node")]
+    AddressClaimed { addr: std::net::IpAddr, other: u64 },
+    #[error(
+        "network namespace {path} already has inbound capture for another pod (cgroup id {other})"
+    )]
+    NetnsClaimed { path: PathBuf, other: u64 },
 }
 
 fn map_error(map: &'static str) -> impl FnOnce(MapError) -> Error {
@@ -58,6 +70,10 @@ pub struct Counters {
     pub exempted: u64,
     pub orig_dst_lookups: u64,
     pub orig_dst_misses: u64,
+    pub inbound_captured: u64,
+    pub inbound_excluded: u64,
+    /// Inbound connections to capture while no proxy listened (refused, or delivered with fail-open).
+    pub inbound_no_proxy: u64,
 }
 
 impl From<PodStats> for Counters {
@@ -67,6 +83,9 @@ impl From<PodStats> for Counters {
             exempted: s.exempted,
             orig_dst_lookups: s.orig_dst_lookups,
             orig_dst_misses: s.orig_dst_misses,
+            inbound_captured: s.inbound_captured,
+            inbound_excluded: s.inbound_excluded,
+            inbound_no_proxy: s.inbound_no_proxy,
         }
     }
 }
@@ -217,22 +236,160 @@ impl Redirector {
 
     /// Enrolls the pod whose cgroup is `cgroup`, or updates its policy if it is enrolled
     /// already (new connections follow the new policy; links are not re-made). On failure
-    /// a new enrollment is undone completely.
+    /// a new enrollment is undone completely. `netns` is the pod's network namespace: its
+    /// addresses are the pod's local ones, and inbound capture attaches to it.
     pub fn enroll(
         &mut self,
         cgroup: &Cgroup,
         policy: &Policy,
-        network: &PodNetwork,
+        netns: Option<&PodNetns>,
     ) -> Result<(), Error> {
+        if policy.captures_inbound() && netns.is_none() {
+            return Err(Error::InboundNeedsNetns);
+        }
         let new = self.maps.pod_config.get(&cgroup.id, 0).is_err();
-        let compiled = policy.compile(cgroup.id, network);
+        let network = netns.map(|n| n.network.clone()).unwrap_or_default();
+        let compiled = policy.compile(cgroup.id, &network);
         let result = self
             .write_policy(cgroup.id, &compiled)
-            .and_then(|()| self.attach_missing(cgroup));
+            .and_then(|()| self.attach_missing(cgroup))
+            .and_then(|()| {
+                self.set_inbound(cgroup.id, netns.filter(|_| policy.captures_inbound()))
+            });
         if result.is_err() && new {
             let _ = self.unenroll(cgroup.id);
         }
         result
+    }
+
+    /// Inbound capture on the pod's network namespace: its addresses and netns cookie in the
+    /// maps, the sk_lookup link pinned; or none of it when `netns` is `None`.
+    fn set_inbound(&mut self, pod: u64, netns: Option<&PodNetns>) -> Result<(), Error> {
+        let wanted: Vec<(InboundAddrKey, std::net::IpAddr)> = netns
+            .map(|netns| {
+                netns
+                    .network
+                    .addresses
+                    .iter()
+                    .filter(|a| !a.to_canonical().is_loopback())
+                    .map(|&a| {
+                        let (family, addr) = kernel_words(a);
+                        (
+                            InboundAddrKey {
+                                family: u32::from(family),
+                                addr,
+                            },
+                            a,
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (key, addr) in &wanted {
+            if let Ok(owner) = self.maps.inbound_addrs.get(key, 0) {
+                if owner.pod != pod {
+                    return Err(Error::AddressClaimed {
+                        addr: *addr,
+                        other: owner.pod,
+                    });
+                }
+            }
+        }
+        let pin = self.root.pod_dir(pod).join(Hook::Inbound.pin_name());
+        let previous: Vec<u64> = self.inbound_netns_of(pod)?;
+        if let Some(netns) = netns {
+            if let Ok(owner) = self.maps.inbound_netns.get(&netns.cookie, 0) {
+                if owner.pod != pod {
+                    return Err(Error::NetnsClaimed {
+                        path: netns.path.clone(),
+                        other: owner.pod,
+                    });
+                }
+            }
+            let config = self
+                .maps
+                .pod_config
+                .get(&pod, 0)
+                .map_err(map_error("POD_CONFIG"))?;
+            let entry = InboundNetns {
+                pod,
+                inbound_port: config.inbound_port,
+                _pad: [0; 6],
+            };
+            self.maps
+                .inbound_netns
+                .insert(netns.cookie, entry, 0)
+                .map_err(map_error("INBOUND_NETNS"))?;
+            let owner = InboundPod {
+                pod,
+                netns_cookie: netns.cookie,
+            };
+            for (key, _) in &wanted {
+                self.maps
+                    .inbound_addrs
+                    .insert(*key, owner, 0)
+                    .map_err(map_error("INBOUND_ADDRS"))?;
+            }
+            // A link to another namespace (the pod was re-enrolled with a new one) goes.
+            if previous.iter().any(|&cookie| cookie != netns.cookie) {
+                self.root.remove_pin(&pin)?;
+            }
+            if !pin.exists() {
+                let target =
+                    std::fs::File::open(&netns.path).map_err(|source| NetnsError::Open {
+                        path: netns.path.clone(),
+                        source,
+                    })?;
+                let programs = Programs::open(&self.root)?;
+                link::attach_pinned(
+                    programs.fd(Hook::Inbound),
+                    target.as_fd(),
+                    Hook::Inbound,
+                    &pin,
+                )
+                .map_err(|source| Error::Attach {
+                    hook: Hook::Inbound.pin_name(),
+                    cgroup: netns.path.clone(),
+                    source,
+                })?;
+            }
+        } else {
+            self.root.remove_pin(&pin)?;
+        }
+        let wanted_cookie = netns.map(|n| n.cookie);
+        for cookie in previous.into_iter().filter(|c| Some(*c) != wanted_cookie) {
+            ignore_missing(self.maps.inbound_netns.remove(&cookie))
+                .map_err(map_error("INBOUND_NETNS"))?;
+        }
+        for key in self
+            .inbound_addrs_of(pod)?
+            .into_iter()
+            .filter(|k| !wanted.iter().any(|(w, _)| w == k))
+        {
+            ignore_missing(self.maps.inbound_addrs.remove(&key))
+                .map_err(map_error("INBOUND_ADDRS"))?;
+        }
+        Ok(())
+    }
+
+    fn inbound_netns_of(&self, pod: u64) -> Result<Vec<u64>, Error> {
+        let entries: Result<Vec<_>, _> = self.maps.inbound_netns.iter().collect();
+        Ok(entries
+            .map_err(map_error("INBOUND_NETNS"))?
+            .into_iter()
+            .filter(|(_, n)| n.pod == pod)
+            .map(|(c, _)| c)
+            .collect())
+    }
+
+    fn inbound_addrs_of(&self, pod: u64) -> Result<Vec<InboundAddrKey>, Error> {
+        let entries: Result<Vec<_>, _> = self.maps.inbound_addrs.iter().collect();
+        Ok(entries
+            .map_err(map_error("INBOUND_ADDRS"))?
+            .into_iter()
+            .filter(|(_, p)| p.pod == pod)
+            .map(|(k, _)| k)
+            .collect())
     }
 
     /// Writes a compiled policy: the sets first and the config last, so that the programs
@@ -303,7 +460,7 @@ impl Redirector {
 
     fn attach_missing(&self, cgroup: &Cgroup) -> Result<(), Error> {
         let pod_dir = self.root.pod_dir(cgroup.id);
-        let missing: Vec<CgroupHook> = CgroupHook::ALL
+        let missing: Vec<Hook> = Hook::CGROUP
             .into_iter()
             .filter(|hook| !pod_dir.join(hook.pin_name()).exists())
             .collect();
@@ -315,7 +472,6 @@ impl Redirector {
             source,
         })?;
         let programs = Programs::open(&self.root)?;
-        use std::os::fd::AsFd as _;
         for hook in missing {
             let attach_error = |source| Error::Attach {
                 hook: hook.pin_name(),
@@ -350,6 +506,14 @@ impl Redirector {
         for (prefix, _) in self.prefixes_of(pod)? {
             ignore_missing(self.maps.pod_addrs.remove(&prefix_key(pod, prefix)))
                 .map_err(map_error("POD_ADDRS"))?;
+        }
+        for cookie in self.inbound_netns_of(pod)? {
+            ignore_missing(self.maps.inbound_netns.remove(&cookie))
+                .map_err(map_error("INBOUND_NETNS"))?;
+        }
+        for key in self.inbound_addrs_of(pod)? {
+            ignore_missing(self.maps.inbound_addrs.remove(&key))
+                .map_err(map_error("INBOUND_ADDRS"))?;
         }
         ignore_missing(self.maps.pod_stats.remove(&pod)).map_err(map_error("POD_STATS"))?;
         Ok(existed)
@@ -438,10 +602,10 @@ impl Redirector {
                         sets: addr_set_names(bits),
                     })
                     .collect(),
-                attached: CgroupHook::ALL
+                attached: Hook::ALL
                     .into_iter()
                     .filter(|h| pod_dir.join(h.pin_name()).exists())
-                    .map(CgroupHook::pin_name)
+                    .map(Hook::pin_name)
                     .collect(),
                 counters: total.into(),
             });
@@ -510,13 +674,12 @@ pub fn enroll(
 ) -> Result<Enrolled, Error> {
     let cgroup = Cgroup::open(cgroup_path)?;
     let netns = netns.map(PodNetns::read).transpose()?;
-    let network = netns
-        .as_ref()
-        .map(|n| n.network.clone())
-        .unwrap_or_default();
+    if policy.captures_inbound() && netns.is_none() {
+        return Err(Error::InboundNeedsNetns);
+    }
     let fresh = !root.exists();
     let result = Redirector::install(root.clone())
-        .and_then(|mut redirector| redirector.enroll(&cgroup, policy, &network));
+        .and_then(|mut redirector| redirector.enroll(&cgroup, policy, netns.as_ref()));
     if let Err(error) = result {
         if fresh {
             let _ = root.remove_all();

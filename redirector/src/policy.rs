@@ -14,9 +14,9 @@ use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use redirector_common::{
     OwnerKey, PodConfig, ADDR_DNS_SERVER, ADDR_EXCLUDE, ADDR_INCLUDE, ADDR_LOCAL,
     ADDR_LOOPBACK_CIDR, OWNER_GID, OWNER_GROUP_FILTER, OWNER_UID, POLICY_CAPTURE_ALL_DNS,
-    POLICY_GROUPS_EXCLUDE, POLICY_GROUPS_INCLUDE, POLICY_INCLUDE_ALL, POLICY_IPV4, POLICY_IPV6,
-    POLICY_LOOPBACK_INCLUDED, POLICY_REDIRECT_DNS, PORT_INBOUND_EXCLUDE, PORT_INBOUND_INCLUDE,
-    PORT_OUTBOUND_EXCLUDE, PORT_OUTBOUND_INCLUDE,
+    POLICY_GROUPS_EXCLUDE, POLICY_GROUPS_INCLUDE, POLICY_INBOUND_ALL, POLICY_INBOUND_FAIL_OPEN,
+    POLICY_INCLUDE_ALL, POLICY_IPV4, POLICY_IPV6, POLICY_LOOPBACK_INCLUDED, POLICY_REDIRECT_DNS,
+    PORT_INBOUND_EXCLUDE, PORT_INBOUND_INCLUDE, PORT_OUTBOUND_EXCLUDE, PORT_OUTBOUND_INCLUDE,
 };
 use serde::{Deserialize, Serialize};
 
@@ -136,6 +136,10 @@ pub struct Policy {
     /// `--dual-stack`: IPv6 is captured when the pod has any IPv6 address, not only when its
     /// first address is IPv6.
     pub dual_stack: bool,
+    /// `--inbound-fail-open`: with no proxy listening, inbound connections reach the
+    /// application instead of being refused.
+    #[serde(default)]
+    pub inbound_fail_open: bool,
 }
 
 impl Default for Policy {
@@ -160,9 +164,15 @@ impl Default for Policy {
             owner_groups: OwnerGroups::All,
             ipv4_loopback_cidr: Ipv4Net::new(Ipv4Addr::LOCALHOST, 32).expect("valid prefix"),
             dual_stack: false,
+            inbound_fail_open: false,
         }
     }
 }
+
+/// Inbound ports never captured whatever `-b` says: the tunnel port, the ports istio's
+/// injector always appends to `-d` (Envoy's Prometheus 15090, health 15021, merged metrics
+/// 15020), and the proxy's own ports.
+pub const ALWAYS_EXCLUDED_INBOUND_PORTS: [u16; 3] = [15090, 15021, 15020];
 
 /// What the loader knows of the pod's network namespace.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -243,6 +253,12 @@ impl Policy {
                 flags |= POLICY_LOOPBACK_INCLUDED;
             }
         }
+        if self.inbound_ports_include == Selection::All {
+            flags |= POLICY_INBOUND_ALL;
+        }
+        if self.inbound_fail_open {
+            flags |= POLICY_INBOUND_FAIL_OPEN;
+        }
         let mut owners = Vec::new();
         let owner = |kind, id| OwnerKey { pod, kind, id };
         owners.extend(self.proxy_uids.iter().map(|&id| owner(OWNER_UID, id)));
@@ -293,7 +309,32 @@ impl Policy {
             Selection::All => add(&self.inbound_ports_exclude, PORT_INBOUND_EXCLUDE),
             Selection::Only(list) => add(list, PORT_INBOUND_INCLUDE),
         }
+        if self.captures_inbound() {
+            add(&self.never_captured_inbound(), PORT_INBOUND_EXCLUDE);
+            for (port, flags) in &mut ports {
+                if self.never_captured_inbound().contains(port) {
+                    *flags &= !PORT_INBOUND_INCLUDE;
+                }
+            }
+        }
+        ports.retain(|(_, flags)| *flags != 0);
         ports.sort_unstable();
+        ports
+    }
+
+    /// Whether any inbound port is captured (`-b` not empty).
+    pub fn captures_inbound(&self) -> bool {
+        self.inbound_ports_include != Selection::none()
+    }
+
+    fn never_captured_inbound(&self) -> Vec<u16> {
+        let mut ports = vec![
+            self.inbound_tunnel_port,
+            self.proxy_port,
+            self.inbound_capture_port,
+            DNS_CAPTURE_PORT,
+        ];
+        ports.extend(ALWAYS_EXCLUDED_INBOUND_PORTS);
         ports
     }
 
@@ -416,6 +457,15 @@ impl Policy {
             ("DNS capture", dns),
             ("owner groups", groups),
             ("IPv4 loopback CIDR", self.ipv4_loopback_cidr.to_string()),
+            (
+                "inbound without a proxy",
+                if self.inbound_fail_open {
+                    "delivered to the application (fail open)"
+                } else {
+                    "refused"
+                }
+                .to_owned(),
+            ),
             ("IPv6", ipv6.to_owned()),
         ];
         let width = rows.iter().map(|(name, _)| name.len()).max().unwrap_or(0);
@@ -718,17 +768,52 @@ mod tests {
             inbound_ports_exclude: vec![6000],
             ..Policy::default()
         };
-        assert_eq!(
-            only.compile(1, &PodNetwork::default()).ports,
-            vec![(4000, PORT_INBOUND_INCLUDE)]
+        let inbound = |policy: &Policy, bits: u32| -> Vec<u16> {
+            let ports = policy.compile(1, &PodNetwork::default()).ports;
+            ports
+                .iter()
+                .filter(|(_, b)| b & bits != 0)
+                .map(|(p, _)| *p)
+                .collect()
+        };
+        assert_eq!(inbound(&only, PORT_INBOUND_INCLUDE), vec![4000]);
+        assert!(
+            !inbound(&only, PORT_INBOUND_EXCLUDE).contains(&6000),
+            "-d is ignored without -b '*'"
         );
         let all = Policy {
             inbound_ports_include: Selection::All,
             ..only
         };
-        assert_eq!(
-            all.compile(1, &PodNetwork::default()).ports,
-            vec![(6000, PORT_INBOUND_EXCLUDE)]
+        assert!(inbound(&all, PORT_INBOUND_EXCLUDE).contains(&6000));
+    }
+
+    #[test]
+    fn the_tunnel_port_and_the_proxy_ports_are_never_captured_inbound() {
+        let policy = Policy {
+            inbound_ports_include: Selection::Only(vec![9080, 15008, 15021, 15006]),
+            ..Policy::default()
+        };
+        let compiled = policy.compile(1, &PodNetwork::default());
+        let included: Vec<u16> = compiled
+            .ports
+            .iter()
+            .filter(|(_, b)| b & PORT_INBOUND_INCLUDE != 0)
+            .map(|(p, _)| *p)
+            .collect();
+        assert_eq!(included, vec![9080]);
+        for port in [15008, 15090, 15021, 15020, 15001, 15006, 15053] {
+            assert!(
+                compiled.ports.contains(&(port, PORT_INBOUND_EXCLUDE)),
+                "{port}: {:?}",
+                compiled.ports
+            );
+        }
+        let none = Policy::default().compile(1, &PodNetwork::default());
+        assert!(
+            none.ports.is_empty(),
+            "no inbound capture, no inbound ports: {:?}",
+            none.ports
         );
     }
 

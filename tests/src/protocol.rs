@@ -137,6 +137,8 @@ pub enum ProxyEvent {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct ForwardEvent {
     pub peer: SocketAddr,
+    /// The accepted socket's own address (for inbound capture, what the client asked for).
+    pub local: SocketAddr,
     pub orig_dst: SocketAddr,
     pub upstream_local: SocketAddr,
 }
@@ -197,6 +199,9 @@ pub struct Counters {
     pub exempted: u64,
     pub orig_dst_lookups: u64,
     pub orig_dst_misses: u64,
+    pub inbound_captured: u64,
+    pub inbound_excluded: u64,
+    pub inbound_no_proxy: u64,
 }
 
 /// Entries currently in the two connection-record maps.
@@ -231,7 +236,7 @@ mod tests {
     #[test]
     fn parses_proxy_events_and_status() {
         let forward: ProxyEvent = serde_json::from_str(
-            r#"{"event":"forward","peer":"127.0.0.1:40000","orig_dst":"10.200.1.2:8080","upstream_local":"10.200.1.1:51234"}"#,
+            r#"{"event":"forward","peer":"127.0.0.1:40000","local":"127.0.0.1:15001","orig_dst":"10.200.1.2:8080","upstream_local":"10.200.1.1:51234"}"#,
         )
         .unwrap();
         assert!(
@@ -239,7 +244,8 @@ mod tests {
         );
         let status: Status = serde_json::from_str(
             r#"{"pods":[{"cgroup":"/x","cgroup_id":7,"proxy_port":15001,"proxy_uids":[1337],"proxy_gids":[1337],
-                "counters":{"redirected":1,"exempted":2,"orig_dst_lookups":1,"orig_dst_misses":0}}],
+                "counters":{"redirected":1,"exempted":2,"orig_dst_lookups":1,"orig_dst_misses":0,
+                "inbound_captured":0,"inbound_excluded":0,"inbound_no_proxy":0}}],
                 "records":{"by_cookie":0,"by_peer":0}}"#,
         )
         .unwrap();

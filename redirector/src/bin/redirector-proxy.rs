@@ -5,9 +5,10 @@
 //!
 //! One JSON line per event on stdout: `forward` (upstream connected), `done` (both
 //! directions finished) and `no_orig_dst` (lookup failed; the connection is closed).
+use socket2::{Domain, Protocol, Socket, Type};
 use std::{
     io::{self, Write as _},
-    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
     os::fd::AsFd,
     thread,
     time::Duration,
@@ -30,11 +31,25 @@ struct Args {
     /// Give up an upstream connect after this many milliseconds.
     #[arg(long, default_value_t = 3000)]
     connect_timeout_ms: u64,
+    /// Inbound listener: forward to the original destination from istio's passthrough
+    /// source (127.0.0.6, or ::6 for IPv6), which the pod's capture leaves alone.
+    #[arg(long)]
+    inbound: bool,
+}
+
+/// How upstream connections are made.
+#[derive(Clone, Copy)]
+struct Upstream {
+    connect_timeout: Duration,
+    passthrough_source: bool,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let timeout = Duration::from_millis(args.connect_timeout_ms);
+    let upstream = Upstream {
+        connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+        passthrough_source: args.inbound,
+    };
     let listeners = args
         .listen
         .iter()
@@ -42,17 +57,17 @@ fn main() -> anyhow::Result<()> {
         .collect::<anyhow::Result<Vec<_>>>()?;
     thread::scope(|scope| {
         for listener in &listeners {
-            scope.spawn(move || accept_loop(listener, timeout));
+            scope.spawn(move || accept_loop(listener, upstream));
         }
     });
     Ok(())
 }
 
-fn accept_loop(listener: &TcpListener, timeout: Duration) {
+fn accept_loop(listener: &TcpListener, upstream: Upstream) {
     for accepted in listener.incoming() {
         match accepted {
             Ok(client) => {
-                thread::spawn(move || proxy(client, timeout));
+                thread::spawn(move || proxy(client, upstream));
             }
             Err(e) => emit(json!({ "event": "accept_error", "error": e.to_string() })),
         }
@@ -65,7 +80,7 @@ fn emit(event: serde_json::Value) {
     let _ = out.flush();
 }
 
-fn proxy(client: TcpStream, connect_timeout: Duration) {
+fn proxy(client: TcpStream, upstream: Upstream) {
     let peer = client
         .peer_addr()
         .map(|a| a.to_string())
@@ -76,7 +91,7 @@ fn proxy(client: TcpStream, connect_timeout: Duration) {
             return emit(json!({ "event": "no_orig_dst", "peer": peer, "error": e.to_string() }))
         }
     };
-    let upstream = match TcpStream::connect_timeout(&original, connect_timeout) {
+    let upstream = match connect_upstream(original, upstream) {
         Ok(upstream) => upstream,
         Err(e) => {
             return emit(
@@ -88,9 +103,13 @@ fn proxy(client: TcpStream, connect_timeout: Duration) {
         .local_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    emit(
-        json!({ "event": "forward", "peer": peer, "orig_dst": original.to_string(), "upstream_local": upstream_local }),
-    );
+    let local = client
+        .local_addr()
+        .map(|a| a.to_string())
+        .unwrap_or_default();
+    emit(json!({
+        "event": "forward", "peer": peer, "local": local, "orig_dst": original.to_string(), "upstream_local": upstream_local
+    }));
     let (Ok(client_rx), Ok(upstream_tx)) = (client.try_clone(), upstream.try_clone()) else {
         return emit(json!({ "event": "error", "peer": peer, "error": "cloning sockets" }));
     };
@@ -105,4 +124,18 @@ fn pipe(mut from: TcpStream, mut to: TcpStream) -> u64 {
     let copied = io::copy(&mut from, &mut to).unwrap_or(0);
     let _ = to.shutdown(Shutdown::Write);
     copied
+}
+
+fn connect_upstream(original: SocketAddr, upstream: Upstream) -> io::Result<TcpStream> {
+    if !upstream.passthrough_source {
+        return TcpStream::connect_timeout(&original, upstream.connect_timeout);
+    }
+    let (domain, source): (Domain, IpAddr) = match original {
+        SocketAddr::V4(_) => (Domain::IPV4, Ipv4Addr::new(127, 0, 0, 6).into()),
+        SocketAddr::V6(_) => (Domain::IPV6, Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6).into()),
+    };
+    let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    socket.bind(&SocketAddr::new(source, 0).into())?;
+    socket.connect_timeout(&original.into(), upstream.connect_timeout)?;
+    Ok(socket.into())
 }
