@@ -39,7 +39,7 @@ struct HelperNeed {
     since: &'static str,
 }
 
-const PROGRAMS: [ProgramNeed; 3] = [
+const PROGRAMS: [ProgramNeed; 4] = [
     ProgramNeed {
         program: ProgramType::CgroupSockAddr,
         feature: "cgroup/connect4 programs (BPF_PROG_TYPE_CGROUP_SOCK_ADDR)",
@@ -55,9 +55,14 @@ const PROGRAMS: [ProgramNeed; 3] = [
         feature: "cgroup/getsockopt programs (BPF_PROG_TYPE_CGROUP_SOCKOPT)",
         since: "5.3",
     },
+    ProgramNeed {
+        program: ProgramType::SkLookup,
+        feature: "sk_lookup programs (BPF_PROG_TYPE_SK_LOOKUP), for inbound capture",
+        since: "5.9",
+    },
 ];
 
-const HELPERS: [HelperNeed; 3] = [
+const HELPERS: [HelperNeed; 4] = [
     HelperNeed {
         program: ProgramType::CgroupSockAddr,
         helper: BpfHelper::BPF_FUNC_get_socket_cookie,
@@ -75,6 +80,12 @@ const HELPERS: [HelperNeed; 3] = [
         helper: BpfHelper::BPF_FUNC_get_netns_cookie,
         feature: "bpf_get_netns_cookie in cgroup/getsockopt",
         since: "5.8",
+    },
+    HelperNeed {
+        program: ProgramType::SkLookup,
+        helper: BpfHelper::BPF_FUNC_sk_assign,
+        feature: "bpf_sk_assign in sk_lookup",
+        since: "5.9",
     },
 ];
 
