@@ -253,6 +253,26 @@ mod tests {
         flags: IstioFlags,
     }
 
+    /// What Istio's sidecar injector passes to istio-iptables.
+    const SIDECAR_INJECTOR_LINE: &[&str] = &[
+        "-p",
+        "15001",
+        "-z",
+        "15006",
+        "-u",
+        "1337",
+        "-m",
+        "REDIRECT",
+        "-i",
+        "*",
+        "-x",
+        "",
+        "-b",
+        "*",
+        "-d",
+        "15090,15021,15020",
+    ];
+
     fn parse(line: &[&str]) -> Result<Policy, String> {
         let cli = Cli::try_parse_from(std::iter::once("enroll").chain(line.iter().copied()))
             .map_err(|e| e.to_string())?;
@@ -261,25 +281,7 @@ mod tests {
 
     #[test]
     fn the_sidecar_injector_line_works_unchanged() {
-        let policy = parse(&[
-            "-p",
-            "15001",
-            "-z",
-            "15006",
-            "-u",
-            "1337",
-            "-m",
-            "REDIRECT",
-            "-i",
-            "*",
-            "-x",
-            "",
-            "-b",
-            "*",
-            "-d",
-            "15090,15021,15020",
-        ])
-        .unwrap();
+        let policy = parse(SIDECAR_INJECTOR_LINE).unwrap();
         assert_eq!(policy.outbound_cidrs_include, Selection::All);
         assert_eq!(policy.inbound_ports_include, Selection::All);
         assert_eq!(policy.inbound_ports_exclude, vec![15090, 15021, 15020]);
@@ -357,27 +359,7 @@ mod tests {
     #[test]
     fn dry_run_output_matches_the_golden_files() {
         let cases: [(&str, &[&str]); 5] = [
-            (
-                "sidecar-injector",
-                &[
-                    "-p",
-                    "15001",
-                    "-z",
-                    "15006",
-                    "-u",
-                    "1337",
-                    "-m",
-                    "REDIRECT",
-                    "-i",
-                    "*",
-                    "-x",
-                    "",
-                    "-b",
-                    "*",
-                    "-d",
-                    "15090,15021,15020",
-                ],
-            ),
+            ("sidecar-injector", SIDECAR_INJECTOR_LINE),
             (
                 "ip-range-dns",
                 &[

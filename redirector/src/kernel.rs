@@ -93,31 +93,15 @@ const HELPERS: [HelperNeed; 4] = [
 pub fn check() -> Result<(), KernelError> {
     let uname = nix::sys::utsname::uname().map_err(KernelError::Uname)?;
     check_release(&uname.release().to_string_lossy())?;
-    for need in &PROGRAMS {
-        let supported =
-            is_program_supported(need.program).map_err(|source| KernelError::Probe {
-                feature: need.feature,
-                source,
-            })?;
-        if !supported {
-            return Err(KernelError::Missing {
-                feature: need.feature,
-                since: need.since,
-            });
-        }
-    }
-    for need in &HELPERS {
-        let supported = is_helper_supported(need.program, need.helper).map_err(|source| {
-            KernelError::Probe {
-                feature: need.feature,
-                source,
-            }
-        })?;
-        if !supported {
-            return Err(KernelError::Missing {
-                feature: need.feature,
-                since: need.since,
-            });
+    let programs = PROGRAMS
+        .iter()
+        .map(|n| (n.feature, n.since, is_program_supported(n.program)));
+    let helpers = HELPERS
+        .iter()
+        .map(|n| (n.feature, n.since, is_helper_supported(n.program, n.helper)));
+    for (feature, since, supported) in programs.chain(helpers) {
+        if !supported.map_err(|source| KernelError::Probe { feature, source })? {
+            return Err(KernelError::Missing { feature, since });
         }
     }
     Ok(())

@@ -37,15 +37,11 @@ impl Hook {
         Self::GetPeerName4,
         Self::GetPeerName6,
     ];
-    pub const ALL: [Hook; 7] = [
-        Self::Connect4,
-        Self::Connect6,
-        Self::SockOps,
-        Self::GetSockopt,
-        Self::GetPeerName4,
-        Self::GetPeerName6,
-        Self::Inbound,
-    ];
+    /// Every hook: the cgroup ones, then inbound capture.
+    pub const ALL: [Hook; 7] = {
+        let [a, b, c, d, e, f] = Self::CGROUP;
+        [a, b, c, d, e, f, Self::Inbound]
+    };
 
     fn attach_type(self) -> u32 {
         match self {

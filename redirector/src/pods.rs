@@ -63,33 +63,6 @@ fn map_error(map: &'static str) -> impl FnOnce(MapError) -> Error {
     move |source| Error::Map { map, source }
 }
 
-/// Per-pod counters, summed over CPUs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Counters {
-    pub redirected: u64,
-    pub exempted: u64,
-    pub orig_dst_lookups: u64,
-    pub orig_dst_misses: u64,
-    pub inbound_captured: u64,
-    pub inbound_excluded: u64,
-    /// Inbound connections to capture while no proxy listened (refused, or delivered with fail-open).
-    pub inbound_no_proxy: u64,
-}
-
-impl From<PodStats> for Counters {
-    fn from(s: PodStats) -> Self {
-        Self {
-            redirected: s.redirected,
-            exempted: s.exempted,
-            orig_dst_lookups: s.orig_dst_lookups,
-            orig_dst_misses: s.orig_dst_misses,
-            inbound_captured: s.inbound_captured,
-            inbound_excluded: s.inbound_excluded,
-            inbound_no_proxy: s.inbound_no_proxy,
-        }
-    }
-}
-
 /// One enrolled pod as the maps describe it.
 #[derive(Clone, Debug, Serialize)]
 pub struct PodStatus {
@@ -109,7 +82,8 @@ pub struct PodStatus {
     pub prefixes: Vec<LabelledEntry>,
     /// Hooks whose link is pinned (all of them while the pod is enrolled).
     pub attached: Vec<&'static str>,
-    pub counters: Counters,
+    /// Counters summed over CPUs.
+    pub counters: PodStats,
 }
 
 /// A port or prefix with the names of the sets that hold it.
@@ -607,7 +581,7 @@ impl Redirector {
                     .filter(|h| pod_dir.join(h.pin_name()).exists())
                     .map(Hook::pin_name)
                     .collect(),
-                counters: total.into(),
+                counters: total,
             });
         }
         statuses.sort_by_key(|status| status.cgroup_id);

@@ -40,8 +40,12 @@ impl InboundPod {
         SocketAddr::new(self.pod.addr().into(), port)
     }
 
-    fn netns_path(&self) -> String {
-        self.pod.netns.path().display().to_string()
+    /// `redirector enroll --cgroup <pod> --netns <pod netns> FLAGS...`.
+    fn enroll(&self, sandbox: &Sandbox, flags: &[&str]) -> Result<()> {
+        let netns = self.pod.netns.path().display().to_string();
+        let mut args = vec!["--netns", &netns];
+        args.extend_from_slice(flags);
+        sandbox.enroll_with(&self.pod.cgroup, &args).map(drop)
     }
 
     /// The istio-style inbound proxy: redirector-proxy on :15006, forwarding from 127.0.0.6.
@@ -176,17 +180,7 @@ fn any_v4(port: u16) -> SocketAddr {
 fn inbound_connection_reaches_the_application_only_through_the_proxy() -> Result<()> {
     let sandbox = Sandbox::new("inbound")?;
     let pod = InboundPod::create(&sandbox, "in", &[APP_PORT])?;
-    sandbox.enroll_with(
-        &pod.pod.cgroup,
-        &[
-            "--netns",
-            &pod.netns_path(),
-            "-b",
-            "*",
-            "-d",
-            "15090,15021,15020",
-        ],
-    )?;
+    pod.enroll(&sandbox, &["-b", "*", "-d", "15090,15021,15020"])?;
     let proxy = pod.start_inbound_proxy(&[any_v4(INBOUND_PORT)])?;
 
     let report = pod.connect(pod.app_addr(APP_PORT))?;
@@ -208,10 +202,7 @@ fn inbound_connection_reaches_the_application_only_through_the_proxy() -> Result
 fn excluded_and_unlisted_ports_stay_direct() -> Result<()> {
     let sandbox = Sandbox::new("inbound-ports")?;
     let pod = InboundPod::create(&sandbox, "inports", &[APP_PORT, 9090, 15021])?;
-    sandbox.enroll_with(
-        &pod.pod.cgroup,
-        &["--netns", &pod.netns_path(), "-b", "*", "-d", "9090"],
-    )?;
+    pod.enroll(&sandbox, &["-b", "*", "-d", "9090"])?;
     let proxy = pod.start_inbound_proxy(&[any_v4(INBOUND_PORT)])?;
 
     assert_captured(
@@ -234,10 +225,7 @@ fn excluded_and_unlisted_ports_stay_direct() -> Result<()> {
     )
     .context("15021 is never captured")?;
 
-    sandbox.enroll_with(
-        &pod.pod.cgroup,
-        &["--netns", &pod.netns_path(), "-b", "9080"],
-    )?;
+    pod.enroll(&sandbox, &["-b", "9080"])?;
     assert_captured(
         &proxy,
         &pod.connect(pod.app_addr(APP_PORT))?,
@@ -260,7 +248,7 @@ fn excluded_and_unlisted_ports_stay_direct() -> Result<()> {
 fn without_a_proxy_the_connection_is_refused_at_once_or_fails_open() -> Result<()> {
     let sandbox = Sandbox::new("inbound-noproxy")?;
     let pod = InboundPod::create(&sandbox, "noproxy", &[APP_PORT])?;
-    sandbox.enroll_with(&pod.pod.cgroup, &["--netns", &pod.netns_path(), "-b", "*"])?;
+    pod.enroll(&sandbox, &["-b", "*"])?;
 
     let started = Instant::now();
     let report = pod.connect(pod.app_addr(APP_PORT))?;
@@ -283,16 +271,7 @@ fn without_a_proxy_the_connection_is_refused_at_once_or_fails_open() -> Result<(
         "not counted"
     );
 
-    sandbox.enroll_with(
-        &pod.pod.cgroup,
-        &[
-            "--netns",
-            &pod.netns_path(),
-            "-b",
-            "*",
-            "--inbound-fail-open",
-        ],
-    )?;
+    pod.enroll(&sandbox, &["-b", "*", "--inbound-fail-open"])?;
     assert_direct(
         None,
         &pod.connect(pod.app_addr(APP_PORT))?,
@@ -305,7 +284,7 @@ fn without_a_proxy_the_connection_is_refused_at_once_or_fails_open() -> Result<(
 fn capture_follows_a_restarted_proxy_without_reenrolling() -> Result<()> {
     let sandbox = Sandbox::new("inbound-restart")?;
     let pod = InboundPod::create(&sandbox, "restart", &[APP_PORT])?;
-    sandbox.enroll_with(&pod.pod.cgroup, &["--netns", &pod.netns_path(), "-b", "*"])?;
+    pod.enroll(&sandbox, &["-b", "*"])?;
     let first = pod.start_inbound_proxy(&[any_v4(INBOUND_PORT)])?;
     assert_captured(
         &first,
@@ -343,10 +322,7 @@ fn ipv6_inbound_connection_is_captured() -> Result<()> {
     redirector_tests::run("ip", add, Duration::from_secs(5))?.ensure_success()?;
     let app6 = SocketAddr::new(pod.pod.addr6().into(), APP_PORT);
     let _app = serve_in_pod(&pod.pod, app6)?;
-    sandbox.enroll_with(
-        &pod.pod.cgroup,
-        &["--netns", &pod.netns_path(), "--dual-stack", "-b", "*"],
-    )?;
+    pod.enroll(&sandbox, &["--dual-stack", "-b", "*"])?;
     let proxy =
         pod.start_inbound_proxy(&[SocketAddr::new(Ipv6Addr::UNSPECIFIED.into(), INBOUND_PORT)])?;
 
@@ -358,7 +334,7 @@ fn ipv6_inbound_connection_is_captured() -> Result<()> {
 fn haproxy_works_unmodified_as_the_inbound_proxy() -> Result<()> {
     let sandbox = Sandbox::new("inbound-haproxy")?;
     let pod = InboundPod::create(&sandbox, "haproxy", &[APP_PORT])?;
-    sandbox.enroll_with(&pod.pod.cgroup, &["--netns", &pod.netns_path(), "-b", "*"])?;
+    pod.enroll(&sandbox, &["-b", "*"])?;
     let config_dir = TempDir::create("haproxy")?;
     let config = config_dir.path().join("haproxy.cfg");
     // `server 0.0.0.0:0` forwards to the connection's original destination; `source`
@@ -414,7 +390,7 @@ fn two_pods_each_get_their_own_proxy() -> Result<()> {
     let first = InboundPod::create(&sandbox, "ina", &[APP_PORT])?;
     let second = InboundPod::create(&sandbox, "inb", &[APP_PORT])?;
     for pod in [&first, &second] {
-        sandbox.enroll_with(&pod.pod.cgroup, &["--netns", &pod.netns_path(), "-b", "*"])?;
+        pod.enroll(&sandbox, &["-b", "*"])?;
     }
     let first_proxy = first.start_inbound_proxy(&[any_v4(INBOUND_PORT)])?;
     let second_proxy = second.start_inbound_proxy(&[any_v4(INBOUND_PORT)])?;
