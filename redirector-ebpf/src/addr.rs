@@ -11,12 +11,19 @@ pub const V4_LOOPBACK: u32 = word([127, 0, 0, 1]);
 pub const V4_PASSTHROUGH: u32 = word([127, 0, 0, 6]);
 pub const V6_LOOPBACK: [u32; 4] = [0, 0, 0, word([0, 0, 0, 1])];
 pub const V6_PASSTHROUGH: [u32; 4] = [0, 0, 0, word([0, 0, 0, 6])];
+pub const V6_UNSPECIFIED: [u32; 4] = [0; 4];
 const MAPPED_PREFIX: u32 = word([0, 0, 0xff, 0xff]);
 
 /// `::ffff:a.b.c.d` for an IPv4 address.
 #[inline(always)]
 pub const fn v4_mapped(v4: u32) -> [u32; 4] {
     [0, 0, MAPPED_PREFIX, v4]
+}
+
+/// Word by word: a slice or array comparison may become a memcmp call, which BPF lacks.
+#[inline(always)]
+pub fn equal(a: [u32; 4], b: [u32; 4]) -> bool {
+    a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3]
 }
 
 /// IPv4-mapped IPv6 addresses become IPv4: a dual-stack socket talking IPv4 is decided,

@@ -6,7 +6,7 @@ use aya_log_ebpf::debug;
 use redirector_common::{ConnectionRecord, RawSockAddr, AF_INET, AF_INET6};
 
 use crate::{
-    addr::{self, V4_LOOPBACK, V4_PASSTHROUGH, V6_LOOPBACK, V6_PASSTHROUGH},
+    addr::{self, V4_LOOPBACK, V4_PASSTHROUGH, V6_LOOPBACK, V6_PASSTHROUGH, V6_UNSPECIFIED},
     maps::ORIG_BY_COOKIE,
     pod::{count, current_pod, logging_enabled},
     policy::{decide, Connect, Verdict},
@@ -24,7 +24,9 @@ pub fn redirector_connect4(ctx: SockAddrContext) -> i32 {
             addr: [dst, 0, 0, 0],
             port,
         };
-        if let Some(to) = capture(&ctx, &connect, [V4_PASSTHROUGH, 0, 0, 0]) {
+        if let Some(to) = capture(&ctx, &connect, || {
+            raw::bound_to(&ctx, [V4_PASSTHROUGH, 0, 0, 0])
+        }) {
             raw::set_connect4_destination(&ctx, V4_LOOPBACK, to);
         }
     }
@@ -45,7 +47,16 @@ pub fn redirector_connect6(ctx: SockAddrContext) -> i32 {
         } else {
             (V6_LOOPBACK, V6_PASSTHROUGH)
         };
-        if let Some(to) = capture(&ctx, &connect, passthrough) {
+        // An unbound socket connecting to a local IPv6 address gets that address as its
+        // source (same-address rule of source selection): a connect to ::6 itself comes from
+        // ::6. IPv4 loopback routes give 127.0.0.1 instead.
+        let passthrough_source = || {
+            raw::bound_to(&ctx, passthrough)
+                || (family == AF_INET6
+                    && addr::equal(addr, V6_PASSTHROUGH)
+                    && raw::bound_to(&ctx, V6_UNSPECIFIED))
+        };
+        if let Some(to) = capture(&ctx, &connect, passthrough_source) {
             raw::set_connect6_destination(&ctx, loopback, to);
         }
     }
@@ -55,10 +66,13 @@ pub fn redirector_connect6(ctx: SockAddrContext) -> i32 {
 /// Decides a connect of an enrolled pod; for a captured one, records the original
 /// destination and returns the loopback port to send it to.
 #[inline(always)]
-fn capture(ctx: &SockAddrContext, connect: &Connect, passthrough: [u32; 4]) -> Option<u16> {
+fn capture(
+    ctx: &SockAddrContext,
+    connect: &Connect,
+    passthrough_source: impl FnOnce() -> bool,
+) -> Option<u16> {
     let (pod, config) = current_pod()?;
-    let Verdict::ToPort(to) = decide(pod, &config, connect, || raw::bound_to(ctx, passthrough))
-    else {
+    let Verdict::ToPort(to) = decide(pod, &config, connect, passthrough_source) else {
         count(pod, |stats| stats.exempted += 1);
         return None;
     };

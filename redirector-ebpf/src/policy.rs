@@ -3,7 +3,8 @@
 //!
 //! The ISTIO_OUTPUT chain, in order, and where each rule lands here:
 //! 1. `-p tcp --dport <-o port> -j RETURN`                      → `PORT_OUTBOUND_EXCLUDE`
-//! 2. `-o lo -s 127.0.0.6/32 -j RETURN` (::6 in IPv6)           → `passthrough_source`
+//! 2. `-o lo -s 127.0.0.6/32 -j RETURN` (::6 in IPv6)           → `passthrough_source` (bound
+//!    to it, or, in IPv6, unbound and connecting to ::6, which the kernel then picks as source)
 //! 3. per proxy UID, then per proxy GID X:
 //!    a. `-o lo ! -d <loopback cidr> -p tcp ! --dport <-e> [! 53 for UIDs with DNS] --owner X -j ISTIO_IN_REDIRECT`
 //!    b. `-o lo [-p tcp ! --dport 53 with DNS] ! --owner X -j RETURN` (absent when `-i` has a loopback CIDR)

@@ -95,8 +95,14 @@ pub fn bound_to(ctx: &SockAddrContext, source: [u32; 4]) -> bool {
             return false;
         }
         if (*sk).family == AF_INET6 {
+            // One load per field: merged into a loop, the compiler's pointer arithmetic on
+            // the socket is rejected by the verifier.
             let s = &(*sk).src_ip6;
-            s[0] == source[0] && s[1] == source[1] && s[2] == source[2] && s[3] == source[3]
+            let word = |i: usize| core::ptr::read_volatile(&s[i]);
+            word(0) == source[0]
+                && word(1) == source[1]
+                && word(2) == source[2]
+                && word(3) == source[3]
         } else {
             (*sk).src_ip4 == source[0]
         }

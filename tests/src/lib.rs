@@ -11,8 +11,10 @@
 
 pub mod bpffs;
 pub mod cgroup;
+pub mod golden;
 pub mod names;
 pub mod netns;
+pub mod parity;
 pub mod pod;
 pub mod process;
 pub mod protocol;
@@ -28,8 +30,9 @@ pub use pod::{
 };
 pub use process::{binary, run, wait_for, Child, Output};
 pub use protocol::{
-    ConnectOptions, ConnectReport, ConnectSummary, Counters, DoneEvent, ForwardEvent, PodStatus,
-    ProxyEvent, RecordCounts, ServerReply, Status,
+    ConnectOptions, ConnectOutcome, ConnectReport, ConnectSummary, Counters, DoneEvent,
+    ForwardEvent, ListenerReply, PlannedConnect, PodStatus, ProxyEvent, Reached, RecordCounts,
+    ServerReply, Status,
 };
 pub use tools::{
     attached_programs, nat_rules, redirector, redirector_processes_mentioning, status_json,

@@ -14,7 +14,7 @@ const IP_TIMEOUT: Duration = Duration::from_secs(10);
 const NETNS_DIR: &str = "/run/netns";
 
 /// Run `ip ARGS...` and require success.
-fn ip(args: &[&str]) -> Result<Output> {
+pub(crate) fn ip(args: &[&str]) -> Result<Output> {
     let mut command = Command::new("ip");
     command.args(args);
     run("ip", command, IP_TIMEOUT)?.ensure_success()

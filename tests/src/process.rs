@@ -23,14 +23,7 @@ const DIAGNOSTIC_LINES: usize = 20;
 /// A test executable lives in `target/<profile>/deps/`, a binary of this crate in
 /// `target/<profile>/`; the product's binaries are in `target/<profile>/` either way.
 pub fn binary(name: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe().context("locating the running executable")?;
-    let mut dir = exe
-        .parent()
-        .context("running executable has no parent dir")?;
-    if dir.file_name() == Some(OsStr::new("deps")) {
-        dir = dir.parent().context("deps dir has no parent")?;
-    }
-    let path = dir.join(name);
+    let path = profile_dir()?.join(name);
     if !path.is_file() {
         bail!(
             "binary {name} not found at {}: build it first with the same profile as the tests \
@@ -39,6 +32,18 @@ pub fn binary(name: &str) -> Result<PathBuf> {
         );
     }
     Ok(path)
+}
+
+/// `target/<profile>/` of the running executable (a test executable lives in its `deps/`).
+pub fn profile_dir() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the running executable")?;
+    let mut dir = exe
+        .parent()
+        .context("running executable has no parent dir")?;
+    if dir.file_name() == Some(OsStr::new("deps")) {
+        dir = dir.parent().context("deps dir has no parent")?;
+    }
+    Ok(dir.to_owned())
 }
 
 /// Poll `check` every 20 ms until it yields a value or `timeout` passes.

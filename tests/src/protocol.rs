@@ -1,7 +1,7 @@
 //! What the binaries print: e2e-helper's reports (written by the helper and read by the tests,
 //! from the same types), redirector-proxy's events and `redirector status -o json`.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -114,6 +114,39 @@ impl ConnectReport {
         self.local
             .with_context(|| format!("connection has no local address: {self:?}"))
     }
+}
+
+/// One connect of `e2e-helper connect-batch`: a destination, and the local address to bind
+/// first (port 0) or none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PlannedConnect {
+    pub to: SocketAddr,
+    pub bind: Option<IpAddr>,
+}
+
+/// The JSON line `e2e-helper listen` writes to every connection it accepts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerReply {
+    /// Which listener answered (the `--tag` it was started with).
+    pub tag: String,
+    /// The address the connection reached (getsockname of the accepted socket).
+    pub local: SocketAddr,
+}
+
+/// How a planned connect ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reached {
+    Answered(ListenerReply),
+    /// `refused`, `timeout`, `unreachable`, or the error's text.
+    Failed(String),
+}
+
+/// One stdout line of `e2e-helper connect-batch`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectOutcome {
+    pub connect: PlannedConnect,
+    pub reached: Reached,
 }
 
 /// What `e2e-helper connect --count N` (N > 1) prints.
