@@ -3,7 +3,7 @@ use std::path::{Path, PathBuf};
 
 use aya::maps::{MapError, PerCpuValues};
 use redirector_common::{ExemptOwnerKey, PodConfig, PodStats, Settings, OWNER_GID, OWNER_UID};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     cgroup::{self, Cgroup, CgroupError},
@@ -41,7 +41,7 @@ fn map_error(map: &'static str) -> impl FnOnce(MapError) -> Error {
 }
 
 /// Per-pod counters, summed over CPUs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Counters {
     pub redirected: u64,
     pub exempted: u64,
@@ -61,7 +61,7 @@ impl From<PodStats> for Counters {
 }
 
 /// One enrolled pod as the maps describe it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodStatus {
     /// None when the cgroup no longer exists.
     pub cgroup: Option<PathBuf>,
@@ -70,12 +70,12 @@ pub struct PodStatus {
     pub proxy_uids: Vec<u32>,
     pub proxy_gids: Vec<u32>,
     /// Hooks whose link is pinned (all three while the pod is enrolled).
-    pub attached: Vec<&'static str>,
+    pub attached: Vec<String>,
     pub counters: Counters,
 }
 
 /// Connection records currently held (they leave when their connection closes).
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecordCounts {
     pub by_cookie: usize,
     pub by_peer: usize,
@@ -268,7 +268,7 @@ impl Redirector {
                 attached: CgroupHook::ALL
                     .into_iter()
                     .filter(|h| pod_dir.join(h.pin_name()).exists())
-                    .map(CgroupHook::pin_name)
+                    .map(|hook| hook.pin_name().to_owned())
                     .collect(),
                 counters: total.into(),
             });

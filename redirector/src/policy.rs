@@ -33,10 +33,17 @@ impl fmt::Display for IdKind {
 
 /// What a pod captures: outbound TCP goes to `proxy_port` on loopback, except connections
 /// made by the proxy's own UIDs or GIDs.
-#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+///
+/// It also reads from the agent's config file, the CNI plugin's network config and the agent
+/// API: keys left out take the defaults, unknown keys and bad values are refused by name.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct OutboundPolicy {
+    #[serde(deserialize_with = "serde_checked::port")]
     pub proxy_port: u16,
+    #[serde(deserialize_with = "serde_checked::uids")]
     pub proxy_uids: Vec<u32>,
+    #[serde(deserialize_with = "serde_checked::gids")]
     pub proxy_gids: Vec<u32>,
 }
 
@@ -89,6 +96,33 @@ pub fn parse_id_list(kind: IdKind, value: &str) -> Result<Vec<u32>, PolicyError>
     Ok(ids)
 }
 
+/// Deserializers that hold structured input (TOML, JSON) to the same rules as the flags.
+mod serde_checked {
+    use serde::{de::Error as _, Deserialize, Deserializer};
+
+    use super::{parse_id_list, parse_port, IdKind};
+
+    pub fn port<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u16, D::Error> {
+        let port = i64::deserialize(deserializer)?;
+        parse_port(&port.to_string()).map_err(D::Error::custom)
+    }
+
+    pub fn uids<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u32>, D::Error> {
+        ids(IdKind::Uid, deserializer)
+    }
+
+    pub fn gids<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u32>, D::Error> {
+        ids(IdKind::Gid, deserializer)
+    }
+
+    /// A list of numbers, checked as the comma-separated flag value it stands for.
+    fn ids<'de, D: Deserializer<'de>>(kind: IdKind, deserializer: D) -> Result<Vec<u32>, D::Error> {
+        let ids = Vec::<i64>::deserialize(deserializer)?;
+        let joined: Vec<String> = ids.iter().map(i64::to_string).collect();
+        parse_id_list(kind, &joined.join(",")).map_err(D::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -134,6 +168,31 @@ mod tests {
                 message.starts_with("invalid GID list"),
                 "{bad:?}: {message}"
             );
+        }
+    }
+
+    #[test]
+    fn structured_policies_take_defaults_and_refuse_bad_values_by_name() {
+        let partial: OutboundPolicy = serde_json::from_str(r#"{"proxy_port": 15006}"#).unwrap();
+        assert_eq!(
+            partial,
+            OutboundPolicy {
+                proxy_port: 15006,
+                ..OutboundPolicy::default()
+            }
+        );
+        for (bad, expected) in [
+            (r#"{"proxy_port": 0}"#, "invalid port"),
+            (r#"{"proxy_port": 70000}"#, "invalid port"),
+            (r#"{"proxy_uids": []}"#, "invalid UID list"),
+            (r#"{"proxy_gids": [-1]}"#, "invalid GID list"),
+            (r#"{"proxy_gids": [4294967295]}"#, "invalid GID list"),
+            (r#"{"proxy_prot": 15001}"#, "unknown field `proxy_prot`"),
+        ] {
+            let message = serde_json::from_str::<OutboundPolicy>(bad)
+                .unwrap_err()
+                .to_string();
+            assert!(message.contains(expected), "{bad}: {message}");
         }
     }
 }

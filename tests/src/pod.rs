@@ -8,7 +8,7 @@ use std::process::Command;
 use std::sync::Once;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde::de::DeserializeOwned;
 
 use crate::bpffs::BpfRoot;
@@ -91,6 +91,46 @@ pub fn spawn_in_pod<S: AsRef<OsStr>>(
         ])
         .args(command);
     Child::spawn(&label, exec)
+}
+
+/// Start `redirector-proxy --listen 127.0.0.1:15001` in `netns` and `cgroup` as UID/GID 1337 and
+/// wait until it listens.
+pub fn start_proxy(netns: &Netns, cgroup: &Cgroup) -> Result<Proxy> {
+    let command = [
+        binary("redirector-proxy")?.into_os_string(),
+        "--listen".into(),
+        PROXY_ADDR.to_string().into(),
+    ];
+    let process = spawn_in_pod(netns, cgroup, Identity::PROXY, &command)?;
+    wait_for_tcp_listener(process.pid(), PROXY_PORT, STARTUP_TIMEOUT)
+        .with_context(|| format!("waiting for the proxy to listen{}", process.diagnostics()))?;
+    Ok(Proxy { process })
+}
+
+/// Start `e2e-helper connect` in `netns` and `cgroup` as `identity`.
+pub fn spawn_client(
+    netns: &Netns,
+    cgroup: &Cgroup,
+    identity: Identity,
+    options: &ConnectOptions,
+) -> Result<Child> {
+    let mut command = vec![binary("e2e-helper")?.into_os_string(), "connect".into()];
+    command.extend(options.to_args().into_iter().map(OsString::from));
+    spawn_in_pod(netns, cgroup, identity, &command)
+}
+
+/// One connection from `netns` and `cgroup` as `identity`, run to completion.
+pub fn connect(
+    netns: &Netns,
+    cgroup: &Cgroup,
+    identity: Identity,
+    options: &ConnectOptions,
+) -> Result<ConnectReport> {
+    let client = spawn_client(netns, cgroup, identity, options)?;
+    client_result(
+        &client,
+        SINGLE_CONNECTION_TIMEOUT + Duration::from_millis(options.hold_ms),
+    )
 }
 
 /// Wait for a finished `e2e-helper connect` and parse its last stdout line as `T`
@@ -260,15 +300,7 @@ impl Pod {
     /// Start `redirector-proxy --listen 127.0.0.1:15001` in the pod as UID/GID 1337 and wait until
     /// it listens.
     pub fn start_proxy(&self) -> Result<Proxy> {
-        let command = [
-            binary("redirector-proxy")?.into_os_string(),
-            "--listen".into(),
-            PROXY_ADDR.to_string().into(),
-        ];
-        let process = spawn_in_pod(&self.netns, &self.cgroup, Identity::PROXY, &command)?;
-        wait_for_tcp_listener(process.pid(), PROXY_PORT, STARTUP_TIMEOUT)
-            .with_context(|| format!("waiting for the proxy to listen{}", process.diagnostics()))?;
-        Ok(Proxy { process })
+        start_proxy(&self.netns, &self.cgroup)
     }
 
     /// Start `e2e-helper connect` in this pod's netns, in `cgroup` (the pod's or a sibling).
@@ -278,9 +310,7 @@ impl Pod {
         identity: Identity,
         options: &ConnectOptions,
     ) -> Result<Child> {
-        let mut command = vec![binary("e2e-helper")?.into_os_string(), "connect".into()];
-        command.extend(options.to_args().into_iter().map(OsString::from));
-        spawn_in_pod(&self.netns, cgroup, identity, &command)
+        spawn_client(&self.netns, cgroup, identity, options)
     }
 
     /// One connection from the pod's own cgroup, run to completion.
@@ -295,11 +325,7 @@ impl Pod {
         identity: Identity,
         options: &ConnectOptions,
     ) -> Result<ConnectReport> {
-        let client = self.spawn_client(cgroup, identity, options)?;
-        client_result(
-            &client,
-            SINGLE_CONNECTION_TIMEOUT + Duration::from_millis(options.hold_ms),
-        )
+        connect(&self.netns, cgroup, identity, options)
     }
 }
 
@@ -321,6 +347,37 @@ impl Proxy {
                 _ => None,
             })
             .collect()
+    }
+
+    /// The connection went client → proxy → `server`: returns the proxy's forward event.
+    pub fn check_redirected(
+        &self,
+        server: SocketAddr,
+        report: &ConnectReport,
+    ) -> Result<ForwardEvent> {
+        let reply = report.server_reply()?;
+        ensure!(
+            report.peer == Some(PROXY_ADDR),
+            "client's getpeername is not the proxy: {report:?}"
+        );
+        let forward = self.forward_event(report.local_addr()?)?;
+        ensure!(
+            forward.orig_dst == server,
+            "proxy forwarded to {}, expected {server}",
+            forward.orig_dst
+        );
+        ensure!(
+            reply.peer == forward.upstream_local,
+            "the server saw {} but the proxy's upstream was {}",
+            reply.peer,
+            forward.upstream_local
+        );
+        ensure!(
+            reply.local == server,
+            "the reply came from {} instead of {server}",
+            reply.local
+        );
+        Ok(forward)
     }
 
     /// The forward event for the client connection from `client`, waiting for it if needed.
