@@ -167,7 +167,7 @@ pub const ADDR_DNS_SERVER: u32 = 1 << 4;
 /// Per-pod counters (a per-CPU map: the kernel side never needs atomics).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-#[cfg_attr(feature = "user", derive(serde::Serialize))]
+#[cfg_attr(feature = "user", derive(serde::Serialize, serde::Deserialize))]
 pub struct PodStats {
     pub redirected: u64,
     pub exempted: u64,

@@ -5,7 +5,12 @@
 //! - [`original_dst`]: the original destination of a redirected connection, for proxies.
 //! - [`pins`], [`loader`], [`link`]: the bpffs layout, the embedded programs, cgroup links.
 //! - [`cgroup`], [`kernel`], [`policy`], [`flags`], [`netns`]: input, validated.
+//! - [`agent`]: the node agent, its API, and the CLI's switch between agent and standalone.
+//! - [`cni`]: the chained CNI plugin and its installer.
+pub mod agent;
+mod atomic_file;
 pub mod cgroup;
+pub mod cni;
 pub mod flags;
 pub mod kernel;
 pub mod link;

@@ -14,7 +14,7 @@ use redirector_common::{
     POLICY_REDIRECT_DNS, PORT_INBOUND_EXCLUDE, PORT_INBOUND_INCLUDE, PORT_OUTBOUND_EXCLUDE,
     PORT_OUTBOUND_INCLUDE,
 };
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::{
     cgroup::{self, Cgroup, CgroupError},
@@ -64,7 +64,7 @@ fn map_error(map: &'static str) -> impl FnOnce(MapError) -> Error {
 }
 
 /// One enrolled pod as the maps describe it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodStatus {
     /// None when the cgroup no longer exists.
     pub cgroup: Option<PathBuf>,
@@ -75,22 +75,22 @@ pub struct PodStatus {
     pub proxy_uids: Vec<u32>,
     pub proxy_gids: Vec<u32>,
     /// The pod's `POLICY_*` switches, by name.
-    pub switches: Vec<&'static str>,
+    pub switches: Vec<String>,
     /// Ports with a rule, and which.
     pub ports: Vec<LabelledEntry>,
     /// Address prefixes with a rule, and which sets hold them.
     pub prefixes: Vec<LabelledEntry>,
     /// Hooks whose link is pinned (all of them while the pod is enrolled).
-    pub attached: Vec<&'static str>,
+    pub attached: Vec<String>,
     /// Counters summed over CPUs.
     pub counters: PodStats,
 }
 
 /// A port or prefix with the names of the sets that hold it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LabelledEntry {
     pub value: String,
-    pub sets: Vec<&'static str>,
+    pub sets: Vec<String>,
 }
 
 const SWITCH_NAMES: [(u32, &str); 9] = [
@@ -119,23 +119,23 @@ const ADDR_SET_NAMES: [(u32, &str); 5] = [
 ];
 
 /// The names of the bits set in `bits`.
-pub fn bit_names(bits: u32, names: &[(u32, &'static str)]) -> Vec<&'static str> {
+pub fn bit_names(bits: u32, names: &[(u32, &'static str)]) -> Vec<String> {
     names
         .iter()
         .filter(|(bit, _)| *bit != 0 && bits & bit != 0)
-        .map(|(_, name)| *name)
+        .map(|(_, name)| (*name).to_owned())
         .collect()
 }
 
-pub fn port_set_names(bits: u32) -> Vec<&'static str> {
+pub fn port_set_names(bits: u32) -> Vec<String> {
     bit_names(bits, &PORT_SET_NAMES)
 }
 
-pub fn addr_set_names(bits: u32) -> Vec<&'static str> {
+pub fn addr_set_names(bits: u32) -> Vec<String> {
     bit_names(bits, &ADDR_SET_NAMES)
 }
 
-pub fn switch_names(bits: u32) -> Vec<&'static str> {
+pub fn switch_names(bits: u32) -> Vec<String> {
     bit_names(bits, &SWITCH_NAMES)
 }
 
@@ -157,7 +157,7 @@ fn key_prefix(key: &Key<PodAddrKey>) -> Option<(u64, IpNet)> {
 }
 
 /// Connection records currently held (they leave when their connection closes).
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecordCounts {
     pub by_cookie: usize,
     pub by_peer: usize,
@@ -579,7 +579,7 @@ impl Redirector {
                 attached: Hook::ALL
                     .into_iter()
                     .filter(|h| pod_dir.join(h.pin_name()).exists())
-                    .map(Hook::pin_name)
+                    .map(|hook| hook.pin_name().to_owned())
                     .collect(),
                 counters: total,
             });

@@ -73,12 +73,38 @@ impl fmt::Display for IdKind {
     }
 }
 
-/// A set that is either everything (`*`) or a list.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+/// A set that is either everything (`*`) or a list; in JSON and TOML `"*"` or a list.
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Selection<T> {
     All,
     Only(Vec<T>),
+}
+
+impl<T: Serialize> Serialize for Selection<T> {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Self::All => serializer.serialize_str("*"),
+            Self::Only(items) => items.serialize(serializer),
+        }
+    }
+}
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Selection<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Repr<T> {
+            Star(String),
+            List(Vec<T>),
+        }
+        match Repr::deserialize(deserializer)? {
+            Repr::Star(star) if star.trim() == "*" => Ok(Self::All),
+            Repr::Star(other) => Err(serde::de::Error::custom(format!(
+                "expected \"*\" or a list, got {other:?}"
+            ))),
+            Repr::List(items) => Ok(Self::Only(items)),
+        }
+    }
 }
 
 impl<T> Selection<T> {
@@ -100,29 +126,42 @@ pub enum OwnerGroups {
 }
 
 /// What a pod captures; the fields mirror istio-iptables' configuration.
+///
+/// It also reads from the agent's config file, the CNI plugin's network config and the agent
+/// API: keys left out take the defaults, unknown keys and bad values are refused by name.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
 pub struct Policy {
     /// `-p`: outbound capture port.
+    #[serde(deserialize_with = "serde_checked::port")]
     pub proxy_port: u16,
     /// `-z`: inbound capture port (also where the proxy's calls to its own pod go).
+    #[serde(deserialize_with = "serde_checked::port")]
     pub inbound_capture_port: u16,
     /// `-e`: inbound tunnel port, never captured.
+    #[serde(deserialize_with = "serde_checked::port")]
     pub inbound_tunnel_port: u16,
     /// `-u`: the proxy's UIDs; the first one decides connections to the pod's own addresses.
+    #[serde(deserialize_with = "serde_checked::uids")]
     pub proxy_uids: Vec<u32>,
     /// `-g`: the proxy's GIDs.
+    #[serde(deserialize_with = "serde_checked::gids")]
     pub proxy_gids: Vec<u32>,
     /// `-q`: outbound ports always captured (after the CIDR exclusions).
+    #[serde(deserialize_with = "serde_checked::ports")]
     pub outbound_ports_include: Vec<u16>,
     /// `-o`: outbound ports never captured.
+    #[serde(deserialize_with = "serde_checked::ports")]
     pub outbound_ports_exclude: Vec<u16>,
     /// `-i`: outbound destinations captured.
     pub outbound_cidrs_include: Selection<IpNet>,
     /// `-x`: outbound destinations never captured.
     pub outbound_cidrs_exclude: Vec<IpNet>,
     /// `-b`: inbound ports captured.
+    #[serde(deserialize_with = "serde_checked::port_selection")]
     pub inbound_ports_include: Selection<u16>,
     /// `-d`: inbound ports never captured (only with `-b '*'`, as in istio-iptables).
+    #[serde(deserialize_with = "serde_checked::ports")]
     pub inbound_ports_exclude: Vec<u16>,
     /// `--redirect-dns`: TCP port 53 to the DNS servers goes to the DNS capture port.
     pub redirect_dns: bool,
@@ -138,7 +177,6 @@ pub struct Policy {
     pub dual_stack: bool,
     /// `--inbound-fail-open`: with no proxy listening, inbound connections reach the
     /// application instead of being refused.
-    #[serde(default)]
     pub inbound_fail_open: bool,
 }
 
@@ -614,6 +652,54 @@ pub fn parse_owner_groups(include: &str, exclude: &str) -> Result<OwnerGroups, P
     })
 }
 
+/// Deserializers that hold structured input (TOML, JSON) to the same rules as the flags.
+mod serde_checked {
+    use serde::{de::Error as _, Deserialize, Deserializer};
+
+    use super::{parse_id_list, parse_port, IdKind, Selection};
+
+    pub fn port<'de, D: Deserializer<'de>>(deserializer: D) -> Result<u16, D::Error> {
+        let port = i64::deserialize(deserializer)?;
+        parse_port(&port.to_string()).map_err(D::Error::custom)
+    }
+
+    pub fn ports<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u16>, D::Error> {
+        let ports = Vec::<i64>::deserialize(deserializer)?;
+        ports
+            .iter()
+            .map(|port| parse_port(&port.to_string()).map_err(D::Error::custom))
+            .collect()
+    }
+
+    pub fn port_selection<'de, D: Deserializer<'de>>(
+        deserializer: D,
+    ) -> Result<Selection<u16>, D::Error> {
+        match Selection::<i64>::deserialize(deserializer)? {
+            Selection::All => Ok(Selection::All),
+            Selection::Only(ports) => ports
+                .iter()
+                .map(|port| parse_port(&port.to_string()).map_err(D::Error::custom))
+                .collect::<Result<_, _>>()
+                .map(Selection::Only),
+        }
+    }
+
+    pub fn uids<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u32>, D::Error> {
+        ids(IdKind::Uid, deserializer)
+    }
+
+    pub fn gids<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Vec<u32>, D::Error> {
+        ids(IdKind::Gid, deserializer)
+    }
+
+    /// A list of numbers, checked as the comma-separated flag value it stands for.
+    fn ids<'de, D: Deserializer<'de>>(kind: IdKind, deserializer: D) -> Result<Vec<u32>, D::Error> {
+        let ids = Vec::<i64>::deserialize(deserializer)?;
+        let joined: Vec<String> = ids.iter().map(i64::to_string).collect();
+        parse_id_list(kind, &joined.join(",")).map_err(D::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -827,5 +913,37 @@ mod tests {
         assert!(addrs(&["fe80::1", "fd00::5", "10.0.0.5"]).ipv6_enabled(false));
         assert!(!addrs(&["10.0.0.5"]).ipv6_enabled(true));
         assert!(PodNetwork::default().ipv6_enabled(false));
+    }
+
+    #[test]
+    fn structured_policies_take_defaults_and_refuse_bad_values_by_name() {
+        let partial: Policy = serde_json::from_str(r#"{"proxy_port": 15006, "outbound_cidrs_include": ["10.0.0.0/8"], "inbound_ports_include": "*"}"#).unwrap();
+        assert_eq!(
+            partial,
+            Policy {
+                proxy_port: 15006,
+                outbound_cidrs_include: Selection::Only(vec!["10.0.0.0/8".parse().unwrap()]),
+                inbound_ports_include: Selection::All,
+                ..Policy::default()
+            }
+        );
+        for (bad, expected) in [
+            (r#"{"proxy_port": 0}"#, "invalid port"),
+            (r#"{"proxy_port": 70000}"#, "invalid port"),
+            (r#"{"outbound_ports_include": [80, 0]}"#, "invalid port"),
+            (r#"{"inbound_ports_include": [70000]}"#, "invalid port"),
+            (
+                r#"{"inbound_ports_include": "some"}"#,
+                "expected \"*\" or a list",
+            ),
+            (r#"{"outbound_cidrs_exclude": ["10.0.0.0/33"]}"#, "invalid"),
+            (r#"{"proxy_uids": []}"#, "invalid UID list"),
+            (r#"{"proxy_gids": [-1]}"#, "invalid GID list"),
+            (r#"{"proxy_gids": [4294967295]}"#, "invalid GID list"),
+            (r#"{"proxy_prot": 15001}"#, "unknown field `proxy_prot`"),
+        ] {
+            let message = serde_json::from_str::<Policy>(bad).unwrap_err().to_string();
+            assert!(message.contains(expected), "{bad}: {message}");
+        }
     }
 }

@@ -201,14 +201,35 @@ pub struct Child {
 
 impl Child {
     /// Spawn `command` with stdin closed and stdout/stderr captured. `label` names it in errors.
-    pub fn spawn(label: &str, mut command: Command) -> Result<Child> {
+    pub fn spawn(label: &str, command: Command) -> Result<Child> {
+        Self::spawn_with_input(label, command, None)
+    }
+
+    /// Like [`Child::spawn`], with `input` written to the process's stdin (then closed) by a
+    /// thread, as a CNI runtime hands a plugin its network config.
+    pub fn spawn_with_input(
+        label: &str,
+        mut command: Command,
+        input: Option<Vec<u8>>,
+    ) -> Result<Child> {
         let command_line = display_command(&command);
+        let stdin = if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        };
         let mut process = command
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("spawning {label}: `{command_line}`"))?;
+        if let (Some(mut stdin), Some(input)) = (process.stdin.take(), input) {
+            // A process that exits without reading its input is not an error here.
+            thread::spawn(move || {
+                let _ = std::io::Write::write_all(&mut stdin, &input);
+            });
+        }
         let captured = Arc::new(Captured::default());
         if let Some(stdout) = process.stdout.take() {
             start_capture(stdout, captured.clone(), |streams| &mut streams.stdout);
@@ -261,13 +282,32 @@ impl Child {
         predicate: impl Fn(&str) -> bool,
         timeout: Duration,
     ) -> Result<String> {
+        self.wait_for_line_in("stdout", |streams| &streams.stdout, predicate, timeout)
+    }
+
+    /// Like [`Child::wait_for_line`], on stderr (where logs go).
+    pub fn wait_for_stderr_line(
+        &self,
+        predicate: impl Fn(&str) -> bool,
+        timeout: Duration,
+    ) -> Result<String> {
+        self.wait_for_line_in("stderr", |streams| &streams.stderr, predicate, timeout)
+    }
+
+    fn wait_for_line_in(
+        &self,
+        stream: &str,
+        pick: fn(&Streams) -> &Vec<String>,
+        predicate: impl Fn(&str) -> bool,
+        timeout: Duration,
+    ) -> Result<String> {
         self.captured
             .wait_until(timeout, |streams| {
-                streams.stdout.iter().find(|line| predicate(line)).cloned()
+                pick(streams).iter().find(|line| predicate(line)).cloned()
             })
             .ok_or_else(|| {
                 anyhow!(
-                    "{}: no matching stdout line within {timeout:?}{}",
+                    "{}: no matching {stream} line within {timeout:?}{}",
                     self.label,
                     self.diagnostics()
                 )

@@ -18,7 +18,7 @@ use nix::sys::signal::Signal;
 use redirector_tests::{
     attached_programs, cgroup_v1_mounts, client_result, files_below, nat_rules, redirector,
     wait_for, ConnectOptions, ConnectReport, ConnectSummary, ForwardEvent, Identity, Pod, Proxy,
-    RecordCounts, Sandbox, TempDir, PROXY_ADDR, PROXY_PORT,
+    RecordCounts, Sandbox, TempDir, PROXY_PORT,
 };
 
 const MESSAGE: &str = "hello from the app";
@@ -37,35 +37,7 @@ fn enrolled_pod(sandbox: &Sandbox, name: &str, server_port: u16) -> Result<(Prox
 /// The client's socket was connected to the proxy on loopback (its own address is loopback),
 /// yet getpeername reports the original destination, as after an iptables REDIRECT.
 fn assert_redirected(pod: &Pod, proxy: &Proxy, report: &ConnectReport) -> Result<ForwardEvent> {
-    let reply = report.server_reply()?;
-    ensure!(
-        report.local_addr()?.ip() == PROXY_ADDR.ip(),
-        "client's socket is not connected over loopback to the proxy: {report:?}"
-    );
-    ensure!(
-        report.peer == Some(pod.server.addr),
-        "client's getpeername is not the original destination: {report:?}"
-    );
-    let forward = proxy.forward_event(report.local_addr()?)?;
-    ensure!(
-        forward.orig_dst == pod.server.addr,
-        "proxy forwarded to {}, expected {}",
-        forward.orig_dst,
-        pod.server.addr
-    );
-    ensure!(
-        reply.peer == forward.upstream_local,
-        "the server saw {} but the proxy's upstream was {}",
-        reply.peer,
-        forward.upstream_local
-    );
-    ensure!(
-        reply.local == pod.server.addr,
-        "the reply came from {} instead of {}",
-        reply.local,
-        pod.server.addr
-    );
-    Ok(forward)
+    proxy.check_redirected(pod.server.addr, report)
 }
 
 /// The connection went straight to the server, and the proxy never saw it.

@@ -1,5 +1,6 @@
 //! Small tools the end-to-end tests run inside pods:
-//! - `exec`: enter a cgroup, a netns and an identity, then exec a command;
+//! - `exec`: enter a cgroup, a netns and an identity (each optional but the netns), then exec a
+//!   command;
 //! - `serve`: a TCP server answering each line with what it saw of the connection;
 //! - `connect`: a TCP client reporting where it ended up connected and what the server saw;
 //! - `listen`: TCP listeners on the wildcard addresses of many ports, each answering with a tag
@@ -47,13 +48,14 @@ enum Action {
         /// Name under /run/netns.
         #[arg(long)]
         netns: String,
-        /// cgroup v2 directory to join.
+        /// cgroup v2 directory to join (default: stay where it is).
         #[arg(long)]
-        cgroup: PathBuf,
-        #[arg(long)]
-        uid: u32,
-        #[arg(long)]
-        gid: u32,
+        cgroup: Option<PathBuf>,
+        /// Identity to drop to (default: keep root's), with --gid.
+        #[arg(long, requires = "gid")]
+        uid: Option<u32>,
+        #[arg(long, requires = "uid")]
+        gid: Option<u32>,
         /// The command and its arguments, after `--`.
         #[arg(last = true, required = true)]
         command: Vec<std::ffi::OsString>,
@@ -91,7 +93,8 @@ fn main() {
             uid,
             gid,
             command,
-        } => exec_in_pod(&netns, &cgroup, uid, gid, &command).map(|never| match never {}),
+        } => exec_in_pod(&netns, cgroup.as_deref(), uid.zip(gid), &command)
+            .map(|never| match never {}),
         Action::Serve { listen } => serve(listen),
         Action::Connect(options) => {
             connect(&options);
@@ -111,14 +114,15 @@ fn main() {
 /// the set*id calls apply to the whole process.
 fn exec_in_pod(
     netns: &str,
-    cgroup: &std::path::Path,
-    uid: u32,
-    gid: u32,
+    cgroup: Option<&std::path::Path>,
+    identity: Option<(u32, u32)>,
     command: &[std::ffi::OsString],
 ) -> Result<Infallible> {
-    let procs = cgroup.join("cgroup.procs");
-    std::fs::write(&procs, std::process::id().to_string())
-        .with_context(|| format!("joining cgroup {}", cgroup.display()))?;
+    if let Some(cgroup) = cgroup {
+        let procs = cgroup.join("cgroup.procs");
+        std::fs::write(&procs, std::process::id().to_string())
+            .with_context(|| format!("joining cgroup {}", cgroup.display()))?;
+    }
 
     let netns_path = PathBuf::from("/run/netns").join(netns);
     let netns_file = std::fs::File::open(&netns_path)
@@ -127,9 +131,11 @@ fn exec_in_pod(
         .with_context(|| format!("entering netns {netns}"))?;
     drop(netns_file);
 
-    setgroups(&[]).context("clearing supplementary groups")?;
-    setgid(Gid::from_raw(gid)).with_context(|| format!("setgid({gid})"))?;
-    setuid(Uid::from_raw(uid)).with_context(|| format!("setuid({uid})"))?;
+    if let Some((uid, gid)) = identity {
+        setgroups(&[]).context("clearing supplementary groups")?;
+        setgid(Gid::from_raw(gid)).with_context(|| format!("setgid({gid})"))?;
+        setuid(Uid::from_raw(uid)).with_context(|| format!("setuid({uid})"))?;
+    }
 
     let argv = command
         .iter()
@@ -137,7 +143,7 @@ fn exec_in_pod(
         .collect::<Result<Vec<_>, _>>()
         .context("command argument contains a NUL byte")?;
     let error = execvp(&argv[0], &argv).unwrap_err();
-    Err(error).with_context(|| format!("executing {:?} as uid {uid}", command[0]))
+    Err(error).with_context(|| format!("executing {:?} as {identity:?}", command[0]))
 }
 
 fn serve(listen: SocketAddr) -> Result<()> {
@@ -186,7 +192,11 @@ fn connect(options: &ConnectOptions) {
         serde_json::to_string(&one_connection(options))
     } else {
         let mut summary = ConnectSummary::default();
+        let stopped = || options.stop_file.as_ref().is_some_and(|file| file.exists());
         for _ in 0..options.count {
+            if stopped() {
+                break;
+            }
             match one_connection(options).error {
                 None => summary.ok += 1,
                 Some(error) => {
