@@ -92,11 +92,17 @@ fn capture(
     if logging_enabled() {
         if connect.family == AF_INET {
             let addr = u32::from_be(connect.addr[0]);
-            debug!(ctx, "connect pod {} {:i}:{} -> loopback port {}", pod, addr, connect.port, to);
+            debug!(
+                ctx,
+                "connect pod {} {:i}:{} -> loopback port {}", pod, addr, connect.port, to
+            );
         } else {
             // SAFETY: four u32 words are sixteen bytes, in the kernel's (network) order.
             let addr: [u8; 16] = unsafe { core::mem::transmute(connect.addr) };
-            debug!(ctx, "connect pod {} [{:i}]:{} -> loopback port {}", pod, addr, connect.port, to);
+            debug!(
+                ctx,
+                "connect pod {} [{:i}]:{} -> loopback port {}", pod, addr, connect.port, to
+            );
         }
     }
     Some(to)

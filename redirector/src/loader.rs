@@ -114,14 +114,21 @@ macro_rules! impl_load_pin {
 }
 impl_load_pin!(CgroupSockAddr, SockOps, CgroupSockopt, SkLookup);
 
+/// Whether every program is pinned under `root` (the node is installed).
+pub fn programs_pinned(root: &PinRoot) -> bool {
+    Hook::ALL
+        .iter()
+        .all(|&hook| root.program(program_name(hook)).exists())
+}
+
 /// Loads and pins the programs unless they are pinned already; maps are pinned by name
 /// under `<root>/maps` (existing pins are reused, so state survives reloads). The caller
 /// holds the root's lock.
 pub fn ensure_programs_pinned(root: &PinRoot) -> Result<(), LoadError> {
-    let pins = Hook::ALL.map(|hook| root.program(program_name(hook)));
-    if pins.iter().all(|pin| pin.exists()) {
+    if programs_pinned(root) {
         return Ok(());
     }
+    let pins = Hook::ALL.map(|hook| root.program(program_name(hook)));
     // A previous load died half-way, or an older version left fewer programs: start the
     // programs afresh (maps are kept).
     for pin in pins.iter().filter(|pin| pin.exists()) {

@@ -1,5 +1,6 @@
 //! The library API: enroll, unenroll and list pods on one pin root.
 use std::{
+    collections::HashMap,
     os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
@@ -172,12 +173,15 @@ pub struct Redirector {
 
 impl Redirector {
     /// Opens the installation at `root`, installing it first if needed (kernel check,
-    /// programs loaded and pinned, maps created).
+    /// programs loaded and pinned, maps created). The kernel is probed only when installing:
+    /// probing loads test programs, too slow to repeat for every pod.
     pub fn install(root: PinRoot) -> Result<Self, Error> {
         root.check_bpffs()?;
-        kernel::check()?;
         let lock = root.create_and_lock()?;
-        loader::ensure_programs_pinned(&root)?;
+        if !loader::programs_pinned(&root) {
+            kernel::check()?;
+            loader::ensure_programs_pinned(&root)?;
+        }
         let maps = Maps::open(&root)?;
         Ok(Self {
             root,
@@ -221,14 +225,16 @@ impl Redirector {
         if policy.captures_inbound() && netns.is_none() {
             return Err(Error::InboundNeedsNetns);
         }
+        // A pod unknown to POD_CONFIG has no other entries (unenroll removes POD_CONFIG last),
+        // so the scans for stale entries, which grow with the number of pods, are skipped.
         let new = self.maps.pod_config.get(&cgroup.id, 0).is_err();
         let network = netns.map(|n| n.network.clone()).unwrap_or_default();
         let compiled = policy.compile(cgroup.id, &network);
         let result = self
-            .write_policy(cgroup.id, &compiled)
+            .write_policy(cgroup.id, &compiled, !new)
             .and_then(|()| self.attach_missing(cgroup))
             .and_then(|()| {
-                self.set_inbound(cgroup.id, netns.filter(|_| policy.captures_inbound()))
+                self.set_inbound(cgroup.id, netns.filter(|_| policy.captures_inbound()), !new)
             });
         if result.is_err() && new {
             let _ = self.unenroll(cgroup.id);
@@ -238,7 +244,12 @@ impl Redirector {
 
     /// Inbound capture on the pod's network namespace: its addresses and netns cookie in the
     /// maps, the sk_lookup link pinned; or none of it when `netns` is `None`.
-    fn set_inbound(&mut self, pod: u64, netns: Option<&PodNetns>) -> Result<(), Error> {
+    fn set_inbound(
+        &mut self,
+        pod: u64,
+        netns: Option<&PodNetns>,
+        known: bool,
+    ) -> Result<(), Error> {
         let wanted: Vec<(InboundAddrKey, std::net::IpAddr)> = netns
             .map(|netns| {
                 netns
@@ -270,7 +281,11 @@ impl Redirector {
             }
         }
         let pin = self.root.pod_dir(pod).join(Hook::Inbound.pin_name());
-        let previous: Vec<u64> = self.inbound_netns_of(pod)?;
+        let previous: Vec<u64> = if known {
+            self.inbound_netns_of(pod)?
+        } else {
+            Vec::new()
+        };
         if let Some(netns) = netns {
             if let Ok(owner) = self.maps.inbound_netns.get(&netns.cookie, 0) {
                 if owner.pod != pod {
@@ -335,8 +350,12 @@ impl Redirector {
             ignore_missing(self.maps.inbound_netns.remove(&cookie))
                 .map_err(map_error("INBOUND_NETNS"))?;
         }
-        for key in self
-            .inbound_addrs_of(pod)?
+        let held = if known {
+            self.inbound_addrs_of(pod)?
+        } else {
+            Vec::new()
+        };
+        for key in held
             .into_iter()
             .filter(|k| !wanted.iter().any(|(w, _)| w == k))
         {
@@ -368,7 +387,12 @@ impl Redirector {
 
     /// Writes a compiled policy: the sets first and the config last, so that the programs
     /// never see a pod whose sets are still missing; entries the new policy dropped go last.
-    fn write_policy(&mut self, pod: u64, compiled: &CompiledPolicy) -> Result<(), Error> {
+    fn write_policy(
+        &mut self,
+        pod: u64,
+        compiled: &CompiledPolicy,
+        known: bool,
+    ) -> Result<(), Error> {
         if self.maps.pod_stats.get(&pod, 0).is_err() {
             let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::Cpus(e))?;
             let zeroes =
@@ -406,6 +430,9 @@ impl Redirector {
             .pod_config
             .insert(pod, compiled.config, 0)
             .map_err(map_error("POD_CONFIG"))?;
+        if !known {
+            return Ok(());
+        }
 
         for stale in self
             .owners_of(pod)?
@@ -468,9 +495,9 @@ impl Redirector {
     /// was there.
     pub fn unenroll(&mut self, pod: u64) -> Result<bool, Error> {
         let existed = self.root.pod_dir(pod).exists() || self.maps.pod_config.get(&pod, 0).is_ok();
-        // Links first: once they are gone no program runs for the pod.
+        // Links first: once they are gone no program runs for the pod. POD_CONFIG goes last:
+        // a pod without it has no other entries (enroll relies on that).
         self.root.remove_pod(pod)?;
-        ignore_missing(self.maps.pod_config.remove(&pod)).map_err(map_error("POD_CONFIG"))?;
         for key in self.owners_of(pod)? {
             ignore_missing(self.maps.owners.remove(&key)).map_err(map_error("OWNERS"))?;
         }
@@ -490,6 +517,7 @@ impl Redirector {
                 .map_err(map_error("INBOUND_ADDRS"))?;
         }
         ignore_missing(self.maps.pod_stats.remove(&pod)).map_err(map_error("POD_STATS"))?;
+        ignore_missing(self.maps.pod_config.remove(&pod)).map_err(map_error("POD_CONFIG"))?;
         Ok(existed)
     }
 
@@ -511,19 +539,27 @@ impl Redirector {
             .collect())
     }
 
-    /// The pod's address prefixes with their set bits.
-    fn prefixes_of(&self, pod: u64) -> Result<Vec<(IpNet, u32)>, Error> {
+    /// Every pod's address prefixes with their set bits.
+    fn all_prefixes(&self) -> Result<Vec<(u64, IpNet, u32)>, Error> {
         let mut prefixes = Vec::new();
         for entry in self.maps.pod_addrs.iter() {
             let (key, bits) = entry.map_err(map_error("POD_ADDRS"))?;
-            if let Some((owner, prefix)) = key_prefix(&key) {
-                if owner == pod {
-                    prefixes.push((prefix, bits));
-                }
+            if let Some((pod, prefix)) = key_prefix(&key) {
+                prefixes.push((pod, prefix, bits));
             }
         }
         prefixes.sort_unstable();
         Ok(prefixes)
+    }
+
+    /// One pod's address prefixes with their set bits.
+    fn prefixes_of(&self, pod: u64) -> Result<Vec<(IpNet, u32)>, Error> {
+        Ok(self
+            .all_prefixes()?
+            .into_iter()
+            .filter(|(owner, _, _)| *owner == pod)
+            .map(|(_, p, b)| (p, b))
+            .collect())
     }
 
     /// Every enrolled pod with its policy and counters.
@@ -534,8 +570,17 @@ impl Redirector {
         let owners = owners.map_err(map_error("OWNERS"))?;
         let ports: Result<Vec<_>, _> = self.maps.ports.iter().collect();
         let ports = ports.map_err(map_error("PORTS"))?;
+        let pods = pods.map_err(map_error("POD_CONFIG"))?;
+        let pod_ids: Vec<u64> = pods.iter().map(|(pod, _)| *pod).collect();
+        let cgroups = cgroup_mount
+            .map(|mount| cgroup::paths_by_id(&mount, &pod_ids))
+            .unwrap_or_default();
+        let mut prefixes: HashMap<u64, Vec<(IpNet, u32)>> = HashMap::new();
+        for (pod, prefix, bits) in self.all_prefixes()? {
+            prefixes.entry(pod).or_default().push((prefix, bits));
+        }
         let mut statuses = Vec::new();
-        for (pod, config) in pods.map_err(map_error("POD_CONFIG"))? {
+        for (pod, config) in pods {
             let ids = |kind| {
                 owners
                     .iter()
@@ -551,9 +596,7 @@ impl Redirector {
             pod_ports.sort_by_key(|(k, _)| k.port);
             let pod_dir = self.root.pod_dir(pod);
             statuses.push(PodStatus {
-                cgroup: cgroup_mount
-                    .as_deref()
-                    .and_then(|mount| cgroup::find_by_id(mount, pod)),
+                cgroup: cgroups.get(&pod).cloned(),
                 cgroup_id: pod,
                 proxy_port: config.proxy_port,
                 inbound_capture_port: config.inbound_port,
@@ -568,8 +611,9 @@ impl Redirector {
                         sets: port_set_names(*bits),
                     })
                     .collect(),
-                prefixes: self
-                    .prefixes_of(pod)?
+                prefixes: prefixes
+                    .remove(&pod)
+                    .unwrap_or_default()
                     .into_iter()
                     .map(|(p, bits)| LabelledEntry {
                         value: p.to_string(),
