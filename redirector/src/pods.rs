@@ -168,6 +168,9 @@ pub struct RecordCounts {
 pub struct Redirector {
     root: PinRoot,
     maps: Maps,
+    /// Opened on first attach and kept: a long-lived holder (the agent, the lab) enrolls
+    /// many pods without reopening the pins.
+    programs: Option<Programs>,
     _lock: RootLock,
 }
 
@@ -186,6 +189,7 @@ impl Redirector {
         Ok(Self {
             root,
             maps,
+            programs: None,
             _lock: lock,
         })
     }
@@ -204,6 +208,7 @@ impl Redirector {
         Ok(Some(Self {
             root,
             maps,
+            programs: None,
             _lock: lock,
         }))
     }
@@ -329,9 +334,8 @@ impl Redirector {
                         path: netns.path.clone(),
                         source,
                     })?;
-                let programs = Programs::open(&self.root)?;
                 link::attach_pinned(
-                    programs.fd(Hook::Inbound),
+                    self.programs()?.fd(Hook::Inbound),
                     target.as_fd(),
                     Hook::Inbound,
                     &pin,
@@ -459,7 +463,14 @@ impl Redirector {
         Ok(())
     }
 
-    fn attach_missing(&self, cgroup: &Cgroup) -> Result<(), Error> {
+    fn programs(&mut self) -> Result<&Programs, Error> {
+        if self.programs.is_none() {
+            self.programs = Some(Programs::open(&self.root)?);
+        }
+        Ok(self.programs.as_ref().expect("just opened"))
+    }
+
+    fn attach_missing(&mut self, cgroup: &Cgroup) -> Result<(), Error> {
         let pod_dir = self.root.pod_dir(cgroup.id);
         let missing: Vec<Hook> = Hook::CGROUP
             .into_iter()
@@ -472,7 +483,7 @@ impl Redirector {
             path: pod_dir.clone(),
             source,
         })?;
-        let programs = Programs::open(&self.root)?;
+        let programs = self.programs()?;
         for hook in missing {
             let attach_error = |source| Error::Attach {
                 hook: hook.pin_name(),

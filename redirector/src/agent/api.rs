@@ -35,7 +35,7 @@ pub struct Envelope {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", content = "args", rename_all = "snake_case")]
 pub enum Request {
-    Enroll(EnrollRequest),
+    Enroll(Box<EnrollRequest>),
     Unenroll(PodSelector),
     Status,
     /// CNI GC: unenroll the pods this network attached whose container is not listed.
@@ -84,7 +84,7 @@ pub struct GcRequest {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Response {
-    Ok(Reply),
+    Ok(Box<Reply>),
     Error(ApiError),
 }
 

@@ -92,7 +92,7 @@ pub fn send(
             source,
         })?;
     match response {
-        Response::Ok(reply) => Ok(Some(reply)),
+        Response::Ok(reply) => Ok(Some(*reply)),
         Response::Error(error) => Err(error.into()),
     }
 }
@@ -132,7 +132,7 @@ fn unexpected(request: &Request, reply: &Reply) -> ClientError {
 }
 
 pub fn enroll(target: &Target, request: EnrollRequest) -> Result<(EnrolledPod, Via), ClientError> {
-    let request = Request::Enroll(request);
+    let request = Request::Enroll(Box::new(request));
     match call(target, &request)? {
         (Reply::Enrolled(pod), via) => Ok((pod, via)),
         (other, _) => Err(unexpected(&request, &other)),

@@ -296,7 +296,7 @@ impl Agent {
             });
         }
         match tokio::task::spawn_blocking(move || self.carry_out(&request)).await {
-            Ok(Ok(reply)) => Response::Ok(reply),
+            Ok(Ok(reply)) => Response::Ok(Box::new(reply)),
             Ok(Err(error)) => Response::Error(ApiError {
                 kind: error.kind(),
                 message: error.to_string(),

@@ -79,7 +79,7 @@ impl Cni for RedirectorCni {
             };
             let cgroup = find_pod_cgroup(&cgroup_root, config.cgroup_driver, &uid)
                 .map_err(|e| Error::InvalidNetworkConfig(e.to_string()))?;
-            let request = Request::Enroll(EnrollRequest {
+            let request = Request::Enroll(Box::new(EnrollRequest {
                 cgroup,
                 meta: PodMeta {
                     pod: Some(PodIdentity {
@@ -91,7 +91,7 @@ impl Cni for RedirectorCni {
                     attachment: Some(attachment(&args)),
                 },
                 policy: config.policy.clone(),
-            });
+            }));
             match ask_agent(config, &request)? {
                 Reply::Enrolled(pod) => {
                     tracing::info!(cgroup = %pod.cgroup.display(), cgroup_id = pod.cgroup_id, "pod enrolled");
