@@ -32,7 +32,7 @@ enum Task {
     /// Check the kernel and cgroup2, and install what is missing: Debian packages, nightly with
     /// rust-src, bpf-linker
     Setup,
-    /// Set up, then build the redirector and the test binaries
+    /// Set up, then build the redirector, the test and the lab binaries
     Build {
         /// Build with the release profile
         #[arg(long)]
@@ -46,10 +46,27 @@ enum Task {
     },
     /// Set up, build in release mode and run target/release/redirector-demo (needs root)
     Demo,
+    /// Set up, build in release mode and run the lab, redirector against iptables REDIRECT side
+    /// by side; results go to target/lab (needs root)
+    Lab {
+        /// Arguments for `redirector-lab run`, e.g. `--quick` or `--rounds 3` (all of them:
+        /// `target/release/redirector-lab run --help`)
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
-/// Selects the redirector and the tests crate's binaries (end-to-end helpers and the demo).
-const BINS: &[&str] = &["-p", "redirector", "-p", "redirector-tests", "--bins"];
+/// Selects the redirector's, the tests crate's (end-to-end helpers and the demo) and the lab's
+/// binaries.
+const BINS: &[&str] = &[
+    "-p",
+    "redirector",
+    "-p",
+    "redirector-tests",
+    "-p",
+    "redirector-lab",
+    "--bins",
+];
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -86,18 +103,30 @@ fn main() -> Result<()> {
         }
         Task::Demo => {
             require_root("the demo")?;
-            setup()?;
-            step("build (release)");
-            run(cargo(root, "build").arg("--release").args(BINS))?;
-            step("demo");
-            let mut demo = Command::new(target_dir(root).join("release/redirector-demo"));
-            demo.current_dir(root);
-            eprintln!("$ {}", display(&demo));
-            // exec only returns when it fails; otherwise the demo's exit status is ours.
-            let err = demo.exec();
-            Err(err).with_context(|| format!("could not run `{}`", display(&demo)))
+            exec_release_binary(root, "redirector-demo", &[])
+        }
+        Task::Lab { args } => {
+            require_root("the lab")?;
+            let out = target_dir(root).join("lab");
+            let mut lab_args = vec!["run".into(), "--out".into(), out.into_os_string()];
+            lab_args.extend(args.into_iter().map(OsString::from));
+            exec_release_binary(root, "redirector-lab", &lab_args)
         }
     }
+}
+
+/// Sets up, builds in release mode and replaces this process with `target/release/<binary>`.
+fn exec_release_binary(root: &Path, binary: &str, args: &[OsString]) -> Result<()> {
+    setup()?;
+    step("build (release)");
+    run(cargo(root, "build").arg("--release").args(BINS))?;
+    step(binary);
+    let mut command = Command::new(target_dir(root).join("release").join(binary));
+    command.args(args).current_dir(root);
+    eprintln!("$ {}", display(&command));
+    // exec only returns when it fails; otherwise the binary's exit status is ours.
+    let err = command.exec();
+    Err(err).with_context(|| format!("could not run `{}`", display(&command)))
 }
 
 fn step(name: &str) {

@@ -1,23 +1,43 @@
 //! `redirector-proxy`: a small forwarding proxy for redirected connections, as a sidecar
 //! proxy uses them. It learns each connection's original destination with
 //! getsockopt(SO_ORIGINAL_DST), as Envoy's original_dst cluster does, connects there and
-//! copies bytes both ways. Run it as the proxy UID (1337) so its own connects are exempt.
+//! moves bytes both ways with splice(2), without copying them through user space. Run it as
+//! the proxy UID (1337) so its own connects are exempt.
 //!
-//! One JSON line per event on stdout: `forward` (upstream connected), `done` (both
-//! directions finished) and `no_orig_dst` (lookup failed; the connection is closed).
-use socket2::{Domain, Protocol, Socket, Type};
+//! A pool of worker threads per listener, one per open connection. One JSON line per event on
+//! stdout, unless `--quiet`: `forward` (upstream connected), `done` (both directions finished)
+//! and `no_orig_dst` (lookup failed; the connection is closed).
+//!
+//! `--inbound` makes it an inbound listener as Istio's: it forwards from the passthrough
+//! source 127.0.0.6 (or ::6), which the pod's capture leaves alone.
 use std::{
     io::{self, Write as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
-    os::fd::AsFd,
+    os::fd::{AsFd, OwnedFd},
+    sync::{
+        atomic::{AtomicUsize, Ordering},
+        Arc,
+    },
     thread,
     time::Duration,
 };
 
 use anyhow::Context as _;
 use clap::Parser;
+use nix::{
+    errno::Errno,
+    fcntl::{fcntl, splice, FcntlArg, OFlag, SpliceFFlags},
+    poll::{poll, PollFd, PollFlags, PollTimeout},
+    unistd::pipe2,
+};
 use redirector::original_dst::so_original_dst;
 use serde_json::json;
+use socket2::{Domain, Protocol, Socket, Type};
+
+/// Bytes one splice call may move; the pipe between the sockets is sized to hold them. Larger
+/// pipes count against the UID's pipe quota (`fs.pipe-user-pages-soft`), which caps how many
+/// connections get them.
+const PIPE_BYTES: usize = 256 * 1024;
 
 #[derive(Parser)]
 #[command(
@@ -31,45 +51,88 @@ struct Args {
     /// Give up an upstream connect after this many milliseconds.
     #[arg(long, default_value_t = 3000)]
     connect_timeout_ms: u64,
-    /// Inbound listener: forward to the original destination from istio's passthrough
-    /// source (127.0.0.6, or ::6 for IPv6), which the pod's capture leaves alone.
+    /// Forward every connection to this address without asking for its original destination:
+    /// a plain TCP proxy, the baseline that has no interception at all.
+    #[arg(long)]
+    fixed_upstream: Option<SocketAddr>,
+    /// Print no per-connection events (for load tests).
+    #[arg(long)]
+    quiet: bool,
+    /// Inbound listener: connect upstream from istio's passthrough source (127.0.0.6 or ::6).
     #[arg(long)]
     inbound: bool,
 }
 
-/// How upstream connections are made.
 #[derive(Clone, Copy)]
-struct Upstream {
+struct Settings {
     connect_timeout: Duration,
+    fixed_upstream: Option<SocketAddr>,
+    events: bool,
     passthrough_source: bool,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let upstream = Upstream {
+    let settings = Settings {
         connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+        fixed_upstream: args.fixed_upstream,
+        events: !args.quiet,
         passthrough_source: args.inbound,
     };
-    let listeners = args
-        .listen
-        .iter()
-        .map(|addr| TcpListener::bind(addr).with_context(|| format!("listening on {addr}")))
-        .collect::<anyhow::Result<Vec<_>>>()?;
-    thread::scope(|scope| {
-        for listener in &listeners {
-            scope.spawn(move || accept_loop(listener, upstream));
+    for addr in &args.listen {
+        let listener = TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
+        let workers = Arc::new(Workers {
+            listener,
+            settings,
+            idle: AtomicUsize::new(0),
+        });
+        for _ in 0..SPARE_WORKERS {
+            workers.start_one()?;
         }
-    });
-    Ok(())
+    }
+    loop {
+        thread::park();
+    }
 }
 
-fn accept_loop(listener: &TcpListener, upstream: Upstream) {
-    for accepted in listener.incoming() {
-        match accepted {
-            Ok(client) => {
-                thread::spawn(move || proxy(client, upstream));
+/// How many workers wait in accept() when nothing is going on.
+const SPARE_WORKERS: usize = 4;
+
+/// Threads that each accept a connection and proxy it to the end, then accept the next one:
+/// a connection never waits for a thread to start, as long as one is idle. The last idle
+/// worker to accept starts another, so a new connection always finds one; past the spare
+/// count, workers end after their connection.
+struct Workers {
+    listener: TcpListener,
+    settings: Settings,
+    idle: AtomicUsize,
+}
+
+impl Workers {
+    fn start_one(self: &Arc<Self>) -> io::Result<()> {
+        let workers = self.clone();
+        thread::Builder::new()
+            .name("proxy-worker".into())
+            .spawn(move || workers.work())
+            .map(drop)
+    }
+
+    fn work(self: Arc<Self>) {
+        loop {
+            self.idle.fetch_add(1, Ordering::SeqCst);
+            let accepted = self.listener.accept();
+            if self.idle.fetch_sub(1, Ordering::SeqCst) == 1 {
+                if let Err(e) = self.start_one() {
+                    emit(json!({ "event": "worker_error", "error": e.to_string() }));
+                }
             }
-            Err(e) => emit(json!({ "event": "accept_error", "error": e.to_string() })),
+            match accepted {
+                Ok((client, _)) => proxy(client, self.settings),
+                Err(e) => emit(json!({ "event": "accept_error", "error": e.to_string() })),
+            }
+            if self.idle.load(Ordering::SeqCst) >= SPARE_WORKERS {
+                return;
+            }
         }
     }
 }
@@ -80,62 +143,187 @@ fn emit(event: serde_json::Value) {
     let _ = out.flush();
 }
 
-fn proxy(client: TcpStream, upstream: Upstream) {
+fn proxy(client: TcpStream, settings: Settings) {
+    // Read now: once the client has closed, the address is gone.
     let peer = client
         .peer_addr()
         .map(|a| a.to_string())
         .unwrap_or_default();
-    let original = match so_original_dst(client.as_fd()) {
-        Ok(original) => original,
-        Err(e) => {
-            return emit(json!({ "event": "no_orig_dst", "peer": peer, "error": e.to_string() }))
-        }
+    let destination = match settings.fixed_upstream {
+        Some(fixed) => fixed,
+        None => match so_original_dst(client.as_fd()) {
+            Ok(original) => original,
+            Err(e) => {
+                return emit(
+                    json!({ "event": "no_orig_dst", "peer": peer, "error": e.to_string() }),
+                )
+            }
+        },
     };
-    let upstream = match connect_upstream(original, upstream) {
+    let upstream = match connect_upstream(destination, settings) {
         Ok(upstream) => upstream,
         Err(e) => {
             return emit(
-                json!({ "event": "upstream_error", "peer": peer, "orig_dst": original.to_string(), "error": e.to_string() }),
+                json!({ "event": "upstream_error", "peer": peer, "orig_dst": destination.to_string(), "error": e.to_string() }),
             )
         }
     };
-    let upstream_local = upstream
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    let local = client
-        .local_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
-    emit(json!({
-        "event": "forward", "peer": peer, "local": local, "orig_dst": original.to_string(), "upstream_local": upstream_local
-    }));
-    let (Ok(client_rx), Ok(upstream_tx)) = (client.try_clone(), upstream.try_clone()) else {
-        return emit(json!({ "event": "error", "peer": peer, "error": "cloning sockets" }));
-    };
-    let up = thread::spawn(move || pipe(client_rx, upstream_tx));
-    let bytes_down = pipe(upstream, client);
-    let bytes_up = up.join().unwrap_or(0);
-    emit(json!({ "event": "done", "peer": peer, "bytes_up": bytes_up, "bytes_down": bytes_down }));
-}
-
-/// Copies until EOF, then passes the half-close on.
-fn pipe(mut from: TcpStream, mut to: TcpStream) -> u64 {
-    let copied = io::copy(&mut from, &mut to).unwrap_or(0);
-    let _ = to.shutdown(Shutdown::Write);
-    copied
-}
-
-fn connect_upstream(original: SocketAddr, upstream: Upstream) -> io::Result<TcpStream> {
-    if !upstream.passthrough_source {
-        return TcpStream::connect_timeout(&original, upstream.connect_timeout);
+    if settings.events {
+        let upstream_local = upstream
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let local = client
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        emit(json!({
+            "event": "forward", "peer": peer, "local": local, "orig_dst": destination.to_string(),
+            "upstream_local": upstream_local
+        }));
     }
-    let (domain, source): (Domain, IpAddr) = match original {
+    match relay(&client, &upstream) {
+        Ok((bytes_up, bytes_down)) if settings.events => emit(
+            json!({ "event": "done", "peer": peer, "bytes_up": bytes_up, "bytes_down": bytes_down }),
+        ),
+        Ok(_) => {}
+        Err(e) => emit(json!({ "event": "relay_error", "peer": peer, "error": e.to_string() })),
+    }
+}
+
+fn connect_upstream(destination: SocketAddr, settings: Settings) -> io::Result<TcpStream> {
+    if !settings.passthrough_source {
+        return TcpStream::connect_timeout(&destination, settings.connect_timeout);
+    }
+    let (domain, source): (Domain, IpAddr) = match destination {
         SocketAddr::V4(_) => (Domain::IPV4, Ipv4Addr::new(127, 0, 0, 6).into()),
         SocketAddr::V6(_) => (Domain::IPV6, Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6).into()),
     };
     let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
     socket.bind(&SocketAddr::new(source, 0).into())?;
-    socket.connect_timeout(&original.into(), upstream.connect_timeout)?;
+    socket.connect_timeout(&destination.into(), settings.connect_timeout)?;
     Ok(socket.into())
+}
+
+/// One direction of a connection: bytes go `from` → pipe → `to`, never through user space.
+struct Half<'a> {
+    from: &'a TcpStream,
+    to: &'a TcpStream,
+    pipe_read: OwnedFd,
+    pipe_write: OwnedFd,
+    /// Bytes in the pipe. The next read waits until it is empty, so a read never finds the
+    /// pipe full and EAGAIN always means "the socket has nothing".
+    in_pipe: usize,
+    from_open: bool,
+    finished: bool,
+    moved: u64,
+}
+
+impl<'a> Half<'a> {
+    fn new(from: &'a TcpStream, to: &'a TcpStream) -> io::Result<Self> {
+        let (pipe_read, pipe_write) = pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)?;
+        // Best effort: a smaller pipe only means more splice calls.
+        let _ = fcntl(&pipe_write, FcntlArg::F_SETPIPE_SZ(PIPE_BYTES as i32));
+        Ok(Self {
+            from,
+            to,
+            pipe_read,
+            pipe_write,
+            in_pipe: 0,
+            from_open: true,
+            finished: false,
+            moved: 0,
+        })
+    }
+
+    fn wants_read(&self) -> bool {
+        self.from_open && self.in_pipe == 0
+    }
+
+    fn wants_write(&self) -> bool {
+        self.in_pipe > 0
+    }
+
+    /// Moves what can be moved without blocking; at EOF with the pipe drained, passes the
+    /// half-close on.
+    fn pump(&mut self) -> io::Result<()> {
+        let flags = SpliceFFlags::SPLICE_F_MOVE | SpliceFFlags::SPLICE_F_NONBLOCK;
+        loop {
+            if self.wants_read() {
+                match splice(self.from, None, &self.pipe_write, None, PIPE_BYTES, flags) {
+                    Ok(0) => self.from_open = false,
+                    Ok(n) => self.in_pipe = n,
+                    Err(Errno::EAGAIN) => {}
+                    Err(e) => return Err(e.into()),
+                }
+            }
+            if !self.wants_write() {
+                break;
+            }
+            match splice(&self.pipe_read, None, self.to, None, self.in_pipe, flags) {
+                Ok(n) => {
+                    self.in_pipe -= n;
+                    self.moved += n as u64;
+                }
+                Err(Errno::EAGAIN) => break,
+                Err(e) => return Err(e.into()),
+            }
+        }
+        if !self.from_open && self.in_pipe == 0 && !self.finished {
+            self.finished = true;
+            // The peer may be gone already; then there is nothing left to tell it.
+            let _ = self.to.shutdown(Shutdown::Write);
+        }
+        Ok(())
+    }
+}
+
+/// Relays both directions until each has seen EOF and delivered everything; returns the
+/// bytes moved (client → upstream, upstream → client).
+fn relay(client: &TcpStream, upstream: &TcpStream) -> io::Result<(u64, u64)> {
+    for socket in [client, upstream] {
+        socket.set_nonblocking(true)?;
+        socket.set_nodelay(true)?;
+    }
+    let mut up = Half::new(client, upstream)?;
+    let mut down = Half::new(upstream, client)?;
+    loop {
+        up.pump()?;
+        down.pump()?;
+        if up.finished && down.finished {
+            return Ok((up.moved, down.moved));
+        }
+        let interest = |read: bool, write: bool| {
+            let mut flags = PollFlags::empty();
+            flags.set(PollFlags::POLLIN, read);
+            flags.set(PollFlags::POLLOUT, write);
+            flags
+        };
+        let mut fds = [
+            PollFd::new(
+                client.as_fd(),
+                interest(up.wants_read(), down.wants_write()),
+            ),
+            PollFd::new(
+                upstream.as_fd(),
+                interest(down.wants_read(), up.wants_write()),
+            ),
+        ];
+        match poll(&mut fds, PollTimeout::NONE) {
+            Ok(_) | Err(Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        // A reset socket reports an error or hang-up even when nothing is asked of it; without
+        // this check the loop would spin until the other direction ends.
+        let broken = PollFlags::POLLERR | PollFlags::POLLHUP;
+        for (fd, socket) in fds.iter().zip([client, upstream]) {
+            if fd.revents().is_some_and(|events| events.intersects(broken))
+                && fd.events().is_empty()
+            {
+                return Err(socket
+                    .take_error()?
+                    .unwrap_or_else(|| io::ErrorKind::ConnectionAborted.into()));
+            }
+        }
+    }
 }
