@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context, Result};
 use redirector::pins::PinRoot;
 use redirector::pods::Redirector;
-use redirector::policy::OutboundPolicy;
+use redirector::policy::Policy;
 use redirector_tests::{binary, nat_rules, Cgroup, Netns, Sandbox};
 use serde::Serialize;
 
@@ -214,14 +214,14 @@ fn redirector_library(
     round: u32,
 ) -> Result<SetupSample> {
     let (batch, cgroups) = pod_cgroups(sandbox, "lib", pods, round)?;
-    let policy = OutboundPolicy::default();
+    let policy = Policy::default();
     let sample = {
         let mut redirector = Redirector::install(PinRoot::new(root))?;
         measured(Method::RedirectorLibrary, pods, round, Some(root), || {
             let started = Instant::now();
             for cgroup in &cgroups {
                 let pod = redirector::cgroup::Cgroup::open(cgroup.path())?;
-                redirector.enroll(&pod, &policy)?;
+                redirector.enroll(&pod, &policy, None)?;
             }
             Ok(started.elapsed())
         })?

@@ -3,15 +3,19 @@
 //! original destination under the key the proxy can compute from its accepted socket; at
 //! close it removes both records, so nothing outlives its connection.
 use aya_ebpf::{
-    bindings::{BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB},
+    bindings::{
+        BPF_ANY, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_SOCK_OPS_TCP_LISTEN_CB,
+    },
     macros::sock_ops,
     programs::SockOpsContext,
 };
 use aya_log_ebpf::debug;
-use redirector_common::{PeerKey, AF_INET};
+use redirector_common::{ListenerKey, PeerKey};
 
 use crate::{
-    maps::{ORIG_BY_COOKIE, ORIG_BY_PEER},
+    addr,
+    maps::{INBOUND_NETNS, LISTENERS, ORIG_BY_COOKIE, ORIG_BY_PEER},
     pod::logging_enabled,
     raw,
 };
@@ -24,6 +28,7 @@ const TCP_CLOSE: u32 = 7;
 pub fn redirector_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
+        BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx),
         BPF_SOCK_OPS_STATE_CB => match ctx.arg(1) {
             TCP_ESTABLISHED => on_established(&ctx),
             TCP_CLOSE => on_close(&ctx),
@@ -42,18 +47,48 @@ fn on_connect(ctx: &SockOpsContext) {
     }
 }
 
+/// A socket starts listening in a pod with inbound capture: if it is on the pod's inbound
+/// capture port it is the proxy's inbound listener, which `sk_lookup` hands connections to.
+#[inline(always)]
+fn on_listen(ctx: &SockOpsContext) {
+    let netns_cookie = raw::netns_cookie(ctx);
+    let Some(netns) = INBOUND_NETNS.get_ptr(&netns_cookie) else {
+        return;
+    };
+    // SAFETY: map value pointer valid for this run.
+    let inbound_port = unsafe { (*netns).inbound_port };
+    let port = ctx.local_port() as u16;
+    if port != inbound_port {
+        return;
+    }
+    let key = ListenerKey {
+        netns_cookie,
+        port,
+        family: ctx.family() as u16,
+        _pad: 0,
+    };
+    if LISTENERS
+        .update(key, raw::sock_ops(ctx), u64::from(BPF_ANY))
+        .is_ok()
+        && logging_enabled()
+    {
+        debug!(ctx, "sockops inbound listener on port {}", port);
+    }
+}
+
 #[inline(always)]
 fn on_established(ctx: &SockOpsContext) {
     let Some(record) = ORIG_BY_COOKIE.get_ptr_mut(&raw::socket_cookie(ctx)) else {
         return;
     };
-    let (local_addr, local_port, remote_port) = raw::sock_ops_ipv4_ends(ctx);
+    let (family, local_addr, local_port, remote_port) = raw::sock_ops_ends(ctx);
+    let (family, local_addr) = addr::normalize(family, local_addr);
     let peer = PeerKey {
         netns_cookie: raw::netns_cookie(ctx),
-        peer_addr: [local_addr, 0, 0, 0],
+        peer_addr: local_addr,
         peer_port: local_port,
         proxy_port: remote_port,
-        family: AF_INET,
+        family,
         _pad: 0,
     };
     // SAFETY: map value pointer valid for this run; LRU entries are not freed under us.

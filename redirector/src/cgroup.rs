@@ -1,5 +1,6 @@
 //! Pod cgroups: finding the cgroup v2 mount and validating a pod's cgroup directory.
 use std::{
+    collections::HashMap,
     fs::{self, File},
     os::unix::fs::MetadataExt,
     path::{Path, PathBuf},
@@ -123,12 +124,19 @@ fn unescape_octal(field: &str) -> String {
     out
 }
 
-/// The path of the cgroup with this id below `mount`, if it still exists.
-pub fn find_by_id(mount: &Path, id: u64) -> Option<PathBuf> {
+/// The paths of the cgroups with these ids below `mount` (those that still exist), in one
+/// walk of the hierarchy that stops once all are found.
+pub fn paths_by_id(mount: &Path, ids: &[u64]) -> HashMap<u64, PathBuf> {
+    let mut found = HashMap::new();
     let mut pending = vec![mount.to_owned()];
     while let Some(dir) = pending.pop() {
-        if fs::metadata(&dir).is_ok_and(|m| m.ino() == id) {
-            return Some(dir);
+        if found.len() == ids.len() {
+            break;
+        }
+        if let Ok(metadata) = fs::metadata(&dir) {
+            if ids.contains(&metadata.ino()) {
+                found.insert(metadata.ino(), dir.clone());
+            }
         }
         let Ok(entries) = fs::read_dir(&dir) else {
             continue;
@@ -140,7 +148,7 @@ pub fn find_by_id(mount: &Path, id: u64) -> Option<PathBuf> {
                 .map(|entry| entry.path()),
         );
     }
-    None
+    found
 }
 
 #[cfg(test)]

@@ -39,7 +39,7 @@ struct HelperNeed {
     since: &'static str,
 }
 
-const PROGRAMS: [ProgramNeed; 3] = [
+const PROGRAMS: [ProgramNeed; 4] = [
     ProgramNeed {
         program: ProgramType::CgroupSockAddr,
         feature: "cgroup/connect4 programs (BPF_PROG_TYPE_CGROUP_SOCK_ADDR)",
@@ -55,9 +55,14 @@ const PROGRAMS: [ProgramNeed; 3] = [
         feature: "cgroup/getsockopt programs (BPF_PROG_TYPE_CGROUP_SOCKOPT)",
         since: "5.3",
     },
+    ProgramNeed {
+        program: ProgramType::SkLookup,
+        feature: "sk_lookup programs (BPF_PROG_TYPE_SK_LOOKUP), for inbound capture",
+        since: "5.9",
+    },
 ];
 
-const HELPERS: [HelperNeed; 3] = [
+const HELPERS: [HelperNeed; 4] = [
     HelperNeed {
         program: ProgramType::CgroupSockAddr,
         helper: BpfHelper::BPF_FUNC_get_socket_cookie,
@@ -76,37 +81,27 @@ const HELPERS: [HelperNeed; 3] = [
         feature: "bpf_get_netns_cookie in cgroup/getsockopt",
         since: "5.8",
     },
+    HelperNeed {
+        program: ProgramType::SkLookup,
+        helper: BpfHelper::BPF_FUNC_sk_assign,
+        feature: "bpf_sk_assign in sk_lookup",
+        since: "5.9",
+    },
 ];
 
 /// Checks the running kernel: its release first, then each program type and helper.
 pub fn check() -> Result<(), KernelError> {
     let uname = nix::sys::utsname::uname().map_err(KernelError::Uname)?;
     check_release(&uname.release().to_string_lossy())?;
-    for need in &PROGRAMS {
-        let supported =
-            is_program_supported(need.program).map_err(|source| KernelError::Probe {
-                feature: need.feature,
-                source,
-            })?;
-        if !supported {
-            return Err(KernelError::Missing {
-                feature: need.feature,
-                since: need.since,
-            });
-        }
-    }
-    for need in &HELPERS {
-        let supported = is_helper_supported(need.program, need.helper).map_err(|source| {
-            KernelError::Probe {
-                feature: need.feature,
-                source,
-            }
-        })?;
-        if !supported {
-            return Err(KernelError::Missing {
-                feature: need.feature,
-                since: need.since,
-            });
+    let programs = PROGRAMS
+        .iter()
+        .map(|n| (n.feature, n.since, is_program_supported(n.program)));
+    let helpers = HELPERS
+        .iter()
+        .map(|n| (n.feature, n.since, is_helper_supported(n.program, n.helper)));
+    for (feature, since, supported) in programs.chain(helpers) {
+        if !supported.map_err(|source| KernelError::Probe { feature, source })? {
+            return Err(KernelError::Missing { feature, since });
         }
     }
     Ok(())

@@ -4,11 +4,18 @@
 //! - [`pods`]: enroll, unenroll and list pods ([`pods::Redirector`]).
 //! - [`original_dst`]: the original destination of a redirected connection, for proxies.
 //! - [`pins`], [`loader`], [`link`]: the bpffs layout, the embedded programs, cgroup links.
-//! - [`cgroup`], [`kernel`], [`policy`]: input validation.
+//! - [`cgroup`], [`kernel`], [`policy`], [`flags`], [`netns`]: input, validated.
+//! - [`agent`]: the node agent, its API, and the CLI's switch between agent and standalone.
+//! - [`cni`]: the chained CNI plugin and its installer.
+pub mod agent;
+mod atomic_file;
 pub mod cgroup;
+pub mod cni;
+pub mod flags;
 pub mod kernel;
 pub mod link;
 pub mod loader;
+pub mod netns;
 pub mod original_dst;
 pub mod pins;
 pub mod pods;

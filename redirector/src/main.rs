@@ -9,10 +9,19 @@ use std::{
 use anyhow::{bail, Context as _};
 use clap::{Parser, Subcommand, ValueEnum};
 use redirector::{
+    agent::{
+        api::{EnrollRequest, NodePod, NodeStatus, PodSelector},
+        client,
+        config::{AgentFlags, NodeFlags},
+        server,
+        store::PodMeta,
+    },
+    cni::install::{InstallCniFlags, Installation},
+    flags::{IstioFlags, OutputFormat},
     loader::Programs,
-    pins::{PinRoot, DEFAULT_ROOT},
-    pods::{self, PodStatus, RecordCounts, Redirector},
-    policy::{self, IdKind, OutboundPolicy},
+    netns::PodNetns,
+    pins::PinRoot,
+    pods::{RecordCounts, Redirector},
 };
 
 #[derive(Parser)]
@@ -22,30 +31,35 @@ use redirector::{
     about = "iptables-free traffic interception for service-mesh sidecars"
 )]
 struct Cli {
-    /// bpffs directory that holds every pin redirector makes.
-    #[arg(long, global = true, env = "REDIRECTOR_BPFFS", default_value = DEFAULT_ROOT)]
-    bpffs: PathBuf,
+    #[command(flatten)]
+    node: NodeFlags,
     #[command(subcommand)]
     command: Command,
 }
 
 #[derive(Subcommand)]
 enum Command {
-    /// Capture a pod's outbound TCP (returns once interception is active).
-    Enroll(EnrollArgs),
+    /// Capture a pod's traffic (returns once interception is active).
+    Enroll(Box<EnrollArgs>),
     /// Stop capturing a pod's traffic and remove everything enrolling it made (idempotent).
     Unenroll {
         /// The pod's cgroup v2 directory.
         #[arg(long)]
         cgroup: PathBuf,
     },
-    /// List enrolled pods, their settings and counters.
+    /// List enrolled pods, their settings and counters (the agent's, when one runs).
     Status {
         #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
         output: Output,
     },
     /// Remove every pin and attachment (all pods).
     Uninstall,
+    /// Run the node agent: load the programs, adopt pinned pods, serve the API and metrics.
+    Agent(AgentFlags),
+    /// Copy redirector-cni into the CNI bin dir and chain it last in the node's conflist.
+    InstallCni(InstallCniFlags),
+    /// Remove redirector-cni from the conflist and the CNI bin dir.
+    UninstallCni(InstallCniFlags),
     /// Switch on the programs' per-connection log lines and print them until Ctrl-C.
     Log {
         /// Stop after this many seconds.
@@ -57,21 +71,15 @@ enum Command {
 #[derive(clap::Args)]
 struct EnrollArgs {
     /// The pod's cgroup v2 directory.
-    #[arg(long)]
-    cgroup: PathBuf,
-    /// Port the proxy's outbound listener has on loopback.
-    #[arg(short = 'p', long, default_value = "15001", value_parser = policy::parse_port)]
-    proxy_port: u16,
-    /// UIDs whose connections are not captured (the proxy's), comma-separated.
-    #[arg(short = 'u', long = "proxy-uid", default_value = "1337", value_parser = |s: &str| policy::parse_id_list(IdKind::Uid, s).map(IdList))]
-    proxy_uids: IdList,
-    /// GIDs whose connections are not captured (the proxy's), comma-separated.
-    #[arg(short = 'g', long = "proxy-gid", default_value = "1337", value_parser = |s: &str| policy::parse_id_list(IdKind::Gid, s).map(IdList))]
-    proxy_gids: IdList,
+    #[arg(long, required_unless_present = "dry_run")]
+    cgroup: Option<PathBuf>,
+    /// The pod's network namespace (e.g. /run/netns/NAME or /proc/PID/ns/net): its addresses
+    /// are the pod's local ones, and decide whether IPv6 is captured, as in istio-iptables.
+    #[arg(long, visible_alias = "network-namespace")]
+    netns: Option<PathBuf>,
+    #[command(flatten)]
+    istio: IstioFlags,
 }
-
-#[derive(Clone)]
-struct IdList(Vec<u32>);
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Output {
@@ -81,6 +89,10 @@ enum Output {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Command::Agent(flags) = &cli.command {
+        // The agent sets up its own logging (its config file may ask for JSON).
+        return Ok(server::main(&cli.node, flags)?);
+    }
     // The kernel's lines arrive at debug level under the programs' module paths.
     let default_filter = if matches!(cli.command, Command::Log { .. }) {
         "warn,redirector=debug"
@@ -94,82 +106,127 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let root = PinRoot::new(cli.bpffs);
+    let target = cli.node.target();
     match cli.command {
-        Command::Enroll(args) => {
-            let policy = OutboundPolicy {
-                proxy_port: args.proxy_port,
-                proxy_uids: args.proxy_uids.0,
-                proxy_gids: args.proxy_gids.0,
-            };
-            let cgroup = pods::enroll(&root, &args.cgroup, &policy)
-                .with_context(|| format!("enrolling {}", args.cgroup.display()))?;
-            tracing::info!(cgroup = %cgroup.path.display(), cgroup_id = cgroup.id, ?policy, "enrolled");
-        }
+        Command::Enroll(args) => enroll(&target, *args)?,
         Command::Unenroll { cgroup } => {
-            let was = pods::unenroll(&root, &cgroup)
+            let (was, via) = client::unenroll(&target, PodSelector::Cgroup(cgroup.clone()))
                 .with_context(|| format!("unenrolling {}", cgroup.display()))?;
-            tracing::info!(cgroup = %cgroup.display(), "{}", if was { "unenrolled" } else { "was not enrolled" });
+            tracing::info!(cgroup = %cgroup.display(), ?via, "{}", if was.is_some() { "unenrolled" } else { "was not enrolled" });
         }
         Command::Status { output } => {
-            let (pods, records) = match Redirector::open(root.clone())? {
-                Some(redirector) => (redirector.pods()?, redirector.records()),
-                None => (Vec::new(), RecordCounts::default()),
-            };
+            let (status, _) = client::status(&target)?;
             match output {
-                Output::Json => println!(
-                    "{}",
-                    serde_json::json!({ "pods": pods, "records": records })
-                ),
-                Output::Table => print_table(&pods, records),
+                Output::Json => println!("{}", serde_json::to_string(&status)?),
+                Output::Table => print_table(&status),
             }
         }
         Command::Uninstall => {
-            let was = pods::uninstall(&root)?;
-            tracing::info!(root = %root.path().display(), "{}", if was { "uninstalled" } else { "nothing installed" });
+            let was = target.node.uninstall()?;
+            tracing::info!(root = %target.node.root.path().display(), "{}", if was { "uninstalled" } else { "nothing installed" });
         }
-        Command::Log { seconds } => stream_kernel_log(&root, seconds.map(Duration::from_secs))?,
+        Command::Log { seconds } => {
+            stream_kernel_log(&target.node.root, seconds.map(Duration::from_secs))?
+        }
+        Command::InstallCni(flags) => {
+            let report = Installation::from_flags(&cli.node, &flags)?.install()?;
+            tracing::info!(binary = %report.binary.display(), conflist = %report.conflist.display(), "redirector-cni installed and chained");
+        }
+        Command::UninstallCni(flags) => {
+            let report = Installation::from_flags(&cli.node, &flags)?.uninstall()?;
+            tracing::info!(binary = %report.binary.display(), conflist = %report.conflist.display(), "redirector-cni removed");
+        }
+        Command::Agent(_) => unreachable!("handled before logging is set up"),
     }
     Ok(())
 }
 
-fn print_table(pods: &[PodStatus], records: RecordCounts) {
+fn enroll(target: &client::Target, args: EnrollArgs) -> anyhow::Result<()> {
+    let policy = args.istio.to_policy()?;
+    if args.istio.dry_run {
+        let ipv6 = match &args.netns {
+            Some(path) => {
+                let netns = PodNetns::read(path)?;
+                let on = netns.network.ipv6_enabled(policy.dual_stack);
+                let verdict = if on { "captured" } else { "not captured" };
+                format!("{verdict} (from the addresses of {})", path.display())
+            }
+            None => "captured (no --netns given)".to_owned(),
+        };
+        match args.istio.output_format() {
+            OutputFormat::Table => print!("{}", policy.render_table(&ipv6)),
+            OutputFormat::Json => {
+                let json = serde_json::json!({ "policy": policy, "ipv6": ipv6 });
+                println!("{}", serde_json::to_string_pretty(&json)?)
+            }
+        }
+        return Ok(());
+    }
+    let cgroup = args
+        .cgroup
+        .expect("clap requires --cgroup without --dry-run");
+    let request = EnrollRequest {
+        cgroup: cgroup.clone(),
+        meta: PodMeta {
+            netns: args.netns,
+            ..PodMeta::default()
+        },
+        policy: Some(policy),
+    };
+    let (pod, via) = client::enroll(target, request)
+        .with_context(|| format!("enrolling {}", cgroup.display()))?;
+    tracing::info!(cgroup = %pod.cgroup.display(), cgroup_id = pod.cgroup_id, ?via, "enrolled");
+    Ok(())
+}
+
+fn print_table(status: &NodeStatus) {
     println!(
-        "{:<50} {:>10} {:>6} {:<12} {:<12} {:>10} {:>9} {:>8} {:>7}",
+        "{:<30} {:<50} {:>10} {:>11} {:<12} {:<12} {:>10} {:>9} {:>8} {:>7} {:>9} {:>9} {:>9}",
+        "POD",
         "CGROUP",
         "ID",
-        "PORT",
+        "PORTS",
         "PROXY-UIDS",
         "PROXY-GIDS",
         "REDIRECTED",
         "EXEMPTED",
         "LOOKUPS",
-        "MISSES"
+        "MISSES",
+        "IN-CAPT",
+        "IN-EXCL",
+        "IN-NOPRX"
     );
     let list = |ids: &[u32]| ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-    for pod in pods {
+    for NodePod { status: pod, meta } in &status.pods {
         let cgroup = pod
             .cgroup
             .as_ref()
             .map_or("(gone)".to_owned(), |p| p.display().to_string());
+        let name = meta
+            .pod
+            .as_ref()
+            .map_or("-".to_owned(), |p| format!("{}/{}", p.namespace, p.name));
+        let ports = format!("{}/{}", pod.proxy_port, pod.inbound_capture_port);
         let c = pod.counters;
         println!(
-            "{:<50} {:>10} {:>6} {:<12} {:<12} {:>10} {:>9} {:>8} {:>7}",
+            "{:<30} {:<50} {:>10} {:>11} {:<12} {:<12} {:>10} {:>9} {:>8} {:>7} {:>9} {:>9} {:>9}",
+            name,
             cgroup,
             pod.cgroup_id,
-            pod.proxy_port,
+            ports,
             list(&pod.proxy_uids),
             list(&pod.proxy_gids),
             c.redirected,
             c.exempted,
             c.orig_dst_lookups,
-            c.orig_dst_misses
+            c.orig_dst_misses,
+            c.inbound_captured,
+            c.inbound_excluded,
+            c.inbound_no_proxy
         );
     }
-    println!(
-        "connection records: {} by cookie, {} by peer",
-        records.by_cookie, records.by_peer
-    );
+    let RecordCounts { by_cookie, by_peer } = status.records;
+    println!("connection records: {by_cookie} by cookie, {by_peer} by peer");
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -186,7 +243,7 @@ fn stream_kernel_log(root: &PinRoot, limit: Option<Duration>) -> anyhow::Result<
             root.path().display()
         );
     };
-    let program_id = Programs::open(root)?.log_program_id()?;
+    let program_id = Programs::log_program_id(root)?;
     let mut logger = aya_log::EbpfLogger::init_from_id(program_id)
         .context("opening the programs' log buffer")?;
     redirector.set_connection_logging(true)?;

@@ -7,20 +7,20 @@
 use std::{
     io,
     mem::{size_of, MaybeUninit},
-    net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream},
     os::fd::{AsFd, AsRawFd, BorrowedFd},
 };
 
 use aya::maps::{HashMap, MapData, MapError};
-use nix::sys::socket::{getpeername, getsockname, SockaddrIn};
-use redirector_common::{map_names, PeerKey, RawSockAddr, AF_INET};
+use nix::sys::socket::{getpeername, getsockname, SockaddrStorage};
+use redirector_common::{map_names, PeerKey, RawSockAddr, AF_INET, AF_INET6};
 
 use crate::{
     loader::{self, LoadError},
     pins::PinRoot,
 };
 
-/// `SO_ORIGINAL_DST` from linux/netfilter_ipv4.h.
+/// `SO_ORIGINAL_DST` from linux/netfilter_ipv4.h (`IP6T_SO_ORIGINAL_DST` has the same value).
 const SO_ORIGINAL_DST: libc::c_int = 80;
 /// `SO_NETNS_COOKIE` from asm-generic/socket.h (Linux 5.14).
 const SO_NETNS_COOKIE: libc::c_int = 71;
@@ -31,21 +31,47 @@ pub enum OriginalDstError {
     Open(#[from] LoadError),
     #[error("reading the addresses of the accepted socket: {0}")]
     Socket(#[from] io::Error),
-    #[error("the accepted socket is not IPv4 (only IPv4 connections are redirected)")]
-    NotIpv4,
+    #[error("the accepted socket is not an IP socket")]
+    NotIp,
     #[error("no original destination recorded for the connection from {peer} (not redirected, or already closed)")]
     NotFound { peer: SocketAddr },
     #[error("reading the record map: {0}")]
     Map(#[from] MapError),
 }
 
-/// The original destination of an accepted, redirected IPv4 connection, via the kernel.
-pub fn so_original_dst(socket: BorrowedFd<'_>) -> io::Result<SocketAddrV4> {
+/// The original destination of an accepted, redirected connection, via the kernel: the
+/// accepted socket's family chooses the call, as Envoy does (`SOL_IPV6`/`IP6T_SO_ORIGINAL_DST`
+/// for IPv6, `SOL_IP`/`SO_ORIGINAL_DST` for IPv4 and IPv4-mapped).
+pub fn so_original_dst(socket: BorrowedFd<'_>) -> io::Result<SocketAddr> {
+    let local = local_ip(socket)?;
+    if local.is_ipv6() {
+        let raw: libc::sockaddr_in6 = getsockopt_value(socket, libc::SOL_IPV6, SO_ORIGINAL_DST)?;
+        let addr = Ipv6Addr::from(raw.sin6_addr.s6_addr);
+        return Ok(SocketAddr::new(addr.into(), u16::from_be(raw.sin6_port)));
+    }
     let raw: libc::sockaddr_in = getsockopt_value(socket, libc::SOL_IP, SO_ORIGINAL_DST)?;
-    Ok(SocketAddrV4::new(
-        Ipv4Addr::from(u32::from_be(raw.sin_addr.s_addr)),
+    Ok(SocketAddr::new(
+        Ipv4Addr::from(u32::from_be(raw.sin_addr.s_addr)).into(),
         u16::from_be(raw.sin_port),
     ))
+}
+
+/// The socket's local address, IPv4-mapped IPv6 turned into IPv4.
+fn local_ip(socket: BorrowedFd<'_>) -> io::Result<IpAddr> {
+    let local = getsockname::<SockaddrStorage>(socket.as_raw_fd()).map_err(io::Error::from)?;
+    socket_ip(&local).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "not an IP socket"))
+}
+
+fn socket_ip(addr: &SockaddrStorage) -> Option<IpAddr> {
+    addr.as_sockaddr_in()
+        .map(|v4| IpAddr::V4(v4.ip()))
+        .or_else(|| addr.as_sockaddr_in6().map(|v6| v6.ip().to_canonical()))
+}
+
+fn socket_port(addr: &SockaddrStorage) -> Option<u16> {
+    addr.as_sockaddr_in()
+        .map(|v4| v4.port())
+        .or_else(|| addr.as_sockaddr_in6().map(|v6| v6.port()))
 }
 
 /// The cookie of the network namespace a socket lives in.
@@ -95,25 +121,56 @@ impl OriginalDstMap {
 
     pub fn lookup_fd(&self, accepted: BorrowedFd<'_>) -> Result<SocketAddr, OriginalDstError> {
         let fd = accepted.as_raw_fd();
-        let local = getsockname::<SockaddrIn>(fd).map_err(|_| OriginalDstError::NotIpv4)?;
-        let peer = getpeername::<SockaddrIn>(fd).map_err(|_| OriginalDstError::NotIpv4)?;
+        let local = getsockname::<SockaddrStorage>(fd).map_err(io::Error::from)?;
+        let peer = getpeername::<SockaddrStorage>(fd).map_err(io::Error::from)?;
+        let (Some(peer_ip), Some(peer_port), Some(local_port)) =
+            (socket_ip(&peer), socket_port(&peer), socket_port(&local))
+        else {
+            return Err(OriginalDstError::NotIp);
+        };
+        let (family, peer_addr) = kernel_words(peer_ip);
         let key = PeerKey {
             netns_cookie: netns_cookie(accepted)?,
-            peer_addr: [u32::from(peer.ip()).to_be(), 0, 0, 0],
-            peer_port: peer.port(),
-            proxy_port: local.port(),
-            family: AF_INET,
+            peer_addr,
+            peer_port,
+            proxy_port: local_port,
+            family,
             _pad: 0,
         };
         match self.records.get(&key, 0) {
-            Ok(original) => Ok(SocketAddr::V4(SocketAddrV4::new(
-                Ipv4Addr::from(u32::from_be(original.addr[0])),
+            Ok(original) => Ok(SocketAddr::new(
+                ip_from_words(original.family, original.addr),
                 original.port,
-            ))),
+            )),
             Err(MapError::KeyNotFound) => Err(OriginalDstError::NotFound {
-                peer: SocketAddrV4::new(peer.ip(), peer.port()).into(),
+                peer: SocketAddr::new(peer_ip, peer_port),
             }),
             Err(e) => Err(e.into()),
         }
+    }
+}
+
+/// An address as the kernel hands it to BPF: family and network-order words (IPv4 in word 0).
+pub fn kernel_words(addr: IpAddr) -> (u16, [u32; 4]) {
+    match addr.to_canonical() {
+        IpAddr::V4(v4) => (AF_INET, [u32::from_ne_bytes(v4.octets()), 0, 0, 0]),
+        IpAddr::V6(v6) => {
+            let o = v6.octets();
+            let word = |i: usize| u32::from_ne_bytes([o[i], o[i + 1], o[i + 2], o[i + 3]]);
+            (AF_INET6, [word(0), word(4), word(8), word(12)])
+        }
+    }
+}
+
+/// The inverse of [`kernel_words`].
+pub fn ip_from_words(family: u16, words: [u32; 4]) -> IpAddr {
+    if family == AF_INET {
+        Ipv4Addr::from(words[0].to_ne_bytes()).into()
+    } else {
+        let mut octets = [0u8; 16];
+        for (chunk, word) in octets.chunks_exact_mut(4).zip(words) {
+            chunk.copy_from_slice(&word.to_ne_bytes());
+        }
+        Ipv6Addr::from(octets).into()
     }
 }

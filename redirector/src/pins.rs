@@ -142,6 +142,14 @@ impl PinRoot {
         remove_tree(&self.pod_dir(cgroup_id))
     }
 
+    /// Removes one pin (a link detaches). A missing pin is fine.
+    pub fn remove_pin(&self, pin: &Path) -> Result<(), PinError> {
+        match fs::remove_file(pin) {
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(PinError::io(pin)(e)),
+            _ => Ok(()),
+        }
+    }
+
     /// Removes every pin: links detach, programs and maps are freed once nothing holds them.
     pub fn remove_all(&self) -> Result<(), PinError> {
         remove_tree(&self.root)

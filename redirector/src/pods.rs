@@ -1,17 +1,31 @@
 //! The library API: enroll, unenroll and list pods on one pin root.
-use std::path::{Path, PathBuf};
+use std::{
+    collections::HashMap,
+    os::fd::AsFd as _,
+    path::{Path, PathBuf},
+};
 
-use aya::maps::{MapError, PerCpuValues};
-use redirector_common::{ExemptOwnerKey, PodConfig, PodStats, Settings, OWNER_GID, OWNER_UID};
-use serde::Serialize;
+use aya::maps::{lpm_trie::Key, MapError, PerCpuValues};
+use ipnet::IpNet;
+use redirector_common::{
+    InboundAddrKey, InboundNetns, InboundPod, OwnerKey, PodAddrKey, PodStats, PortKey, Settings,
+    ADDR_DNS_SERVER, ADDR_EXCLUDE, ADDR_INCLUDE, ADDR_LOCAL, ADDR_LOOPBACK_CIDR, OWNER_GID,
+    OWNER_UID, POD_ADDR_KEY_FIXED_BITS, POLICY_CAPTURE_ALL_DNS, POLICY_GROUPS_EXCLUDE,
+    POLICY_GROUPS_INCLUDE, POLICY_INCLUDE_ALL, POLICY_IPV4, POLICY_IPV6, POLICY_LOOPBACK_INCLUDED,
+    POLICY_REDIRECT_DNS, PORT_INBOUND_EXCLUDE, PORT_INBOUND_INCLUDE, PORT_OUTBOUND_EXCLUDE,
+    PORT_OUTBOUND_INCLUDE,
+};
+use serde::{Deserialize, Serialize};
 
 use crate::{
     cgroup::{self, Cgroup, CgroupError},
     kernel::{self, KernelError},
-    link::{self, CgroupHook},
+    link::{self, Hook},
     loader::{self, LoadError, Maps, Programs},
+    netns::{NetnsError, PodNetns},
+    original_dst::{ip_from_words, kernel_words},
     pins::{PinError, PinRoot, RootLock},
-    policy::OutboundPolicy,
+    policy::{CompiledPolicy, Policy},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -34,48 +48,117 @@ pub enum Error {
     Map { map: &'static str, source: MapError },
     #[error("counting CPUs: {0}")]
     Cpus(std::io::Error),
+    #[error(transparent)]
+    Netns(#[from] NetnsError),
+    #[error("inbound capture (-b) needs the pod's network namespace: pass --netns")]
+    InboundNeedsNetns,
+    #[error("address {addr} already has inbound capture for another pod (cgroup id {other}); pod addresses must be unique on a node")]
+    AddressClaimed { addr: std::net::IpAddr, other: u64 },
+    #[error(
+        "network namespace {path} already has inbound capture for another pod (cgroup id {other})"
+    )]
+    NetnsClaimed { path: PathBuf, other: u64 },
 }
 
 fn map_error(map: &'static str) -> impl FnOnce(MapError) -> Error {
     move |source| Error::Map { map, source }
 }
 
-/// Per-pod counters, summed over CPUs.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
-pub struct Counters {
-    pub redirected: u64,
-    pub exempted: u64,
-    pub orig_dst_lookups: u64,
-    pub orig_dst_misses: u64,
-}
-
-impl From<PodStats> for Counters {
-    fn from(s: PodStats) -> Self {
-        Self {
-            redirected: s.redirected,
-            exempted: s.exempted,
-            orig_dst_lookups: s.orig_dst_lookups,
-            orig_dst_misses: s.orig_dst_misses,
-        }
-    }
-}
-
 /// One enrolled pod as the maps describe it.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PodStatus {
     /// None when the cgroup no longer exists.
     pub cgroup: Option<PathBuf>,
     pub cgroup_id: u64,
     pub proxy_port: u16,
+    pub inbound_capture_port: u16,
+    pub inbound_tunnel_port: u16,
     pub proxy_uids: Vec<u32>,
     pub proxy_gids: Vec<u32>,
-    /// Hooks whose link is pinned (all three while the pod is enrolled).
-    pub attached: Vec<&'static str>,
-    pub counters: Counters,
+    /// The pod's `POLICY_*` switches, by name.
+    pub switches: Vec<String>,
+    /// Ports with a rule, and which.
+    pub ports: Vec<LabelledEntry>,
+    /// Address prefixes with a rule, and which sets hold them.
+    pub prefixes: Vec<LabelledEntry>,
+    /// Hooks whose link is pinned (all of them while the pod is enrolled).
+    pub attached: Vec<String>,
+    /// Counters summed over CPUs.
+    pub counters: PodStats,
+}
+
+/// A port or prefix with the names of the sets that hold it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LabelledEntry {
+    pub value: String,
+    pub sets: Vec<String>,
+}
+
+const SWITCH_NAMES: [(u32, &str); 9] = [
+    (POLICY_IPV4, "ipv4"),
+    (POLICY_IPV6, "ipv6"),
+    (POLICY_INCLUDE_ALL, "include_all"),
+    (POLICY_REDIRECT_DNS, "redirect_dns"),
+    (POLICY_CAPTURE_ALL_DNS, "capture_all_dns"),
+    (POLICY_LOOPBACK_INCLUDED, "loopback_included"),
+    (POLICY_GROUPS_INCLUDE, "owner_groups_include"),
+    (POLICY_GROUPS_EXCLUDE, "owner_groups_exclude"),
+    (0, ""),
+];
+const PORT_SET_NAMES: [(u32, &str); 4] = [
+    (PORT_OUTBOUND_EXCLUDE, "outbound_exclude"),
+    (PORT_OUTBOUND_INCLUDE, "outbound_include"),
+    (PORT_INBOUND_INCLUDE, "inbound_include"),
+    (PORT_INBOUND_EXCLUDE, "inbound_exclude"),
+];
+const ADDR_SET_NAMES: [(u32, &str); 5] = [
+    (ADDR_LOCAL, "local"),
+    (ADDR_LOOPBACK_CIDR, "loopback_cidr"),
+    (ADDR_EXCLUDE, "exclude"),
+    (ADDR_INCLUDE, "include"),
+    (ADDR_DNS_SERVER, "dns_server"),
+];
+
+/// The names of the bits set in `bits`.
+pub fn bit_names(bits: u32, names: &[(u32, &'static str)]) -> Vec<String> {
+    names
+        .iter()
+        .filter(|(bit, _)| *bit != 0 && bits & bit != 0)
+        .map(|(_, name)| (*name).to_owned())
+        .collect()
+}
+
+pub fn port_set_names(bits: u32) -> Vec<String> {
+    bit_names(bits, &PORT_SET_NAMES)
+}
+
+pub fn addr_set_names(bits: u32) -> Vec<String> {
+    bit_names(bits, &ADDR_SET_NAMES)
+}
+
+pub fn switch_names(bits: u32) -> Vec<String> {
+    bit_names(bits, &SWITCH_NAMES)
+}
+
+/// The trie key of a prefix of a pod.
+pub fn prefix_key(pod: u64, prefix: IpNet) -> Key<PodAddrKey> {
+    let (family, addr) = kernel_words(prefix.addr());
+    Key::new(
+        POD_ADDR_KEY_FIXED_BITS + u32::from(prefix.prefix_len()),
+        PodAddrKey::new(pod, family, addr),
+    )
+}
+
+fn key_prefix(key: &Key<PodAddrKey>) -> Option<(u64, IpNet)> {
+    let data = key.data();
+    let pod = u64::from(data.pod[0]) | (u64::from(data.pod[1]) << 32);
+    let len = u8::try_from(key.prefix_len().checked_sub(POD_ADDR_KEY_FIXED_BITS)?).ok()?;
+    let family = u16::try_from(data.family).ok()?;
+    Some((pod, IpNet::new(ip_from_words(family, data.addr), len).ok()?))
 }
 
 /// Connection records currently held (they leave when their connection closes).
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RecordCounts {
     pub by_cookie: usize,
     pub by_peer: usize,
@@ -85,21 +168,28 @@ pub struct RecordCounts {
 pub struct Redirector {
     root: PinRoot,
     maps: Maps,
+    /// Opened on first attach and kept: a long-lived holder (the agent, the lab) enrolls
+    /// many pods without reopening the pins.
+    programs: Option<Programs>,
     _lock: RootLock,
 }
 
 impl Redirector {
     /// Opens the installation at `root`, installing it first if needed (kernel check,
-    /// programs loaded and pinned, maps created).
+    /// programs loaded and pinned, maps created). The kernel is probed only when installing:
+    /// probing loads test programs, too slow to repeat for every pod.
     pub fn install(root: PinRoot) -> Result<Self, Error> {
         root.check_bpffs()?;
-        kernel::check()?;
         let lock = root.create_and_lock()?;
-        loader::ensure_programs_pinned(&root)?;
+        if !loader::programs_pinned(&root) {
+            kernel::check()?;
+            loader::ensure_programs_pinned(&root)?;
+        }
         let maps = Maps::open(&root)?;
         Ok(Self {
             root,
             maps,
+            programs: None,
             _lock: lock,
         })
     }
@@ -118,6 +208,7 @@ impl Redirector {
         Ok(Some(Self {
             root,
             maps,
+            programs: None,
             _lock: lock,
         }))
     }
@@ -128,19 +219,184 @@ impl Redirector {
 
     /// Enrolls the pod whose cgroup is `cgroup`, or updates its policy if it is enrolled
     /// already (new connections follow the new policy; links are not re-made). On failure
-    /// a new enrollment is undone completely.
-    pub fn enroll(&mut self, cgroup: &Cgroup, policy: &OutboundPolicy) -> Result<(), Error> {
+    /// a new enrollment is undone completely. `netns` is the pod's network namespace: its
+    /// addresses are the pod's local ones, and inbound capture attaches to it.
+    pub fn enroll(
+        &mut self,
+        cgroup: &Cgroup,
+        policy: &Policy,
+        netns: Option<&PodNetns>,
+    ) -> Result<(), Error> {
+        if policy.captures_inbound() && netns.is_none() {
+            return Err(Error::InboundNeedsNetns);
+        }
+        // A pod unknown to POD_CONFIG has no other entries (unenroll removes POD_CONFIG last),
+        // so the scans for stale entries, which grow with the number of pods, are skipped.
         let new = self.maps.pod_config.get(&cgroup.id, 0).is_err();
+        let network = netns.map(|n| n.network.clone()).unwrap_or_default();
+        let compiled = policy.compile(cgroup.id, &network);
         let result = self
-            .write_policy(cgroup.id, policy)
-            .and_then(|()| self.attach_missing(cgroup));
+            .write_policy(cgroup.id, &compiled, !new)
+            .and_then(|()| self.attach_missing(cgroup))
+            .and_then(|()| {
+                self.set_inbound(cgroup.id, netns.filter(|_| policy.captures_inbound()), !new)
+            });
         if result.is_err() && new {
             let _ = self.unenroll(cgroup.id);
         }
         result
     }
 
-    fn write_policy(&mut self, pod: u64, policy: &OutboundPolicy) -> Result<(), Error> {
+    /// Inbound capture on the pod's network namespace: its addresses and netns cookie in the
+    /// maps, the sk_lookup link pinned; or none of it when `netns` is `None`.
+    fn set_inbound(
+        &mut self,
+        pod: u64,
+        netns: Option<&PodNetns>,
+        known: bool,
+    ) -> Result<(), Error> {
+        let wanted: Vec<(InboundAddrKey, std::net::IpAddr)> = netns
+            .map(|netns| {
+                netns
+                    .network
+                    .addresses
+                    .iter()
+                    .filter(|a| !a.to_canonical().is_loopback())
+                    .map(|&a| {
+                        let (family, addr) = kernel_words(a);
+                        (
+                            InboundAddrKey {
+                                family: u32::from(family),
+                                addr,
+                            },
+                            a,
+                        )
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        for (key, addr) in &wanted {
+            if let Ok(owner) = self.maps.inbound_addrs.get(key, 0) {
+                if owner.pod != pod {
+                    return Err(Error::AddressClaimed {
+                        addr: *addr,
+                        other: owner.pod,
+                    });
+                }
+            }
+        }
+        let pin = self.root.pod_dir(pod).join(Hook::Inbound.pin_name());
+        let previous: Vec<u64> = if known {
+            self.inbound_netns_of(pod)?
+        } else {
+            Vec::new()
+        };
+        if let Some(netns) = netns {
+            if let Ok(owner) = self.maps.inbound_netns.get(&netns.cookie, 0) {
+                if owner.pod != pod {
+                    return Err(Error::NetnsClaimed {
+                        path: netns.path.clone(),
+                        other: owner.pod,
+                    });
+                }
+            }
+            let config = self
+                .maps
+                .pod_config
+                .get(&pod, 0)
+                .map_err(map_error("POD_CONFIG"))?;
+            let entry = InboundNetns {
+                pod,
+                inbound_port: config.inbound_port,
+                _pad: [0; 6],
+            };
+            self.maps
+                .inbound_netns
+                .insert(netns.cookie, entry, 0)
+                .map_err(map_error("INBOUND_NETNS"))?;
+            let owner = InboundPod {
+                pod,
+                netns_cookie: netns.cookie,
+            };
+            for (key, _) in &wanted {
+                self.maps
+                    .inbound_addrs
+                    .insert(*key, owner, 0)
+                    .map_err(map_error("INBOUND_ADDRS"))?;
+            }
+            // A link to another namespace (the pod was re-enrolled with a new one) goes.
+            if previous.iter().any(|&cookie| cookie != netns.cookie) {
+                self.root.remove_pin(&pin)?;
+            }
+            if !pin.exists() {
+                let target =
+                    std::fs::File::open(&netns.path).map_err(|source| NetnsError::Open {
+                        path: netns.path.clone(),
+                        source,
+                    })?;
+                link::attach_pinned(
+                    self.programs()?.fd(Hook::Inbound),
+                    target.as_fd(),
+                    Hook::Inbound,
+                    &pin,
+                )
+                .map_err(|source| Error::Attach {
+                    hook: Hook::Inbound.pin_name(),
+                    cgroup: netns.path.clone(),
+                    source,
+                })?;
+            }
+        } else {
+            self.root.remove_pin(&pin)?;
+        }
+        let wanted_cookie = netns.map(|n| n.cookie);
+        for cookie in previous.into_iter().filter(|c| Some(*c) != wanted_cookie) {
+            ignore_missing(self.maps.inbound_netns.remove(&cookie))
+                .map_err(map_error("INBOUND_NETNS"))?;
+        }
+        let held = if known {
+            self.inbound_addrs_of(pod)?
+        } else {
+            Vec::new()
+        };
+        for key in held
+            .into_iter()
+            .filter(|k| !wanted.iter().any(|(w, _)| w == k))
+        {
+            ignore_missing(self.maps.inbound_addrs.remove(&key))
+                .map_err(map_error("INBOUND_ADDRS"))?;
+        }
+        Ok(())
+    }
+
+    fn inbound_netns_of(&self, pod: u64) -> Result<Vec<u64>, Error> {
+        let entries: Result<Vec<_>, _> = self.maps.inbound_netns.iter().collect();
+        Ok(entries
+            .map_err(map_error("INBOUND_NETNS"))?
+            .into_iter()
+            .filter(|(_, n)| n.pod == pod)
+            .map(|(c, _)| c)
+            .collect())
+    }
+
+    fn inbound_addrs_of(&self, pod: u64) -> Result<Vec<InboundAddrKey>, Error> {
+        let entries: Result<Vec<_>, _> = self.maps.inbound_addrs.iter().collect();
+        Ok(entries
+            .map_err(map_error("INBOUND_ADDRS"))?
+            .into_iter()
+            .filter(|(_, p)| p.pod == pod)
+            .map(|(k, _)| k)
+            .collect())
+    }
+
+    /// Writes a compiled policy: the sets first and the config last, so that the programs
+    /// never see a pod whose sets are still missing; entries the new policy dropped go last.
+    fn write_policy(
+        &mut self,
+        pod: u64,
+        compiled: &CompiledPolicy,
+        known: bool,
+    ) -> Result<(), Error> {
         if self.maps.pod_stats.get(&pod, 0).is_err() {
             let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::Cpus(e))?;
             let zeroes =
@@ -150,38 +406,73 @@ impl Redirector {
                 .insert(pod, zeroes, 0)
                 .map_err(map_error("POD_STATS"))?;
         }
-        let wanted: Vec<ExemptOwnerKey> = owner_keys(pod, policy).collect();
-        for key in &wanted {
+        for key in &compiled.owners {
             self.maps
-                .exempt_owners
+                .owners
                 .insert(*key, 1, 0)
-                .map_err(map_error("EXEMPT_OWNERS"))?;
+                .map_err(map_error("OWNERS"))?;
         }
-        let config = PodConfig {
-            proxy_port: policy.proxy_port,
-            _pad: [0; 6],
-        };
+        let port_keys: Vec<PortKey> = compiled
+            .ports
+            .iter()
+            .map(|&(port, _)| port_key(pod, port))
+            .collect();
+        for (key, &(_, bits)) in port_keys.iter().zip(&compiled.ports) {
+            self.maps
+                .ports
+                .insert(*key, bits, 0)
+                .map_err(map_error("PORTS"))?;
+        }
+        let prefix_keys: Vec<(IpNet, u32)> = compiled.prefixes.clone();
+        for &(prefix, bits) in &prefix_keys {
+            self.maps
+                .pod_addrs
+                .insert(&prefix_key(pod, prefix), bits, 0)
+                .map_err(map_error("POD_ADDRS"))?;
+        }
         self.maps
             .pod_config
-            .insert(pod, config, 0)
+            .insert(pod, compiled.config, 0)
             .map_err(map_error("POD_CONFIG"))?;
-        // Owners dropped from the policy go last, so that no moment exempts nobody.
+        if !known {
+            return Ok(());
+        }
+
         for stale in self
             .owners_of(pod)?
             .into_iter()
-            .filter(|key| !wanted.contains(key))
+            .filter(|key| !compiled.owners.contains(key))
         {
-            self.maps
-                .exempt_owners
-                .remove(&stale)
-                .map_err(map_error("EXEMPT_OWNERS"))?;
+            ignore_missing(self.maps.owners.remove(&stale)).map_err(map_error("OWNERS"))?;
+        }
+        for stale in self
+            .ports_of(pod)?
+            .into_iter()
+            .filter(|key| !port_keys.contains(key))
+        {
+            ignore_missing(self.maps.ports.remove(&stale)).map_err(map_error("PORTS"))?;
+        }
+        for (stale, _) in self
+            .prefixes_of(pod)?
+            .into_iter()
+            .filter(|(p, _)| !prefix_keys.iter().any(|(q, _)| q == p))
+        {
+            ignore_missing(self.maps.pod_addrs.remove(&prefix_key(pod, stale)))
+                .map_err(map_error("POD_ADDRS"))?;
         }
         Ok(())
     }
 
-    fn attach_missing(&self, cgroup: &Cgroup) -> Result<(), Error> {
+    fn programs(&mut self) -> Result<&Programs, Error> {
+        if self.programs.is_none() {
+            self.programs = Some(Programs::open(&self.root)?);
+        }
+        Ok(self.programs.as_ref().expect("just opened"))
+    }
+
+    fn attach_missing(&mut self, cgroup: &Cgroup) -> Result<(), Error> {
         let pod_dir = self.root.pod_dir(cgroup.id);
-        let missing: Vec<CgroupHook> = CgroupHook::ALL
+        let missing: Vec<Hook> = Hook::CGROUP
             .into_iter()
             .filter(|hook| !pod_dir.join(hook.pin_name()).exists())
             .collect();
@@ -192,17 +483,14 @@ impl Redirector {
             path: pod_dir.clone(),
             source,
         })?;
-        let programs = Programs::open(&self.root)?;
-        use std::os::fd::AsFd as _;
+        let programs = self.programs()?;
         for hook in missing {
             let attach_error = |source| Error::Attach {
                 hook: hook.pin_name(),
                 cgroup: cgroup.path.clone(),
                 source,
             };
-            let program = programs
-                .fd(hook)
-                .map_err(|e| attach_error(std::io::Error::other(e)))?;
+            let program = programs.fd(hook);
             link::attach_pinned(
                 program,
                 cgroup.dir.as_fd(),
@@ -218,22 +506,70 @@ impl Redirector {
     /// was there.
     pub fn unenroll(&mut self, pod: u64) -> Result<bool, Error> {
         let existed = self.root.pod_dir(pod).exists() || self.maps.pod_config.get(&pod, 0).is_ok();
+        // Links first: once they are gone no program runs for the pod. POD_CONFIG goes last:
+        // a pod without it has no other entries (enroll relies on that).
         self.root.remove_pod(pod)?;
-        ignore_missing(self.maps.pod_config.remove(&pod)).map_err(map_error("POD_CONFIG"))?;
         for key in self.owners_of(pod)? {
-            ignore_missing(self.maps.exempt_owners.remove(&key))
-                .map_err(map_error("EXEMPT_OWNERS"))?;
+            ignore_missing(self.maps.owners.remove(&key)).map_err(map_error("OWNERS"))?;
+        }
+        for key in self.ports_of(pod)? {
+            ignore_missing(self.maps.ports.remove(&key)).map_err(map_error("PORTS"))?;
+        }
+        for (prefix, _) in self.prefixes_of(pod)? {
+            ignore_missing(self.maps.pod_addrs.remove(&prefix_key(pod, prefix)))
+                .map_err(map_error("POD_ADDRS"))?;
+        }
+        for cookie in self.inbound_netns_of(pod)? {
+            ignore_missing(self.maps.inbound_netns.remove(&cookie))
+                .map_err(map_error("INBOUND_NETNS"))?;
+        }
+        for key in self.inbound_addrs_of(pod)? {
+            ignore_missing(self.maps.inbound_addrs.remove(&key))
+                .map_err(map_error("INBOUND_ADDRS"))?;
         }
         ignore_missing(self.maps.pod_stats.remove(&pod)).map_err(map_error("POD_STATS"))?;
+        ignore_missing(self.maps.pod_config.remove(&pod)).map_err(map_error("POD_CONFIG"))?;
         Ok(existed)
     }
 
-    fn owners_of(&self, pod: u64) -> Result<Vec<ExemptOwnerKey>, Error> {
-        let keys: Result<Vec<_>, _> = self.maps.exempt_owners.keys().collect();
+    fn owners_of(&self, pod: u64) -> Result<Vec<OwnerKey>, Error> {
+        let keys: Result<Vec<_>, _> = self.maps.owners.keys().collect();
         Ok(keys
-            .map_err(map_error("EXEMPT_OWNERS"))?
+            .map_err(map_error("OWNERS"))?
             .into_iter()
             .filter(|key| key.pod == pod)
+            .collect())
+    }
+
+    fn ports_of(&self, pod: u64) -> Result<Vec<PortKey>, Error> {
+        let keys: Result<Vec<_>, _> = self.maps.ports.keys().collect();
+        Ok(keys
+            .map_err(map_error("PORTS"))?
+            .into_iter()
+            .filter(|key| key.pod == pod)
+            .collect())
+    }
+
+    /// Every pod's address prefixes with their set bits.
+    fn all_prefixes(&self) -> Result<Vec<(u64, IpNet, u32)>, Error> {
+        let mut prefixes = Vec::new();
+        for entry in self.maps.pod_addrs.iter() {
+            let (key, bits) = entry.map_err(map_error("POD_ADDRS"))?;
+            if let Some((pod, prefix)) = key_prefix(&key) {
+                prefixes.push((pod, prefix, bits));
+            }
+        }
+        prefixes.sort_unstable();
+        Ok(prefixes)
+    }
+
+    /// One pod's address prefixes with their set bits.
+    fn prefixes_of(&self, pod: u64) -> Result<Vec<(IpNet, u32)>, Error> {
+        Ok(self
+            .all_prefixes()?
+            .into_iter()
+            .filter(|(owner, _, _)| *owner == pod)
+            .map(|(_, p, b)| (p, b))
             .collect())
     }
 
@@ -241,10 +577,21 @@ impl Redirector {
     pub fn pods(&self) -> Result<Vec<PodStatus>, Error> {
         let cgroup_mount = cgroup::cgroup2_mount().ok();
         let pods: Result<Vec<_>, _> = self.maps.pod_config.iter().collect();
-        let owners: Result<Vec<_>, _> = self.maps.exempt_owners.keys().collect();
-        let owners = owners.map_err(map_error("EXEMPT_OWNERS"))?;
+        let owners: Result<Vec<_>, _> = self.maps.owners.keys().collect();
+        let owners = owners.map_err(map_error("OWNERS"))?;
+        let ports: Result<Vec<_>, _> = self.maps.ports.iter().collect();
+        let ports = ports.map_err(map_error("PORTS"))?;
+        let pods = pods.map_err(map_error("POD_CONFIG"))?;
+        let pod_ids: Vec<u64> = pods.iter().map(|(pod, _)| *pod).collect();
+        let cgroups = cgroup_mount
+            .map(|mount| cgroup::paths_by_id(&mount, &pod_ids))
+            .unwrap_or_default();
+        let mut prefixes: HashMap<u64, Vec<(IpNet, u32)>> = HashMap::new();
+        for (pod, prefix, bits) in self.all_prefixes()? {
+            prefixes.entry(pod).or_default().push((prefix, bits));
+        }
         let mut statuses = Vec::new();
-        for (pod, config) in pods.map_err(map_error("POD_CONFIG"))? {
+        for (pod, config) in pods {
             let ids = |kind| {
                 owners
                     .iter()
@@ -256,21 +603,40 @@ impl Redirector {
             if let Ok(per_cpu) = self.maps.pod_stats.get(&pod, 0) {
                 per_cpu.iter().for_each(|cpu| total.add(cpu));
             }
+            let mut pod_ports: Vec<_> = ports.iter().filter(|(k, _)| k.pod == pod).collect();
+            pod_ports.sort_by_key(|(k, _)| k.port);
             let pod_dir = self.root.pod_dir(pod);
             statuses.push(PodStatus {
-                cgroup: cgroup_mount
-                    .as_deref()
-                    .and_then(|mount| cgroup::find_by_id(mount, pod)),
+                cgroup: cgroups.get(&pod).cloned(),
                 cgroup_id: pod,
                 proxy_port: config.proxy_port,
+                inbound_capture_port: config.inbound_port,
+                inbound_tunnel_port: config.tunnel_port,
                 proxy_uids: ids(OWNER_UID),
                 proxy_gids: ids(OWNER_GID),
-                attached: CgroupHook::ALL
+                switches: switch_names(config.flags),
+                ports: pod_ports
+                    .iter()
+                    .map(|(k, bits)| LabelledEntry {
+                        value: k.port.to_string(),
+                        sets: port_set_names(*bits),
+                    })
+                    .collect(),
+                prefixes: prefixes
+                    .remove(&pod)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .map(|(p, bits)| LabelledEntry {
+                        value: p.to_string(),
+                        sets: addr_set_names(bits),
+                    })
+                    .collect(),
+                attached: Hook::ALL
                     .into_iter()
                     .filter(|h| pod_dir.join(h.pin_name()).exists())
-                    .map(CgroupHook::pin_name)
+                    .map(|hook| hook.pin_name().to_owned())
                     .collect(),
-                counters: total.into(),
+                counters: total,
             });
         }
         statuses.sort_by_key(|status| status.cgroup_id);
@@ -304,18 +670,12 @@ impl Redirector {
     }
 }
 
-fn owner_keys(pod: u64, policy: &OutboundPolicy) -> impl Iterator<Item = ExemptOwnerKey> + '_ {
-    let uids = policy.proxy_uids.iter().map(move |&id| ExemptOwnerKey {
+fn port_key(pod: u64, port: u16) -> PortKey {
+    PortKey {
         pod,
-        kind: OWNER_UID,
-        id,
-    });
-    let gids = policy.proxy_gids.iter().map(move |&id| ExemptOwnerKey {
-        pod,
-        kind: OWNER_GID,
-        id,
-    });
-    uids.chain(gids)
+        port,
+        _pad: [0; 6],
+    }
 }
 
 /// Deleting a key that is not there is success for an idempotent unenroll.
@@ -329,25 +689,40 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
     }
 }
 
-/// Enrolls the pod at `cgroup_path` on `root`, installing redirector there if needed.
+/// Enrolls the pod at `cgroup_path` on `root`, installing redirector there if needed. The
+/// pod's network namespace, when given, tells which destinations are local to the pod (its
+/// own addresses) and whether IPv6 is captured, as istio-iptables decides; without it only
+/// loopback is local and IPv6 is captured.
 /// Bad input is refused before anything is touched; a failure after that leaves the root
 /// as it was (an installation this call made is removed again).
 pub fn enroll(
     root: &PinRoot,
     cgroup_path: &Path,
-    policy: &OutboundPolicy,
-) -> Result<Cgroup, Error> {
+    policy: &Policy,
+    netns: Option<&Path>,
+) -> Result<Enrolled, Error> {
     let cgroup = Cgroup::open(cgroup_path)?;
+    let netns = netns.map(PodNetns::read).transpose()?;
+    if policy.captures_inbound() && netns.is_none() {
+        return Err(Error::InboundNeedsNetns);
+    }
     let fresh = !root.exists();
     let result = Redirector::install(root.clone())
-        .and_then(|mut redirector| redirector.enroll(&cgroup, policy));
+        .and_then(|mut redirector| redirector.enroll(&cgroup, policy, netns.as_ref()));
     if let Err(error) = result {
         if fresh {
             let _ = root.remove_all();
         }
         return Err(error);
     }
-    Ok(cgroup)
+    Ok(Enrolled { cgroup, netns })
+}
+
+/// What [`enroll`] found and enrolled.
+#[derive(Debug)]
+pub struct Enrolled {
+    pub cgroup: Cgroup,
+    pub netns: Option<PodNetns>,
 }
 
 /// Unenrolls the pod at `cgroup_path`; returns whether it was enrolled. Idempotent.

@@ -105,6 +105,17 @@ impl Cgroup {
         Self::create_at(self.path.join(name))
     }
 
+    /// A cgroup `relative` below this one, creating the levels in between; they are left to
+    /// this guard to remove (as kubelet's kubepods levels outlive a pod).
+    pub fn descendant(&self, relative: &Path) -> Result<Cgroup> {
+        let path = self.path.join(relative);
+        if let Some(parent) = path.parent() {
+            std::fs::create_dir_all(parent)
+                .with_context(|| format!("creating cgroups down to {}", parent.display()))?;
+        }
+        Self::create_at(path)
+    }
+
     fn create_at(path: PathBuf) -> Result<Cgroup> {
         std::fs::create_dir(&path)
             .with_context(|| format!("creating cgroup {}", path.display()))?;

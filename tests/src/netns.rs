@@ -1,6 +1,6 @@
 //! Named network namespaces (`ip netns`) and veth pairs between them.
 
-use std::net::Ipv4Addr;
+use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -14,7 +14,7 @@ const IP_TIMEOUT: Duration = Duration::from_secs(10);
 const NETNS_DIR: &str = "/run/netns";
 
 /// Run `ip ARGS...` and require success.
-fn ip(args: &[&str]) -> Result<Output> {
+pub(crate) fn ip(args: &[&str]) -> Result<Output> {
     let mut command = Command::new("ip");
     command.args(args);
     run("ip", command, IP_TIMEOUT)?.ensure_success()
@@ -80,6 +80,9 @@ pub struct VethPair {
     interface: String,
     pub a_addr: Ipv4Addr,
     pub b_addr: Ipv4Addr,
+    /// IPv6 (ULA) addresses of the two ends, added after the IPv4 ones.
+    pub a_addr6: Ipv6Addr,
+    pub b_addr6: Ipv6Addr,
 }
 
 impl VethPair {
@@ -112,9 +115,15 @@ impl VethPair {
             interface,
             a_addr: Ipv4Addr::new(10, 200, subnet, 1),
             b_addr: Ipv4Addr::new(10, 200, subnet, 2),
+            a_addr6: Ipv6Addr::new(0xfd00, 0x200, subnet.into(), 0, 0, 0, 0, 1),
+            b_addr6: Ipv6Addr::new(0xfd00, 0x200, subnet.into(), 0, 0, 0, 0, 2),
         };
-        for (netns, addr) in [(a, pair.a_addr), (b, pair.b_addr)] {
+        for (netns, addr, addr6) in [
+            (a, pair.a_addr, pair.a_addr6),
+            (b, pair.b_addr, pair.b_addr6),
+        ] {
             let cidr = format!("{addr}/24");
+            let cidr6 = format!("{addr6}/64");
             ip(&[
                 "-n",
                 netns.name(),
@@ -124,6 +133,19 @@ impl VethPair {
                 "dev",
                 &pair.interface,
             ])
+            // nodad: the address is usable at once, without duplicate address detection.
+            .and_then(|_| {
+                ip(&[
+                    "-n",
+                    netns.name(),
+                    "addr",
+                    "add",
+                    &cidr6,
+                    "dev",
+                    &pair.interface,
+                    "nodad",
+                ])
+            })
             .and_then(|_| ip(&["-n", netns.name(), "link", "set", &pair.interface, "up"]))
             .with_context(|| format!("configuring {} in netns {}", pair.interface, netns.name()))?;
         }

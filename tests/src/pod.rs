@@ -2,13 +2,13 @@
 //! (own netns and cgroup, wired over a veth to a server netns that runs an echo server).
 
 use std::ffi::{OsStr, OsString};
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
 use std::path::Path;
 use std::process::Command;
 use std::sync::Once;
 use std::time::Duration;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use serde::de::DeserializeOwned;
 
 use crate::bpffs::BpfRoot;
@@ -93,6 +93,51 @@ pub fn spawn_in_pod<S: AsRef<OsStr>>(
     Child::spawn(&label, exec)
 }
 
+/// Start `redirector-proxy --listen 127.0.0.1:15001` in `netns` and `cgroup` as UID/GID 1337 and
+/// wait until it listens.
+pub fn start_proxy(netns: &Netns, cgroup: &Cgroup) -> Result<Proxy> {
+    start_proxy_on(netns, cgroup, &[PROXY_ADDR])
+}
+
+/// Start `redirector-proxy` in `netns` and `cgroup` as UID/GID 1337, listening on each of
+/// `listen` (all on port 15001), and wait until it listens.
+pub fn start_proxy_on(netns: &Netns, cgroup: &Cgroup, listen: &[SocketAddr]) -> Result<Proxy> {
+    let mut command = vec![binary("redirector-proxy")?.into_os_string()];
+    for addr in listen {
+        command.extend(["--listen".into(), addr.to_string().into()]);
+    }
+    let process = spawn_in_pod(netns, cgroup, Identity::PROXY, &command)?;
+    wait_for_tcp_listener(process.pid(), PROXY_PORT, STARTUP_TIMEOUT)
+        .with_context(|| format!("waiting for the proxy to listen{}", process.diagnostics()))?;
+    Ok(Proxy { process })
+}
+
+/// Start `e2e-helper connect` in `netns` and `cgroup` as `identity`.
+pub fn spawn_client(
+    netns: &Netns,
+    cgroup: &Cgroup,
+    identity: Identity,
+    options: &ConnectOptions,
+) -> Result<Child> {
+    let mut command = vec![binary("e2e-helper")?.into_os_string(), "connect".into()];
+    command.extend(options.to_args().into_iter().map(OsString::from));
+    spawn_in_pod(netns, cgroup, identity, &command)
+}
+
+/// One connection from `netns` and `cgroup` as `identity`, run to completion.
+pub fn connect(
+    netns: &Netns,
+    cgroup: &Cgroup,
+    identity: Identity,
+    options: &ConnectOptions,
+) -> Result<ConnectReport> {
+    let client = spawn_client(netns, cgroup, identity, options)?;
+    client_result(
+        &client,
+        SINGLE_CONNECTION_TIMEOUT + Duration::from_millis(options.hold_ms),
+    )
+}
+
 /// Wait for a finished `e2e-helper connect` and parse its last stdout line as `T`
 /// ([`ConnectReport`] or [`crate::ConnectSummary`]).
 pub fn client_result<T: DeserializeOwned>(client: &Child, timeout: Duration) -> Result<T> {
@@ -160,13 +205,20 @@ impl Sandbox {
 
     /// `redirector enroll --cgroup DIR` with the default proxy settings; must succeed.
     pub fn enroll(&self, cgroup: &Cgroup) -> Result<Output> {
-        self.redirector(&[
+        self.enroll_with(cgroup, &[])
+    }
+
+    /// `redirector enroll --cgroup DIR FLAGS...` (e.g. istio-iptables flags); must succeed.
+    pub fn enroll_with(&self, cgroup: &Cgroup, flags: &[&str]) -> Result<Output> {
+        let mut args = vec![
             OsStr::new("enroll"),
             "--cgroup".as_ref(),
             cgroup.path().as_os_str(),
-        ])?
-        .ensure_success()
-        .with_context(|| format!("enrolling {}", cgroup.path().display()))
+        ];
+        args.extend(flags.iter().map(OsStr::new));
+        self.redirector(&args)?
+            .ensure_success()
+            .with_context(|| format!("enrolling {} with {flags:?}", cgroup.path().display()))
     }
 
     /// `redirector unenroll --cgroup DIR`; the exit status is for the caller to judge.
@@ -257,18 +309,38 @@ impl Pod {
         self.veth.a_addr
     }
 
+    /// The pod's own IPv6 address on the veth.
+    pub fn addr6(&self) -> Ipv6Addr {
+        self.veth.a_addr6
+    }
+
+    /// Another echo server in the server netns (e.g. on the IPv6 address), until dropped.
+    pub fn serve(&self, addr: SocketAddr) -> Result<Server> {
+        let serve = [
+            binary("e2e-helper")?.into_os_string(),
+            "serve".into(),
+            "--listen".into(),
+            addr.to_string().into(),
+        ];
+        let process = spawn_in_pod(
+            &self.server_netns,
+            &self.server_cgroup,
+            Identity::APP,
+            &serve,
+        )?;
+        process.wait_for_line(|line| line == "listening", STARTUP_TIMEOUT)?;
+        Ok(Server { addr, process })
+    }
+
     /// Start `redirector-proxy --listen 127.0.0.1:15001` in the pod as UID/GID 1337 and wait until
     /// it listens.
     pub fn start_proxy(&self) -> Result<Proxy> {
-        let command = [
-            binary("redirector-proxy")?.into_os_string(),
-            "--listen".into(),
-            PROXY_ADDR.to_string().into(),
-        ];
-        let process = spawn_in_pod(&self.netns, &self.cgroup, Identity::PROXY, &command)?;
-        wait_for_tcp_listener(process.pid(), PROXY_PORT, STARTUP_TIMEOUT)
-            .with_context(|| format!("waiting for the proxy to listen{}", process.diagnostics()))?;
-        Ok(Proxy { process })
+        self.start_proxy_on(&[PROXY_ADDR])
+    }
+
+    /// Start `redirector-proxy` listening on each of `listen` (all on port 15001).
+    pub fn start_proxy_on(&self, listen: &[SocketAddr]) -> Result<Proxy> {
+        start_proxy_on(&self.netns, &self.cgroup, listen)
     }
 
     /// Start `e2e-helper connect` in this pod's netns, in `cgroup` (the pod's or a sibling).
@@ -278,9 +350,7 @@ impl Pod {
         identity: Identity,
         options: &ConnectOptions,
     ) -> Result<Child> {
-        let mut command = vec![binary("e2e-helper")?.into_os_string(), "connect".into()];
-        command.extend(options.to_args().into_iter().map(OsString::from));
-        spawn_in_pod(&self.netns, cgroup, identity, &command)
+        spawn_client(&self.netns, cgroup, identity, options)
     }
 
     /// One connection from the pod's own cgroup, run to completion.
@@ -295,11 +365,7 @@ impl Pod {
         identity: Identity,
         options: &ConnectOptions,
     ) -> Result<ConnectReport> {
-        let client = self.spawn_client(cgroup, identity, options)?;
-        client_result(
-            &client,
-            SINGLE_CONNECTION_TIMEOUT + Duration::from_millis(options.hold_ms),
-        )
+        connect(&self.netns, cgroup, identity, options)
     }
 }
 
@@ -321,6 +387,43 @@ impl Proxy {
                 _ => None,
             })
             .collect()
+    }
+
+    /// The connection went client → proxy → `server`: returns the proxy's forward event.
+    pub fn check_redirected(
+        &self,
+        server: SocketAddr,
+        report: &ConnectReport,
+    ) -> Result<ForwardEvent> {
+        let reply = report.server_reply()?;
+        // The client's socket is connected to the proxy over loopback, yet its getpeername
+        // reports the original destination, as after an iptables REDIRECT.
+        ensure!(
+            report.local_addr()?.ip() == PROXY_ADDR.ip(),
+            "client's socket is not connected over loopback to the proxy: {report:?}"
+        );
+        ensure!(
+            report.peer == Some(server),
+            "client's getpeername is not the original destination: {report:?}"
+        );
+        let forward = self.forward_event(report.local_addr()?)?;
+        ensure!(
+            forward.orig_dst == server,
+            "proxy forwarded to {}, expected {server}",
+            forward.orig_dst
+        );
+        ensure!(
+            reply.peer == forward.upstream_local,
+            "the server saw {} but the proxy's upstream was {}",
+            reply.peer,
+            forward.upstream_local
+        );
+        ensure!(
+            reply.local == server,
+            "the reply came from {} instead of {server}",
+            reply.local
+        );
+        Ok(forward)
     }
 
     /// The forward event for the client connection from `client`, waiting for it if needed.

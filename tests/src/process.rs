@@ -23,14 +23,7 @@ const DIAGNOSTIC_LINES: usize = 20;
 /// A test executable lives in `target/<profile>/deps/`, a binary of this crate in
 /// `target/<profile>/`; the product's binaries are in `target/<profile>/` either way.
 pub fn binary(name: &str) -> Result<PathBuf> {
-    let exe = std::env::current_exe().context("locating the running executable")?;
-    let mut dir = exe
-        .parent()
-        .context("running executable has no parent dir")?;
-    if dir.file_name() == Some(OsStr::new("deps")) {
-        dir = dir.parent().context("deps dir has no parent")?;
-    }
-    let path = dir.join(name);
+    let path = profile_dir()?.join(name);
     if !path.is_file() {
         bail!(
             "binary {name} not found at {}: build it first with the same profile as the tests \
@@ -39,6 +32,18 @@ pub fn binary(name: &str) -> Result<PathBuf> {
         );
     }
     Ok(path)
+}
+
+/// `target/<profile>/` of the running executable (a test executable lives in its `deps/`).
+pub fn profile_dir() -> Result<PathBuf> {
+    let exe = std::env::current_exe().context("locating the running executable")?;
+    let mut dir = exe
+        .parent()
+        .context("running executable has no parent dir")?;
+    if dir.file_name() == Some(OsStr::new("deps")) {
+        dir = dir.parent().context("deps dir has no parent")?;
+    }
+    Ok(dir.to_owned())
 }
 
 /// Poll `check` every 20 ms until it yields a value or `timeout` passes.
@@ -196,14 +201,35 @@ pub struct Child {
 
 impl Child {
     /// Spawn `command` with stdin closed and stdout/stderr captured. `label` names it in errors.
-    pub fn spawn(label: &str, mut command: Command) -> Result<Child> {
+    pub fn spawn(label: &str, command: Command) -> Result<Child> {
+        Self::spawn_with_input(label, command, None)
+    }
+
+    /// Like [`Child::spawn`], with `input` written to the process's stdin (then closed) by a
+    /// thread, as a CNI runtime hands a plugin its network config.
+    pub fn spawn_with_input(
+        label: &str,
+        mut command: Command,
+        input: Option<Vec<u8>>,
+    ) -> Result<Child> {
         let command_line = display_command(&command);
+        let stdin = if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        };
         let mut process = command
-            .stdin(Stdio::null())
+            .stdin(stdin)
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
             .with_context(|| format!("spawning {label}: `{command_line}`"))?;
+        if let (Some(mut stdin), Some(input)) = (process.stdin.take(), input) {
+            // A process that exits without reading its input is not an error here.
+            thread::spawn(move || {
+                let _ = std::io::Write::write_all(&mut stdin, &input);
+            });
+        }
         let captured = Arc::new(Captured::default());
         if let Some(stdout) = process.stdout.take() {
             start_capture(stdout, captured.clone(), |streams| &mut streams.stdout);
@@ -256,13 +282,32 @@ impl Child {
         predicate: impl Fn(&str) -> bool,
         timeout: Duration,
     ) -> Result<String> {
+        self.wait_for_line_in("stdout", |streams| &streams.stdout, predicate, timeout)
+    }
+
+    /// Like [`Child::wait_for_line`], on stderr (where logs go).
+    pub fn wait_for_stderr_line(
+        &self,
+        predicate: impl Fn(&str) -> bool,
+        timeout: Duration,
+    ) -> Result<String> {
+        self.wait_for_line_in("stderr", |streams| &streams.stderr, predicate, timeout)
+    }
+
+    fn wait_for_line_in(
+        &self,
+        stream: &str,
+        pick: fn(&Streams) -> &Vec<String>,
+        predicate: impl Fn(&str) -> bool,
+        timeout: Duration,
+    ) -> Result<String> {
         self.captured
             .wait_until(timeout, |streams| {
-                streams.stdout.iter().find(|line| predicate(line)).cloned()
+                pick(streams).iter().find(|line| predicate(line)).cloned()
             })
             .ok_or_else(|| {
                 anyhow!(
-                    "{}: no matching stdout line within {timeout:?}{}",
+                    "{}: no matching {stream} line within {timeout:?}{}",
                     self.label,
                     self.diagnostics()
                 )

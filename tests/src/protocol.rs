@@ -1,7 +1,8 @@
 //! What the binaries print: e2e-helper's reports (written by the helper and read by the tests,
 //! from the same types), redirector-proxy's events and `redirector status -o json`.
 
-use std::net::SocketAddr;
+use std::collections::BTreeMap;
+use std::net::{IpAddr, SocketAddr};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -26,6 +27,9 @@ pub struct ConnectOptions {
     /// Pause between connecting and sending, in milliseconds.
     #[arg(long, default_value_t = 0)]
     pub hold_ms: u64,
+    /// With --count: stop before the next connection once this file exists.
+    #[arg(long)]
+    pub stop_file: Option<std::path::PathBuf>,
 }
 
 impl ConnectOptions {
@@ -36,6 +40,7 @@ impl ConnectOptions {
             message: "hello".into(),
             count: 1,
             hold_ms: 0,
+            stop_file: None,
         }
     }
 
@@ -59,6 +64,11 @@ impl ConnectOptions {
         self
     }
 
+    pub fn stop_file(mut self, file: &std::path::Path) -> Self {
+        self.stop_file = Some(file.to_owned());
+        self
+    }
+
     /// The arguments after `e2e-helper connect` that parse back into `self`.
     pub fn to_args(&self) -> Vec<String> {
         let mut args = vec!["--to".into(), self.to.to_string()];
@@ -73,6 +83,9 @@ impl ConnectOptions {
             "--hold-ms".into(),
             self.hold_ms.to_string(),
         ]);
+        if let Some(file) = &self.stop_file {
+            args.extend(["--stop-file".into(), file.display().to_string()]);
+        }
         args
     }
 }
@@ -116,6 +129,39 @@ impl ConnectReport {
     }
 }
 
+/// One connect of `e2e-helper connect-batch`: a destination, and the local address to bind
+/// first (port 0) or none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PlannedConnect {
+    pub to: SocketAddr,
+    pub bind: Option<IpAddr>,
+}
+
+/// The JSON line `e2e-helper listen` writes to every connection it accepts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ListenerReply {
+    /// Which listener answered (the `--tag` it was started with).
+    pub tag: String,
+    /// The address the connection reached (getsockname of the accepted socket).
+    pub local: SocketAddr,
+}
+
+/// How a planned connect ended.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Reached {
+    Answered(ListenerReply),
+    /// `refused`, `timeout`, `unreachable`, or the error's text.
+    Failed(String),
+}
+
+/// One stdout line of `e2e-helper connect-batch`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ConnectOutcome {
+    pub connect: PlannedConnect,
+    pub reached: Reached,
+}
+
 /// What `e2e-helper connect --count N` (N > 1) prints.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ConnectSummary {
@@ -137,6 +183,8 @@ pub enum ProxyEvent {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct ForwardEvent {
     pub peer: SocketAddr,
+    /// The accepted socket's own address (for inbound capture, what the client asked for).
+    pub local: SocketAddr,
     pub orig_dst: SocketAddr,
     pub upstream_local: SocketAddr,
 }
@@ -159,12 +207,21 @@ pub struct NoOrigDstEvent {
 pub struct Status {
     pub pods: Vec<PodStatus>,
     pub records: RecordCounts,
+    /// What the agent reports about itself; None when no agent answered.
+    pub agent: Option<AgentReport>,
 }
 
 impl Status {
     /// The enrolled pod whose cgroup has this id.
     pub fn pod(&self, cgroup_id: u64) -> Option<&PodStatus> {
         self.pods.iter().find(|pod| pod.cgroup_id == cgroup_id)
+    }
+
+    /// The enrolled pod with this Kubernetes pod UID.
+    pub fn pod_by_uid(&self, uid: &str) -> Option<&PodStatus> {
+        self.pods
+            .iter()
+            .find(|pod| pod.pod.as_ref().is_some_and(|pod| pod.uid == uid))
     }
 }
 
@@ -175,7 +232,152 @@ pub struct PodStatus {
     pub proxy_port: u16,
     pub proxy_uids: Vec<u32>,
     pub proxy_gids: Vec<u32>,
+    /// Address prefixes with a rule, and the sets holding them.
+    #[serde(default)]
+    pub prefixes: Vec<LabelledEntry>,
+    /// Ports with a rule, and the sets holding them.
+    #[serde(default)]
+    pub ports: Vec<LabelledEntry>,
+    /// Hooks whose link is pinned.
+    pub attached: Vec<String>,
     pub counters: Counters,
+    /// Who the pod is, when the CNI plugin enrolled it.
+    pub pod: Option<PodIdentity>,
+    pub netns: Option<String>,
+    pub attachment: Option<CniAttachment>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct PodIdentity {
+    pub uid: String,
+    pub namespace: String,
+    pub name: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct CniAttachment {
+    pub network: String,
+    pub container_id: String,
+    pub ifname: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct AgentReport {
+    pub ready: bool,
+    pub startup: Option<ReconcileReport>,
+    pub collected_since: Vec<CollectedPod>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct ReconcileReport {
+    pub adopted: Vec<PodRef>,
+    pub collected: Vec<CollectedPod>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct PodRef {
+    pub cgroup_id: u64,
+    pub cgroup: Option<String>,
+    pub pod: Option<PodIdentity>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct CollectedPod {
+    #[serde(flatten)]
+    pub pod: PodRef,
+    pub reason: String,
+}
+
+/// One sample of a Prometheus text exposition.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sample {
+    pub name: String,
+    pub labels: BTreeMap<String, String>,
+    pub value: f64,
+}
+
+/// A parsed `/metrics` page.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct Metrics {
+    pub samples: Vec<Sample>,
+}
+
+impl Metrics {
+    /// Parses the Prometheus text format (comments skipped; every other line must be a sample).
+    pub fn parse(text: &str) -> Result<Metrics> {
+        let samples = text
+            .lines()
+            .filter(|line| !line.trim().is_empty() && !line.starts_with('#'))
+            .map(|line| parse_sample(line).with_context(|| format!("metrics line {line:?}")))
+            .collect::<Result<_>>()?;
+        Ok(Metrics { samples })
+    }
+
+    /// The value of the sample `name` whose labels include `labels`.
+    pub fn value(&self, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        self.samples
+            .iter()
+            .find(|sample| {
+                sample.name == name
+                    && labels.iter().all(|(key, value)| {
+                        sample.labels.get(*key).map(String::as_str) == Some(value)
+                    })
+            })
+            .map(|sample| sample.value)
+    }
+}
+
+fn parse_sample(line: &str) -> Result<Sample> {
+    let (series, value) = line.rsplit_once(' ').context("no value")?;
+    let value = match value {
+        "+Inf" => f64::INFINITY,
+        "-Inf" => f64::NEG_INFINITY,
+        number => number.parse().context("value is not a number")?,
+    };
+    let Some((name, rest)) = series.split_once('{') else {
+        return Ok(Sample {
+            name: series.to_owned(),
+            labels: BTreeMap::new(),
+            value,
+        });
+    };
+    let mut labels = BTreeMap::new();
+    let mut chars = rest
+        .strip_suffix('}')
+        .context("unclosed labels")?
+        .chars()
+        .peekable();
+    while chars.peek().is_some() {
+        let key: String = chars.by_ref().take_while(|c| *c != '=').collect();
+        anyhow::ensure!(chars.next() == Some('"'), "label {key} has no quoted value");
+        let mut label_value = String::new();
+        loop {
+            match chars.next().context("unterminated label value")? {
+                '"' => break,
+                '\\' => match chars.next().context("dangling escape")? {
+                    'n' => label_value.push('\n'),
+                    other => label_value.push(other),
+                },
+                other => label_value.push(other),
+            }
+        }
+        labels.insert(key, label_value);
+        if chars.peek() == Some(&',') {
+            chars.next();
+        }
+    }
+    Ok(Sample {
+        name: name.to_owned(),
+        labels,
+        value,
+    })
+}
+
+/// A port or prefix of a pod's policy, as `redirector status -o json` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct LabelledEntry {
+    pub value: String,
+    pub sets: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
@@ -184,6 +386,9 @@ pub struct Counters {
     pub exempted: u64,
     pub orig_dst_lookups: u64,
     pub orig_dst_misses: u64,
+    pub inbound_captured: u64,
+    pub inbound_excluded: u64,
+    pub inbound_no_proxy: u64,
 }
 
 /// Entries currently in the two connection-record maps.
@@ -210,7 +415,8 @@ mod tests {
             .bind_port(40123)
             .message("two words")
             .count(3)
-            .hold_ms(1500);
+            .hold_ms(1500)
+            .stop_file(std::path::Path::new("/tmp/stop here"));
         let args = std::iter::once("e2e-helper".to_string()).chain(options.to_args());
         assert_eq!(Wrapper::parse_from(args).options, options);
     }
@@ -218,7 +424,7 @@ mod tests {
     #[test]
     fn parses_proxy_events_and_status() {
         let forward: ProxyEvent = serde_json::from_str(
-            r#"{"event":"forward","peer":"127.0.0.1:40000","orig_dst":"10.200.1.2:8080","upstream_local":"10.200.1.1:51234"}"#,
+            r#"{"event":"forward","peer":"127.0.0.1:40000","local":"127.0.0.1:15001","orig_dst":"10.200.1.2:8080","upstream_local":"10.200.1.1:51234"}"#,
         )
         .unwrap();
         assert!(
@@ -226,10 +432,33 @@ mod tests {
         );
         let status: Status = serde_json::from_str(
             r#"{"pods":[{"cgroup":"/x","cgroup_id":7,"proxy_port":15001,"proxy_uids":[1337],"proxy_gids":[1337],
-                "counters":{"redirected":1,"exempted":2,"orig_dst_lookups":1,"orig_dst_misses":0}}],
-                "records":{"by_cookie":0,"by_peer":0}}"#,
+                "attached":["connect4"],"counters":{"redirected":1,"exempted":2,"orig_dst_lookups":1,"orig_dst_misses":0,
+                "inbound_captured":0,"inbound_excluded":0,"inbound_no_proxy":0},
+                "pod":{"uid":"u-1","namespace":"ns","name":"web"},"netns":null,"attachment":null}],
+                "records":{"by_cookie":0,"by_peer":0},"agent":null}"#,
         )
         .unwrap();
         assert_eq!(status.pod(7).unwrap().counters.exempted, 2);
+        assert_eq!(status.pod_by_uid("u-1").unwrap().cgroup_id, 7);
+    }
+
+    #[test]
+    fn parses_prometheus_text() {
+        let metrics = Metrics::parse(
+            "# HELP x_total Things.\n# TYPE x_total counter\nx_total 3\n\
+             y{a=\"1\",b=\"q\\\"uote\"} 2.5\nz_bucket{le=\"+Inf\"} +Inf\n",
+        )
+        .unwrap();
+        assert_eq!(metrics.value("x_total", &[]), Some(3.0));
+        assert_eq!(
+            metrics.value("y", &[("a", "1"), ("b", "q\"uote")]),
+            Some(2.5)
+        );
+        assert_eq!(metrics.value("y", &[("a", "2")]), None);
+        assert_eq!(
+            metrics.value("z_bucket", &[("le", "+Inf")]),
+            Some(f64::INFINITY)
+        );
+        assert!(Metrics::parse("broken{a=1} 2").is_err());
     }
 }

@@ -113,22 +113,32 @@ pub fn redirector_processes_mentioning(text: &OsStr) -> Result<Vec<i32>> {
 /// (/proc/PID/net/tcp shows that process's namespace).
 pub fn wait_for_tcp_listener(pid: Pid, port: u16, timeout: Duration) -> Result<()> {
     const TCP_LISTEN: &str = "0A";
-    let table = format!("/proc/{pid}/net/tcp");
     let local_port = format!(":{port:04X}");
     wait_for(
         &format!("a listener on port {port} in the netns of pid {pid}"),
         timeout,
         || {
-            let text = match std::fs::read_to_string(&table) {
-                Ok(text) => text,
-                Err(error) => bail!("reading {table} (did the process exit?): {error}"),
-            };
-            // Columns: sl local_address rem_address st ...
-            let listening = text.lines().skip(1).any(|line| {
-                let columns: Vec<&str> = line.split_whitespace().collect();
-                columns.len() > 3 && columns[1].ends_with(&local_port) && columns[3] == TCP_LISTEN
-            });
-            Ok(listening.then_some(()))
+            // IPv4 and IPv6 listeners are in separate tables.
+            for table in [
+                format!("/proc/{pid}/net/tcp"),
+                format!("/proc/{pid}/net/tcp6"),
+            ] {
+                let text = match std::fs::read_to_string(&table) {
+                    Ok(text) => text,
+                    Err(error) => bail!("reading {table} (did the process exit?): {error}"),
+                };
+                // Columns: sl local_address rem_address st ...
+                let listening = text.lines().skip(1).any(|line| {
+                    let columns: Vec<&str> = line.split_whitespace().collect();
+                    columns.len() > 3
+                        && columns[1].ends_with(&local_port)
+                        && columns[3] == TCP_LISTEN
+                });
+                if listening {
+                    return Ok(Some(()));
+                }
+            }
+            Ok(None)
         },
     )
 }

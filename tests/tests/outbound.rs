@@ -18,7 +18,7 @@ use nix::sys::signal::Signal;
 use redirector_tests::{
     attached_programs, cgroup_v1_mounts, client_result, files_below, nat_rules, redirector,
     wait_for, ConnectOptions, ConnectReport, ConnectSummary, ForwardEvent, Identity, Pod, Proxy,
-    RecordCounts, Sandbox, TempDir, PROXY_ADDR, PROXY_PORT,
+    RecordCounts, Sandbox, TempDir, PROXY_PORT,
 };
 
 const MESSAGE: &str = "hello from the app";
@@ -34,32 +34,10 @@ fn enrolled_pod(sandbox: &Sandbox, name: &str, server_port: u16) -> Result<(Prox
 }
 
 /// The connection went client → proxy → original destination: returns the proxy's forward event.
+/// The client's socket was connected to the proxy on loopback (its own address is loopback),
+/// yet getpeername reports the original destination, as after an iptables REDIRECT.
 fn assert_redirected(pod: &Pod, proxy: &Proxy, report: &ConnectReport) -> Result<ForwardEvent> {
-    let reply = report.server_reply()?;
-    ensure!(
-        report.peer == Some(PROXY_ADDR),
-        "client's getpeername is not the proxy: {report:?}"
-    );
-    let forward = proxy.forward_event(report.local_addr()?)?;
-    ensure!(
-        forward.orig_dst == pod.server.addr,
-        "proxy forwarded to {}, expected {}",
-        forward.orig_dst,
-        pod.server.addr
-    );
-    ensure!(
-        reply.peer == forward.upstream_local,
-        "the server saw {} but the proxy's upstream was {}",
-        reply.peer,
-        forward.upstream_local
-    );
-    ensure!(
-        reply.local == pod.server.addr,
-        "the reply came from {} instead of {}",
-        reply.local,
-        pod.server.addr
-    );
-    Ok(forward)
+    proxy.check_redirected(pod.server.addr, report)
 }
 
 /// The connection went straight to the server, and the proxy never saw it.
@@ -385,6 +363,62 @@ fn bad_enroll_inputs_fail_and_leave_nothing_behind() -> Result<()> {
             problem: "proxy gid xyz",
             args: victim_with(&["--proxy-gid", "xyz"]),
             expected_words: &["gid"],
+        },
+        // istio-iptables flags (issue 3): every malformed value or meaningless flag is refused.
+        BadEnroll {
+            problem: "include CIDR with a /33",
+            args: victim_with(&["-i", "10.0.0.0/33"]),
+            expected_words: &["cidr"],
+        },
+        BadEnroll {
+            problem: "exclude CIDR that is not one",
+            args: victim_with(&["-x", "10.0.0.0/8,nonsense"]),
+            expected_words: &["cidr"],
+        },
+        BadEnroll {
+            problem: "inbound capture port 70000",
+            args: victim_with(&["-z", "70000"]),
+            expected_words: &["port"],
+        },
+        BadEnroll {
+            problem: "outbound port 0",
+            args: victim_with(&["-q", "80,0"]),
+            expected_words: &["port"],
+        },
+        BadEnroll {
+            problem: "inbound port list that does not parse",
+            args: victim_with(&["-b", "80,http"]),
+            expected_words: &["port"],
+        },
+        BadEnroll {
+            problem: "TPROXY mode",
+            args: victim_with(&["-m", "TPROXY"]),
+            expected_words: &["tproxy"],
+        },
+        BadEnroll {
+            problem: "unknown mode",
+            args: victim_with(&["-m", "MASQUERADE"]),
+            expected_words: &["mode"],
+        },
+        BadEnroll {
+            problem: "kube virt interfaces",
+            args: victim_with(&["-k", "eth1"]),
+            expected_words: &["kube-virt-interfaces"],
+        },
+        BadEnroll {
+            problem: "exclude-everything CIDR",
+            args: victim_with(&["-x", "*"]),
+            expected_words: &["every destination"],
+        },
+        BadEnroll {
+            problem: "network namespace that does not exist",
+            args: victim_with(&["--netns", "/run/netns/rdt-no-such-netns"]),
+            expected_words: &["network namespace"],
+        },
+        BadEnroll {
+            problem: "network namespace path that is not one",
+            args: victim_with(&["--netns", "/proc/self/status"]),
+            expected_words: &["not a network namespace"],
         },
         BadEnroll {
             problem: "bpffs root on a non-bpf filesystem",

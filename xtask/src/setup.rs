@@ -20,6 +20,8 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "tests"),
     ("iproute2", "tests"),
     ("haproxy", "tests"),
+    // The reference bridge, host-local and loopback CNI plugins, in /usr/lib/cni.
+    ("containernetworking-plugins", "tests"),
 ];
 
 const BPF_LINKER_VERSION: &str = "0.13.0";

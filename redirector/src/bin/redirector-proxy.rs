@@ -4,12 +4,15 @@
 //! moves bytes both ways with splice(2), without copying them through user space. Run it as
 //! the proxy UID (1337) so its own connects are exempt.
 //!
-//! A pool of worker threads, one per open connection. One JSON line per event on stdout, unless `--quiet`: `forward`
-//! (upstream connected), `done` (both directions finished) and `no_orig_dst` (lookup failed;
-//! the connection is closed).
+//! A pool of worker threads per listener, one per open connection. One JSON line per event on
+//! stdout, unless `--quiet`: `forward` (upstream connected), `done` (both directions finished)
+//! and `no_orig_dst` (lookup failed; the connection is closed).
+//!
+//! `--inbound` makes it an inbound listener as Istio's: it forwards from the passthrough
+//! source 127.0.0.6 (or ::6), which the pod's capture leaves alone.
 use std::{
     io::{self, Write as _},
-    net::{Shutdown, SocketAddr, TcpListener, TcpStream},
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
     os::fd::{AsFd, OwnedFd},
     sync::{
         atomic::{AtomicUsize, Ordering},
@@ -29,6 +32,7 @@ use nix::{
 };
 use redirector::original_dst::so_original_dst;
 use serde_json::json;
+use socket2::{Domain, Protocol, Socket, Type};
 
 /// Bytes one splice call may move; the pipe between the sockets is sized to hold them. Larger
 /// pipes count against the UID's pipe quota (`fs.pipe-user-pages-soft`), which caps how many
@@ -41,9 +45,9 @@ const PIPE_BYTES: usize = 256 * 1024;
     about = "forward redirected connections to their original destination"
 )]
 struct Args {
-    /// Address of the outbound listener.
+    /// Addresses to listen on (repeat for IPv4 and IPv6, e.g. 127.0.0.1:15001 and [::1]:15001).
     #[arg(long, default_value = "127.0.0.1:15001")]
-    listen: SocketAddr,
+    listen: Vec<SocketAddr>,
     /// Give up an upstream connect after this many milliseconds.
     #[arg(long, default_value_t = 3000)]
     connect_timeout_ms: u64,
@@ -54,6 +58,9 @@ struct Args {
     /// Print no per-connection events (for load tests).
     #[arg(long)]
     quiet: bool,
+    /// Inbound listener: connect upstream from istio's passthrough source (127.0.0.6 or ::6).
+    #[arg(long)]
+    inbound: bool,
 }
 
 #[derive(Clone, Copy)]
@@ -61,23 +68,27 @@ struct Settings {
     connect_timeout: Duration,
     fixed_upstream: Option<SocketAddr>,
     events: bool,
+    passthrough_source: bool,
 }
 
 fn main() -> anyhow::Result<()> {
     let args = Args::parse();
-    let listener =
-        TcpListener::bind(args.listen).with_context(|| format!("listening on {}", args.listen))?;
-    let workers = Arc::new(Workers {
-        listener,
-        settings: Settings {
-            connect_timeout: Duration::from_millis(args.connect_timeout_ms),
-            fixed_upstream: args.fixed_upstream,
-            events: !args.quiet,
-        },
-        idle: AtomicUsize::new(0),
-    });
-    for _ in 0..SPARE_WORKERS {
-        workers.start_one()?;
+    let settings = Settings {
+        connect_timeout: Duration::from_millis(args.connect_timeout_ms),
+        fixed_upstream: args.fixed_upstream,
+        events: !args.quiet,
+        passthrough_source: args.inbound,
+    };
+    for addr in &args.listen {
+        let listener = TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
+        let workers = Arc::new(Workers {
+            listener,
+            settings,
+            idle: AtomicUsize::new(0),
+        });
+        for _ in 0..SPARE_WORKERS {
+            workers.start_one()?;
+        }
     }
     loop {
         thread::park();
@@ -141,7 +152,7 @@ fn proxy(client: TcpStream, settings: Settings) {
     let destination = match settings.fixed_upstream {
         Some(fixed) => fixed,
         None => match so_original_dst(client.as_fd()) {
-            Ok(original) => original.into(),
+            Ok(original) => original,
             Err(e) => {
                 return emit(
                     json!({ "event": "no_orig_dst", "peer": peer, "error": e.to_string() }),
@@ -149,7 +160,7 @@ fn proxy(client: TcpStream, settings: Settings) {
             }
         },
     };
-    let upstream = match TcpStream::connect_timeout(&destination, settings.connect_timeout) {
+    let upstream = match connect_upstream(destination, settings) {
         Ok(upstream) => upstream,
         Err(e) => {
             return emit(
@@ -162,9 +173,14 @@ fn proxy(client: TcpStream, settings: Settings) {
             .local_addr()
             .map(|a| a.to_string())
             .unwrap_or_default();
-        emit(
-            json!({ "event": "forward", "peer": peer, "orig_dst": destination.to_string(), "upstream_local": upstream_local }),
-        );
+        let local = client
+            .local_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        emit(json!({
+            "event": "forward", "peer": peer, "local": local, "orig_dst": destination.to_string(),
+            "upstream_local": upstream_local
+        }));
     }
     match relay(&client, &upstream) {
         Ok((bytes_up, bytes_down)) if settings.events => emit(
@@ -173,6 +189,20 @@ fn proxy(client: TcpStream, settings: Settings) {
         Ok(_) => {}
         Err(e) => emit(json!({ "event": "relay_error", "peer": peer, "error": e.to_string() })),
     }
+}
+
+fn connect_upstream(destination: SocketAddr, settings: Settings) -> io::Result<TcpStream> {
+    if !settings.passthrough_source {
+        return TcpStream::connect_timeout(&destination, settings.connect_timeout);
+    }
+    let (domain, source): (Domain, IpAddr) = match destination {
+        SocketAddr::V4(_) => (Domain::IPV4, Ipv4Addr::new(127, 0, 0, 6).into()),
+        SocketAddr::V6(_) => (Domain::IPV6, Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6).into()),
+    };
+    let socket = Socket::new(domain, Type::STREAM, Some(Protocol::TCP))?;
+    socket.bind(&SocketAddr::new(source, 0).into())?;
+    socket.connect_timeout(&destination.into(), settings.connect_timeout)?;
+    Ok(socket.into())
 }
 
 /// One direction of a connection: bytes go `from` → pipe → `to`, never through user space.

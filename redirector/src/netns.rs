@@ -1,0 +1,91 @@
+//! Reading a pod's network namespace: its addresses (which destinations are local to the
+//! pod, and whether istio-iptables would turn IPv6 on) and its cookie. The namespace is
+//! entered on a dedicated thread, so the caller's own namespace never changes.
+use std::{
+    fs::File,
+    net::IpAddr,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+use nix::{
+    sched::{setns, CloneFlags},
+    sys::socket::{socket, AddressFamily, SockFlag, SockType},
+};
+
+use crate::{original_dst::netns_cookie, policy::PodNetwork};
+
+#[derive(Debug, thiserror::Error)]
+pub enum NetnsError {
+    #[error("network namespace {path}: {source}")]
+    Open {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{path} is not a network namespace ({source})")]
+    NotNetns { path: PathBuf, source: nix::Error },
+    #[error("network namespace {path}: reading its addresses: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+}
+
+/// A pod's network namespace as seen from inside.
+#[derive(Clone, Debug)]
+pub struct PodNetns {
+    pub path: PathBuf,
+    pub cookie: u64,
+    pub network: PodNetwork,
+}
+
+impl PodNetns {
+    pub fn read(path: &Path) -> Result<Self, NetnsError> {
+        let file = File::open(path).map_err(|source| NetnsError::Open {
+            path: path.to_owned(),
+            source,
+        })?;
+        let owned_path = path.to_owned();
+        std::thread::scope(|scope| {
+            scope
+                .spawn(|| {
+                    setns(file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| {
+                        NetnsError::NotNetns {
+                            path: owned_path.clone(),
+                            source,
+                        }
+                    })?;
+                    let read_error = |source| NetnsError::Read {
+                        path: owned_path.clone(),
+                        source,
+                    };
+                    let addresses = nix::ifaddrs::getifaddrs()
+                        .map_err(|e| read_error(e.into()))?
+                        .filter_map(|interface| interface.address)
+                        .filter_map(|address| {
+                            address
+                                .as_sockaddr_in()
+                                .map(|v4| IpAddr::V4(v4.ip()))
+                                .or_else(|| address.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
+                        })
+                        .collect();
+                    // Any socket made here tells the namespace's cookie; no address is needed.
+                    let probe = socket(
+                        AddressFamily::Inet,
+                        SockType::Datagram,
+                        SockFlag::SOCK_CLOEXEC,
+                        None,
+                    )
+                    .map_err(|e| read_error(e.into()))?;
+                    let cookie = netns_cookie(probe.as_fd()).map_err(read_error)?;
+                    Ok(Self {
+                        path: owned_path.clone(),
+                        cookie,
+                        network: PodNetwork { addresses },
+                    })
+                })
+                .join()
+                .expect("netns reader thread does not panic")
+        })
+    }
+}

@@ -1,0 +1,170 @@
+//! A `redirector agent` process for one test, with its own socket, state directory and metrics
+//! port on loopback, working on the test's bpffs root.
+
+use std::ffi::{OsStr, OsString};
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::{bail, ensure, Context, Result};
+use nix::sys::signal::Signal;
+
+use crate::names::TempDir;
+use crate::pod::Sandbox;
+use crate::process::{binary, wait_for, Child, Output};
+use crate::protocol::{Metrics, Status};
+use crate::tools::redirector;
+
+/// Loading the programs on a slow machine included.
+const READY_TIMEOUT: Duration = Duration::from_secs(60);
+const STOP_TIMEOUT: Duration = Duration::from_secs(20);
+const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where an agent of a test works; a restarted agent gets the same.
+#[derive(Debug, Clone)]
+pub struct AgentSetup {
+    pub bpffs: PathBuf,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+    pub metrics_addr: SocketAddr,
+}
+
+impl AgentSetup {
+    /// The sandbox's bpffs root; socket and state files in `scratch`; a free loopback port.
+    pub fn new(sandbox: &Sandbox, scratch: &TempDir) -> Result<AgentSetup> {
+        let port = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))
+            .and_then(|listener| listener.local_addr())
+            .context("finding a free loopback port for the metrics")?
+            .port();
+        Ok(AgentSetup {
+            bpffs: sandbox.root().to_owned(),
+            socket: scratch.path().join("agent.sock"),
+            state_dir: scratch.path().join("pods"),
+            metrics_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
+        })
+    }
+
+    /// `--bpffs`, `--socket` and `--state-dir` for any redirector command.
+    pub fn node_args(&self) -> Vec<OsString> {
+        vec![
+            "--bpffs".into(),
+            self.bpffs.clone().into(),
+            "--socket".into(),
+            self.socket.clone().into(),
+            "--state-dir".into(),
+            self.state_dir.clone().into(),
+        ]
+    }
+
+    /// `redirector ARGS... --bpffs --socket --state-dir`; a non-zero exit is returned.
+    pub fn redirector<S: AsRef<OsStr>>(&self, args: &[S]) -> Result<Output> {
+        let mut full: Vec<OsString> = args.iter().map(|arg| arg.as_ref().to_owned()).collect();
+        full.extend(self.node_args());
+        redirector(full)
+    }
+
+    /// `redirector status -o json` (through the agent when one runs), parsed.
+    pub fn status(&self) -> Result<Status> {
+        let output = self
+            .redirector(&["status", "-o", "json"])?
+            .ensure_success()?;
+        serde_json::from_str(&output.stdout)
+            .with_context(|| format!("parsing `{}`: {}", output.command_line, output.stdout))
+    }
+
+    /// The agent's pod state files, by name.
+    pub fn state_files(&self) -> Result<Vec<String>> {
+        let Ok(entries) = std::fs::read_dir(&self.state_dir) else {
+            return Ok(Vec::new());
+        };
+        let mut names: Vec<String> = entries
+            .map(|entry| Ok(entry?.file_name().to_string_lossy().into_owned()))
+            .collect::<std::io::Result<_>>()?;
+        names.sort();
+        Ok(names)
+    }
+}
+
+/// A running agent; killed on drop (a test stops it with [`Agent::stop`] to check SIGTERM).
+pub struct Agent {
+    pub setup: AgentSetup,
+    pub process: Child,
+}
+
+impl Agent {
+    /// Starts the agent and waits until /readyz says ready.
+    pub fn start(setup: &AgentSetup) -> Result<Agent> {
+        Self::start_with(setup, &[])
+    }
+
+    /// [`Agent::start`] with the programs' per-connection log lines switched on and forwarded
+    /// to the agent's stderr.
+    pub fn start_logging_connections(setup: &AgentSetup) -> Result<Agent> {
+        Self::start_with(setup, &["--log-connections"])
+    }
+
+    fn start_with(setup: &AgentSetup, extra: &[&str]) -> Result<Agent> {
+        let mut command = Command::new(binary("redirector")?);
+        command
+            .arg("agent")
+            .args(extra)
+            .env_remove("RUST_LOG")
+            .args(setup.node_args())
+            .args(["--metrics-addr", &setup.metrics_addr.to_string()])
+            // The tests decide when pods are collected: at start, not on a timer.
+            .args(["--reconcile-interval-seconds", "3600"])
+            .env_remove("REDIRECTOR_CONFIG")
+            .env("NO_COLOR", "1");
+        let agent = Agent {
+            setup: setup.clone(),
+            process: Child::spawn("redirector agent", command)?,
+        };
+        wait_for("the agent to be ready", READY_TIMEOUT, || {
+            if let Some(status) = agent.process.try_exit_status()? {
+                bail!("the agent exited ({status}){}", agent.process.diagnostics());
+            }
+            Ok(matches!(http_get(setup.metrics_addr, "/readyz"), Ok((200, _))).then_some(()))
+        })?;
+        Ok(agent)
+    }
+
+    /// SIGTERM, then the agent must exit 0 within a bounded time.
+    pub fn stop(self) -> Result<Output> {
+        self.process.signal(Signal::SIGTERM)?;
+        self.process.wait_exit(STOP_TIMEOUT)?.ensure_success()
+    }
+
+    /// `GET /metrics`, parsed.
+    pub fn metrics(&self) -> Result<Metrics> {
+        let (code, body) = http_get(self.setup.metrics_addr, "/metrics")?;
+        ensure!(code == 200, "GET /metrics answered {code}: {body}");
+        Metrics::parse(&body)
+    }
+}
+
+/// A plain HTTP/1.1 GET on loopback: (status code, body).
+pub fn http_get(addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, HTTP_TIMEOUT)
+        .with_context(|| format!("connecting to {addr}"))?;
+    stream.set_read_timeout(Some(HTTP_TIMEOUT))?;
+    stream.set_write_timeout(Some(HTTP_TIMEOUT))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream
+        .read_to_string(&mut response)
+        .with_context(|| format!("reading the answer to GET {path}"))?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .with_context(|| format!("no HTTP header in {response:?}"))?;
+    let code = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("no status code in {head:?}"))?;
+    Ok((code, body.to_owned()))
+}
