@@ -127,7 +127,7 @@ impl Workers {
                 }
             }
             match accepted {
-                Ok((client, _)) => proxy(client, self.settings),
+                Ok((client, peer)) => proxy(client, peer, self.settings),
                 Err(e) => emit(json!({ "event": "accept_error", "error": e.to_string() })),
             }
             if self.idle.load(Ordering::SeqCst) >= SPARE_WORKERS {
@@ -143,12 +143,9 @@ fn emit(event: serde_json::Value) {
     let _ = out.flush();
 }
 
-fn proxy(client: TcpStream, settings: Settings) {
-    // Read now: once the client has closed, the address is gone.
-    let peer = client
-        .peer_addr()
-        .map(|a| a.to_string())
-        .unwrap_or_default();
+/// `peer` is the address accept(2) gave: no getpeername call per connection.
+fn proxy(client: TcpStream, peer: SocketAddr, settings: Settings) {
+    let peer = peer.to_string();
     let destination = match settings.fixed_upstream {
         Some(fixed) => fixed,
         None => match so_original_dst(client.as_fd()) {
