@@ -313,3 +313,35 @@ fn server_stats(to: SocketAddr) -> Result<PortStats> {
     serde_json::from_slice(&reply)
         .with_context(|| format!("parsing {:?}", String::from_utf8_lossy(&reply)))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::turns::Turns;
+
+    #[test]
+    fn turns_start_on_go_end_at_end_of_file_and_warm_up_first() {
+        let mut turns = Turns::new(1).unwrap();
+        let seat = turns.seat(0);
+        let schedule = Schedule::Turns {
+            go: seat.go_path.clone(),
+            done: seat.done_path.clone(),
+            slice: Duration::from_millis(1),
+            warmup: Duration::from_millis(1),
+        };
+        let client = std::thread::spawn(move || -> io::Result<Vec<bool>> {
+            let mut windows = Windows::new(&schedule)?;
+            let mut measured = Vec::new();
+            while let Some(window) = windows.next()? {
+                measured.push(window.measure_from < window.end);
+                windows.finish()?;
+            }
+            Ok(measured)
+        });
+        for _ in 0..3 {
+            turns.turn(0, Duration::from_secs(5)).unwrap();
+        }
+        drop(turns);
+        assert_eq!(client.join().unwrap().unwrap(), [false, true, true]);
+    }
+}
