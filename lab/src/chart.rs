@@ -44,6 +44,19 @@ pub fn render(results: &Results) -> Result<String> {
     Ok(svg)
 }
 
+/// The series labels, upper left, as every chart here has them.
+fn draw_legend<'a, DB: DrawingBackend + 'a, CT: CoordTranslate>(
+    chart: &mut ChartContext<'a, DB, CT>,
+) -> Result<()> {
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.8))
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()
+        .map_err(plot_error)
+}
+
 fn plot_error(error: impl std::fmt::Display) -> anyhow::Error {
     anyhow!("drawing the chart: {error}")
 }
@@ -111,14 +124,7 @@ fn latency_panel(
             .label(label)
             .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 10, y + 5)], colour.filled()));
     }
-    chart
-        .configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.8))
-        .position(SeriesLabelPosition::UpperLeft)
-        .draw()
-        .map_err(plot_error)?;
-    Ok(())
+    draw_legend(&mut chart)
 }
 
 /// The variant whose bars are centred on `x` (labels fall on whole numbers).
@@ -181,14 +187,7 @@ fn setup_panel(
             .draw_series(line.into_iter().map(|p| Circle::new(p, 3, colour.filled())))
             .map_err(plot_error)?;
     }
-    chart
-        .configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.8))
-        .position(SeriesLabelPosition::UpperLeft)
-        .draw()
-        .map_err(plot_error)?;
-    Ok(())
+    draw_legend(&mut chart)
 }
 
 fn short_number(value: f64) -> String {

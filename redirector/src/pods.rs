@@ -5,7 +5,10 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use aya::maps::{lpm_trie::Key, MapError, PerCpuValues};
+use aya::{
+    maps::{lpm_trie::Key, HashMap as BpfHashMap, MapData, MapError, PerCpuValues},
+    Pod,
+};
 use ipnet::IpNet;
 use redirector_common::{
     InboundAddrKey, InboundNetns, InboundPod, OwnerKey, PodAddrKey, PodStats, PortKey, Settings,
@@ -370,23 +373,15 @@ impl Redirector {
     }
 
     fn inbound_netns_of(&self, pod: u64) -> Result<Vec<u64>, Error> {
-        let entries: Result<Vec<_>, _> = self.maps.inbound_netns.iter().collect();
-        Ok(entries
-            .map_err(map_error("INBOUND_NETNS"))?
-            .into_iter()
-            .filter(|(_, n)| n.pod == pod)
-            .map(|(c, _)| c)
-            .collect())
+        keys_where(&self.maps.inbound_netns, "INBOUND_NETNS", |_, netns| {
+            netns.pod == pod
+        })
     }
 
     fn inbound_addrs_of(&self, pod: u64) -> Result<Vec<InboundAddrKey>, Error> {
-        let entries: Result<Vec<_>, _> = self.maps.inbound_addrs.iter().collect();
-        Ok(entries
-            .map_err(map_error("INBOUND_ADDRS"))?
-            .into_iter()
-            .filter(|(_, p)| p.pod == pod)
-            .map(|(k, _)| k)
-            .collect())
+        keys_where(&self.maps.inbound_addrs, "INBOUND_ADDRS", |_, owner| {
+            owner.pod == pod
+        })
     }
 
     /// Writes a compiled policy: the sets first and the config last, so that the programs
@@ -533,21 +528,11 @@ impl Redirector {
     }
 
     fn owners_of(&self, pod: u64) -> Result<Vec<OwnerKey>, Error> {
-        let keys: Result<Vec<_>, _> = self.maps.owners.keys().collect();
-        Ok(keys
-            .map_err(map_error("OWNERS"))?
-            .into_iter()
-            .filter(|key| key.pod == pod)
-            .collect())
+        keys_where(&self.maps.owners, "OWNERS", |key, _| key.pod == pod)
     }
 
     fn ports_of(&self, pod: u64) -> Result<Vec<PortKey>, Error> {
-        let keys: Result<Vec<_>, _> = self.maps.ports.keys().collect();
-        Ok(keys
-            .map_err(map_error("PORTS"))?
-            .into_iter()
-            .filter(|key| key.pod == pod)
-            .collect())
+        keys_where(&self.maps.ports, "PORTS", |key, _| key.pod == pod)
     }
 
     /// Every pod's address prefixes with their set bits.
@@ -668,6 +653,22 @@ impl Redirector {
             )
             .map_err(map_error("SETTINGS"))
     }
+}
+
+/// The keys of `map`'s entries that `keep` selects (a full walk of the map).
+fn keys_where<K: Pod, V: Pod>(
+    map: &BpfHashMap<MapData, K, V>,
+    name: &'static str,
+    keep: impl Fn(&K, &V) -> bool,
+) -> Result<Vec<K>, Error> {
+    let mut keys = Vec::new();
+    for entry in map.iter() {
+        let (key, value) = entry.map_err(map_error(name))?;
+        if keep(&key, &value) {
+            keys.push(key);
+        }
+    }
+    Ok(keys)
 }
 
 fn port_key(pod: u64, port: u16) -> PortKey {
