@@ -7,12 +7,15 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 
-use crate::wire::{self, Latency, LoadReport, Pattern, PortStats};
+use nix::sys::socket::{getsockopt, sockopt};
+
+use crate::wire::{self, Latency, LoadReport, Pattern, PortStats, TurnFigures};
 
 const BULK_BUFFER_BYTES: usize = 256 * 1024;
 /// Bounds every blocking call, so that a broken path ends the run instead of hanging it.
@@ -152,32 +155,45 @@ impl Errors {
 
 pub fn run(options: &LoadOptions) -> Result<LoadReport> {
     let mut errors = Errors::default();
-    let (seconds, transactions, mut latencies, bulk_bytes) = match options.pattern {
+    let (turns, mut latencies, bulk_bytes) = match options.pattern {
         Pattern::Crr => {
-            let (seconds, samples) = repeat(
+            let (turns, samples) = repeat(
                 options,
                 &mut errors,
                 || Ok(()),
                 |()| connect_request_close(options.to),
             )?;
-            (seconds, samples.len() as u64, samples, 0)
+            (turns, samples, 0)
         }
         Pattern::Rr => {
             let mut message = vec![0u8; options.size];
-            let (seconds, samples) = repeat(
+            let (turns, samples) = repeat(
                 options,
                 &mut errors,
                 || open_rr(options.to, options.size),
                 |stream| round_trip(stream, &mut message),
             )?;
-            (seconds, samples.len() as u64, samples, 0)
+            (turns, samples, 0)
+        }
+        Pattern::Getsockopt => {
+            let (turns, samples) = repeat(
+                options,
+                &mut errors,
+                || open_rr(options.to, 1),
+                so_error_calls,
+            )?;
+            (turns, samples, 0)
         }
         Pattern::Bulk => {
             let Schedule::Continuous { duration, .. } = options.schedule else {
                 bail!("bulk runs in one stretch of time, not in turns");
             };
             let (seconds, bytes) = bulk(options.to, duration)?;
-            (seconds, 0, Vec::new(), bytes)
+            let whole_run = TurnFigures {
+                seconds,
+                transactions: 0,
+            };
+            (vec![whole_run], Vec::new(), bytes)
         }
     };
     let server = server_stats(options.to).context("reading the server's counters")?;
@@ -188,8 +204,9 @@ pub fn run(options: &LoadOptions) -> Result<LoadReport> {
         } else {
             0
         },
-        seconds,
-        transactions,
+        seconds: turns.iter().map(|turn| turn.seconds).sum(),
+        transactions: turns.iter().map(|turn| turn.transactions).sum(),
+        turns,
         errors: errors.count,
         first_error: errors.first,
         latency: Latency::of(&mut latencies),
@@ -199,19 +216,20 @@ pub fn run(options: &LoadOptions) -> Result<LoadReport> {
 }
 
 /// Runs `transaction` back to back on the state `open` makes (re-opened after a failure), in
-/// every window of the schedule; returns the measured seconds and the latency of each measured
-/// transaction in nanoseconds.
+/// every window of the schedule; returns the figures of each measured window and the latency
+/// of each measured transaction in nanoseconds.
 fn repeat<S>(
     options: &LoadOptions,
     errors: &mut Errors,
     mut open: impl FnMut() -> io::Result<S>,
     mut transaction: impl FnMut(&mut S) -> io::Result<()>,
-) -> Result<(f64, Vec<u64>)> {
+) -> Result<(Vec<TurnFigures>, Vec<u64>)> {
     let mut windows = Windows::new(&options.schedule).context("opening the turn FIFOs")?;
-    let mut measured = Duration::ZERO;
+    let mut turns = Vec::new();
     let mut samples = Vec::new();
     let mut state = None;
     while let Some(window) = windows.next().context("waiting for a turn")? {
+        let before = samples.len();
         while Instant::now() < window.end {
             let current = match state.as_mut() {
                 Some(current) => current,
@@ -235,7 +253,13 @@ fn repeat<S>(
                 }
             }
         }
-        measured += window.end.saturating_duration_since(window.measure_from);
+        let measured = window.end.saturating_duration_since(window.measure_from);
+        if !measured.is_zero() {
+            turns.push(TurnFigures {
+                seconds: measured.as_secs_f64(),
+                transactions: (samples.len() - before) as u64,
+            });
+        }
         windows.finish().context("handing the turn back")?;
     }
     if samples.is_empty() {
@@ -246,7 +270,7 @@ fn repeat<S>(
             errors.first.as_deref().unwrap_or("none")
         );
     }
-    Ok((measured.as_secs_f64(), samples))
+    Ok((turns, samples))
 }
 
 fn connect(to: SocketAddr) -> io::Result<TcpStream> {
@@ -285,6 +309,15 @@ fn open_rr(to: SocketAddr, size: usize) -> io::Result<TcpStream> {
 fn round_trip(stream: &mut TcpStream, message: &mut [u8]) -> io::Result<()> {
     stream.write_all(message)?;
     stream.read_exact(message)
+}
+
+/// [`wire::GETSOCKOPT_CALLS_PER_TRANSACTION`] calls of getsockopt(SO_ERROR), which any
+/// program attached to the socket's cgroup sees, and whose answer nothing changes.
+fn so_error_calls(stream: &mut TcpStream) -> io::Result<()> {
+    for _ in 0..wire::GETSOCKOPT_CALLS_PER_TRANSACTION {
+        getsockopt(&stream.as_fd(), sockopt::SocketError)?;
+    }
+    Ok(())
 }
 
 /// Sends for `duration`, then waits for the server's count; returns the seconds from the first

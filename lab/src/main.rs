@@ -1,37 +1,49 @@
 //! `redirector-lab`: redirector against iptables REDIRECT, measured side by side on one machine.
 //!
 //! `redirector-lab run` (what `cargo xtask lab` starts, as root) builds its own network
-//! namespaces and cgroups, runs the traffic patterns on every variant (see [`rig`]), times the
-//! per-pod setup of both methods (see [`setup_cost`]), prints the tables and writes everything
-//! under `target/lab/`. Progress goes to stderr. `serve` and `load` are the two ends of the
-//! traffic, started by `run` inside the pods.
+//! namespaces and cgroups, runs the traffic patterns on every variant, times the per-pod setup
+//! of both methods, prints the tables and writes everything under `target/lab/`. Progress goes
+//! to stderr. `serve` and `load` are the two ends of the traffic, started by `run` inside the
+//! pods.
+//!
+//! Data flows one way through four stages: the rig ([`rig`]: topology, processes), the
+//! measurement ([`measure`]: load, kernel accounting, perf, setup timing; it produces
+//! [`records`]), the analysis ([`analysis`]: statistics, ratios, goals) and the rendering
+//! ([`render`]: tables, `summary.json`, CSV, chart). [`variant`] is the vocabulary they share.
 
-mod chart;
+mod analysis;
 mod load;
 mod measure;
-mod perf;
-mod report;
+mod parallel;
+mod records;
+mod render;
 mod rig;
 mod serve;
-mod setup_cost;
-mod system;
 mod timed;
 mod turns;
+mod variant;
 mod wire;
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 
+use crate::analysis::Results;
 use crate::load::Schedule;
-use crate::measure::{profile_programs, run_traffic, TrafficPlan, Workload};
-use crate::report::{Config, Measurements, Results, Style};
-use crate::rig::{CpuPlan, Rig, Variant};
-use crate::setup_cost::{run_setup, SetupPlan};
-use crate::system::system_info;
+use crate::measure::machine::system_info;
+use crate::measure::perf;
+use crate::measure::programs::{passes, profile_programs};
+use crate::measure::setup::{run_setup, SetupPlan};
+use crate::measure::traffic::{run_traffic, TrafficPlan};
+use crate::records::{Config, Measurements};
+use crate::render::table::Style;
+use crate::render::tables::tables;
+use crate::rig::cpus::CpuPlan;
+use crate::rig::Rig;
+use crate::variant::Variant;
 use crate::wire::Pattern;
 
 /// Length of a turn when variants take turns: hundreds of transactions, short next to the
@@ -55,12 +67,11 @@ struct Cli {
 enum Action {
     /// Run the whole lab (needs root): traffic on every variant, then per-pod setup cost.
     Run(RunOptions),
-    /// Serve every traffic pattern, one listener per port (started by `run` in the server netns).
+    /// Serve every traffic pattern, one listener per address (started by `run` in the server
+    /// netns).
     Serve {
-        #[arg(long, default_value_t = IpAddr::V4(Ipv4Addr::UNSPECIFIED))]
-        address: IpAddr,
         #[arg(long, value_delimiter = ',', required = true)]
-        ports: Vec<u16>,
+        listen: Vec<SocketAddr>,
     },
     /// Run one traffic pattern and print a JSON report (started by `run` in a pod).
     Load {
@@ -90,29 +101,33 @@ enum Action {
 
 #[derive(Args)]
 struct RunOptions {
-    /// A short run for CI: one round of one second per run, setup at N = 1 and 10. Other
-    /// options still override.
+    /// A short run for CI: one round of short runs, setup at N = 1 and 10. Other options still
+    /// override.
     #[arg(long)]
     quick: bool,
     /// Rounds of every workload on every variant [default: 8; quick: 1].
     #[arg(long)]
     rounds: Option<u32>,
-    /// Measured seconds per variant, workload and round [default: 2; quick: 1].
+    /// Measured seconds per variant, workload and round [default: 2; quick: 0.6].
     #[arg(long)]
     seconds: Option<f64>,
-    /// Unmeasured warm-up seconds before each run [default: 0.3; quick: 0.2].
+    /// Unmeasured warm-up seconds before each run [default: 0.3; quick: 0.1].
     #[arg(long)]
     warmup_seconds: Option<f64>,
     /// Numbers of pods to time the setup for [default: 1,10,100,1000; quick: 1,10].
     #[arg(long, value_delimiter = ',')]
     setup_sizes: Option<Vec<usize>>,
-    /// Rounds of the setup timing [default: 3; quick: 1].
+    /// Rounds of the setup timing (the per-pod percentiles pool them) [default: 2; quick: 1].
     #[arg(long)]
     setup_rounds: Option<u32>,
+    /// Pods set up at once in the parallel setup mode.
+    #[arg(long, default_value_t = 8)]
+    setup_parallel: usize,
     /// Leave out the HAProxy cross-check variants.
     #[arg(long)]
     no_haproxy: bool,
-    /// Run only these variants, e.g. `B1,IPT,EBPF` [default: all].
+    /// Run only these variants, e.g. `B1,IPT,EBPF` [default: all]. The not-captured tax needs
+    /// B0 and EBPF/not-captured.
     #[arg(long, value_delimiter = ',', value_parser = parse_variant)]
     variants: Option<Vec<Variant>>,
     /// Skip the CPU profiles with perf (never taken in quick mode).
@@ -127,7 +142,7 @@ fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
         Action::Run(options) => run(options),
-        Action::Serve { address, ports } => serve::serve(address, &ports),
+        Action::Serve { listen } => serve::serve(&listen),
         Action::Load {
             to,
             pattern,
@@ -170,16 +185,17 @@ fn run(options: RunOptions) -> Result<()> {
     let config = Config {
         quick,
         rounds: options.rounds.unwrap_or(pick(quick, 8, 1)).max(1),
-        seconds_per_run: options.seconds.unwrap_or(pick(quick, 2.0, 1.0)),
-        warmup_seconds: options.warmup_seconds.unwrap_or(pick(quick, 0.3, 0.2)),
+        seconds_per_run: options.seconds.unwrap_or(pick(quick, 2.0, 0.6)),
+        warmup_seconds: options.warmup_seconds.unwrap_or(pick(quick, 0.3, 0.1)),
         turn_ms: TURN_SLICE.as_millis(),
         setup_sizes: options
             .setup_sizes
             .unwrap_or_else(|| pick(quick, vec![1, 10, 100, 1000], vec![1, 10])),
-        setup_rounds: options.setup_rounds.unwrap_or(pick(quick, 3, 1)).max(1),
-        variants: Variant::MAIN
+        setup_rounds: options.setup_rounds.unwrap_or(pick(quick, 2, 1)).max(1),
+        setup_parallel: options.setup_parallel,
+        variants: Variant::ALL
             .into_iter()
-            .chain(Variant::HAPROXY.into_iter().filter(|_| !options.no_haproxy))
+            .filter(|variant| !(options.no_haproxy && Variant::HAPROXY.contains(variant)))
             .filter(|variant| {
                 options
                     .variants
@@ -191,6 +207,10 @@ fn run(options: RunOptions) -> Result<()> {
     anyhow::ensure!(
         config.setup_sizes.iter().all(|&n| n > 0),
         "--setup-sizes must be positive numbers of pods"
+    );
+    anyhow::ensure!(
+        config.setup_parallel > 0,
+        "--setup-parallel must be at least 1"
     );
     anyhow::ensure!(!config.variants.is_empty(), "no variant left to run");
     anyhow::ensure!(
@@ -221,28 +241,20 @@ fn run(options: RunOptions) -> Result<()> {
     }
 
     let seconds = Duration::from_secs_f64(config.seconds_per_run);
+    let quiet_timeout = pick(quick, Duration::from_secs(10), Duration::from_millis(500));
     let plan = TrafficPlan {
         variants: config.variants.clone(),
         rounds: config.rounds,
         warmup: Duration::from_secs_f64(config.warmup_seconds),
         duration: seconds,
         slice: TURN_SLICE,
-        quiet_timeout: pick(quick, Duration::from_secs(10), Duration::from_secs(2)),
+        quiet_timeout,
     };
     let with_perf = !quick && !options.no_perf && perf::available();
-    let (samples, program_costs, perf, intercepted_connections) = {
+    let (traffic, program_costs, perf, intercepted_connections) = {
         let rig = Rig::build(&config.variants, cpus)?;
-        let samples = run_traffic(&rig, &plan)?;
-        let program_costs = if config.variants.contains(&Variant::Ebpf) {
-            profile_programs(
-                &rig,
-                rig.sandbox.root(),
-                &[Workload::Crr, Workload::Rr1],
-                seconds,
-            )?
-        } else {
-            Vec::new()
-        };
+        let traffic = run_traffic(&rig, &plan)?;
+        let program_costs = profile_programs(&rig, &passes(&config.variants), seconds)?;
         let perf = if with_perf {
             let profiled: Vec<Variant> = [Variant::B1, Variant::Ipt, Variant::Ebpf]
                 .into_iter()
@@ -254,45 +266,42 @@ fn run(options: RunOptions) -> Result<()> {
         };
         let evidence = rig.interception_evidence()?;
         eprintln!("lab: traffic done, removing the pods");
-        (samples, program_costs, perf, evidence)
+        (traffic, program_costs, perf, evidence)
     };
     let setup = run_setup(&SetupPlan {
         sizes: config.setup_sizes.clone(),
         rounds: config.setup_rounds,
+        parallel: config.setup_parallel,
+        quiet_timeout,
+        teardown_timeout: pick(quick, Duration::from_secs(180), Duration::from_secs(5)),
     })?;
 
     let results = Results::analyse(
         system,
         config,
         Measurements {
-            samples,
-            setup_samples: setup.samples,
+            samples: traffic.samples,
+            turn_samples: traffic.turn_samples,
             program_costs,
             perf,
+            setup_samples: setup.samples,
+            setup_batches: setup.batches,
             map_memory_bytes: setup.map_memory_bytes,
-            intercepted_connections,
+            intercepted_connections: intercepted_connections.into_iter().collect(),
         },
     );
-    results.write_files(&out)?;
-    print!("{}", results.tables(Style::Text));
-    eprintln!(
-        "lab: wrote summary.json, results.json, samples.csv, setup-samples.csv, table.md and chart.svg to {}",
-        out.display()
-    );
+    let files = render::write_files(&results, &out)?;
+    print!("{}", tables(&results, Style::Text));
+    eprintln!("lab: wrote {} to {}", files.join(", "), out.display());
     Ok(())
 }
 
 fn parse_variant(name: &str) -> Result<Variant, String> {
-    Variant::MAIN
+    Variant::ALL
         .into_iter()
-        .chain(Variant::HAPROXY)
         .find(|variant| variant.name().eq_ignore_ascii_case(name))
         .ok_or_else(|| {
-            let known: Vec<&str> = Variant::MAIN
-                .into_iter()
-                .chain(Variant::HAPROXY)
-                .map(Variant::name)
-                .collect();
+            let known: Vec<&str> = Variant::ALL.into_iter().map(Variant::name).collect();
             format!(
                 "unknown variant {name:?}; the variants are {}",
                 known.join(", ")

@@ -1,12 +1,12 @@
 //! `redirector-lab serve`: the server end of every pattern in [`crate::wire`], one listener per
-//! port (one port per variant, so that each variant's traffic is counted apart).
+//! address (one port per variant, so that each variant's traffic is counted apart).
 //!
 //! Connection-rate requests are answered on the accepting thread itself: the client makes one
 //! connection at a time, and a thread start per connection would be most of what is measured.
 //! Persistent connections get a thread each.
 
 use std::io::{self, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread;
@@ -45,15 +45,11 @@ impl Counters {
     }
 }
 
-/// Listens on `address:port` for every port, prints `listening` once all listen, and serves
-/// until killed.
-pub fn serve(address: IpAddr, ports: &[u16]) -> Result<()> {
-    let listeners = ports
+/// Listens on every address, prints `listening` once all listen, and serves until killed.
+pub fn serve(addresses: &[SocketAddr]) -> Result<()> {
+    let listeners = addresses
         .iter()
-        .map(|&port| {
-            let at = SocketAddr::new(address, port);
-            TcpListener::bind(at).with_context(|| format!("listening on {at}"))
-        })
+        .map(|at| TcpListener::bind(at).with_context(|| format!("listening on {at}")))
         .collect::<Result<Vec<_>>>()?;
     println!("listening");
     io::stdout().flush()?;

@@ -10,6 +10,9 @@
 //!   and closes.
 //! - `S` (stats): the server answers its [`PortStats`] for the port it was reached on as JSON
 //!   and closes. Stats connections are not counted.
+//!
+//! The getsockopt pattern opens an `R` connection and sends nothing on it: its calls never
+//! reach the server.
 
 use serde::{Deserialize, Serialize};
 
@@ -22,6 +25,10 @@ pub const STATS: u8 = b'S';
 pub const CRR_REQUEST_BYTES: usize = 64;
 pub const CRR_RESPONSE_BYTES: usize = 64;
 
+/// getsockopt calls per transaction of the getsockopt pattern: enough that reading the clock
+/// once per transaction costs nothing next to them.
+pub const GETSOCKOPT_CALLS_PER_TRANSACTION: u64 = 100;
+
 /// The traffic patterns of the lab.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -32,6 +39,8 @@ pub enum Pattern {
     Rr,
     /// One connection sending as fast as it can.
     Bulk,
+    /// getsockopt(SO_ERROR) on one open connection, back to back.
+    Getsockopt,
 }
 
 /// Traffic one server port has seen since the server started (stats requests excluded).
@@ -60,11 +69,7 @@ impl Latency {
             return None;
         }
         samples.sort_unstable();
-        let at = |q: f64| {
-            // Nearest rank: the smallest sample with at least q of the samples at or below it.
-            let rank = (q * samples.len() as f64).ceil() as usize;
-            samples[rank.clamp(1, samples.len()) - 1] as f64 / 1e3
-        };
+        let at = |q: f64| nearest_rank(samples, q) as f64 / 1e3;
         let sum: u128 = samples.iter().map(|&s| u128::from(s)).sum();
         Some(Latency {
             p50_us: at(0.50),
@@ -77,6 +82,20 @@ impl Latency {
     }
 }
 
+/// The measured part of one turn (or of a whole run that does not take turns).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TurnFigures {
+    pub seconds: f64,
+    pub transactions: u64,
+}
+
+/// The q-quantile of `sorted` (ascending, not empty) by nearest rank: the smallest value with
+/// at least q of the values at or below it.
+pub fn nearest_rank<T: Copy>(sorted: &[T], q: f64) -> T {
+    let rank = (q * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
 /// What one `redirector-lab load` run prints as its last stdout line.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct LoadReport {
@@ -85,8 +104,10 @@ pub struct LoadReport {
     pub size: usize,
     /// Length of the measured part of the run.
     pub seconds: f64,
-    /// Completed transactions (CRR, RR) in the measured part.
+    /// Completed transactions (CRR, RR, getsockopt) in the measured part.
     pub transactions: u64,
+    /// The measured windows one by one (turns in the order they were given).
+    pub turns: Vec<TurnFigures>,
     pub errors: u64,
     pub first_error: Option<String>,
     pub latency: Option<Latency>,

@@ -20,6 +20,43 @@ pub const fn v4_mapped(v4: u32) -> [u32; 4] {
     [0, 0, MAPPED_PREFIX, v4]
 }
 
+/// Where an IPv6 socket's captured connect or datagram to an address of `family` goes:
+/// loopback, IPv4-mapped for a dual-stack socket talking IPv4.
+#[inline(always)]
+pub fn ipv6_loopback_for(family: u16) -> [u32; 4] {
+    if family == AF_INET {
+        v4_mapped(V4_LOOPBACK)
+    } else {
+        V6_LOOPBACK
+    }
+}
+
+/// 127.0.0.0/8 or ::1 (IPv4-mapped addresses already normalized to IPv4).
+#[inline(always)]
+pub fn is_loopback(family: u16, addr: &[u32; 4]) -> bool {
+    if family == AF_INET {
+        addr[0].to_ne_bytes()[0] == 127
+    } else {
+        equal(*addr, V6_LOOPBACK)
+    }
+}
+
+/// All zero: no address.
+#[inline(always)]
+pub fn is_unset(addr: &[u32; 4]) -> bool {
+    addr[0] == 0 && addr[1] == 0 && addr[2] == 0 && addr[3] == 0
+}
+
+/// An address of `family` (IPv4 in word 0) as an IPv6 socket sees it: IPv4 becomes IPv4-mapped.
+#[inline(always)]
+pub fn as_ipv6(family: u16, addr: [u32; 4]) -> [u32; 4] {
+    if family == AF_INET {
+        v4_mapped(addr[0])
+    } else {
+        addr
+    }
+}
+
 /// Word by word: a slice or array comparison may become a memcmp call, which BPF lacks.
 #[inline(always)]
 pub fn equal(a: [u32; 4], b: [u32; 4]) -> bool {

@@ -14,15 +14,15 @@ use aya_ebpf::{
     programs::SkLookupContext,
 };
 use redirector_common::{
-    InboundAddrKey, ListenerKey, PodAddrKey, PodConfig, PortKey, ADDR_LOCAL, AF_INET, AF_INET6,
-    POD_ADDR_KEY_FIXED_BITS, POLICY_INBOUND_ALL, POLICY_INBOUND_FAIL_OPEN, POLICY_IPV4,
-    POLICY_IPV6, PORT_INBOUND_EXCLUDE, PORT_INBOUND_INCLUDE,
+    InboundAddrKey, InboundPod, ListenerKey, PodAddrKey, PortKey, ADDR_LOCAL, AF_INET, AF_INET6,
+    LISTENER_SLOTS, POD_ADDR_KEY_FIXED_BITS, POLICY_INBOUND_ALL, POLICY_INBOUND_FAIL_OPEN,
+    POLICY_IPV4, POLICY_IPV6, PORT_INBOUND_EXCLUDE, PORT_INBOUND_INCLUDE,
 };
 
 use crate::{
-    addr::V6_LOOPBACK,
-    maps::{INBOUND_ADDRS, LISTENERS, POD_ADDRS, POD_CONFIG, PORTS},
-    pod::count,
+    addr,
+    maps::{INBOUND_ADDRS, LISTENERS, POD_ADDRS, PORTS},
+    pod::{count, Counter},
     raw,
 };
 
@@ -32,7 +32,7 @@ pub fn redirector_inbound(ctx: SkLookupContext) -> u32 {
         return SK_PASS;
     };
     let family = family as u16;
-    if is_loopback(family, &local) {
+    if addr::is_loopback(family, &local) {
         return SK_PASS;
     }
     let Some(owner) = INBOUND_ADDRS.get_ptr(&InboundAddrKey {
@@ -42,74 +42,65 @@ pub fn redirector_inbound(ctx: SkLookupContext) -> u32 {
         return SK_PASS;
     };
     // SAFETY: map value pointers are valid for the program's run.
-    let owner = unsafe { *owner };
-    let Some(config) = POD_CONFIG.get_ptr(&owner.pod) else {
-        return SK_PASS;
-    };
-    // SAFETY: as above.
-    let config = unsafe { *config };
+    let pod = unsafe { *owner };
     // istio writes IPv6 rules only when IPv6 is on for the pod.
     let family_flag = if family == AF_INET {
         POLICY_IPV4
     } else {
         POLICY_IPV6
     };
-    if config.flags & family_flag == 0 {
+    if pod.flags & family_flag == 0 {
         return SK_PASS;
     }
     // The pod's own traffic (the proxy's passthrough from 127.0.0.6, the app calling itself)
     // is decided by the outbound policy, as in istio where nat PREROUTING never sees it.
-    if is_local_to(owner.pod, family, &remote) {
+    if is_local_to(&pod, family, &remote) {
         return SK_PASS;
     }
-    if !captures(owner.pod, &config, port) {
-        count(owner.pod, |stats| stats.inbound_excluded += 1);
+    if !captures(&pod, port) {
+        count(pod.pod, Counter::InboundExcluded);
         return SK_PASS;
     }
-    let listener = |family| ListenerKey {
-        netns_cookie: owner.netns_cookie,
-        port: config.inbound_port,
-        family,
-        _pad: 0,
-    };
-    // An IPv6 listener that is not v6-only takes IPv4 too.
-    let assigned = LISTENERS
-        .redirect_sk_lookup(&ctx, listener(family), 0)
-        .is_ok()
-        || (family == AF_INET
-            && LISTENERS
-                .redirect_sk_lookup(&ctx, listener(AF_INET6), 0)
-                .is_ok());
-    if assigned {
-        count(owner.pod, |stats| stats.inbound_captured += 1);
+    if assign_listener(&ctx, &pod, family)
+        // An IPv6 listener that is not v6-only takes IPv4 too.
+        || (family == AF_INET && assign_listener(&ctx, &pod, AF_INET6))
+    {
+        count(pod.pod, Counter::InboundCaptured);
         return SK_PASS;
     }
-    count(owner.pod, |stats| stats.inbound_no_proxy += 1);
+    count(pod.pod, Counter::InboundNoProxy);
     // Separate returns: a computed verdict compiled to a form the verifier rejects.
-    if config.flags & POLICY_INBOUND_FAIL_OPEN != 0 {
+    if pod.flags & POLICY_INBOUND_FAIL_OPEN != 0 {
         return SK_PASS;
     }
     SK_DROP
 }
 
+/// Hands the connection to one of the pod's inbound listeners of `family`, trying each slot:
+/// the others keep serving when one of a group of listeners closes. A socket of a reuseport
+/// group is balanced over its group by the kernel.
 #[inline(always)]
-fn is_loopback(family: u16, addr: &[u32; 4]) -> bool {
-    if family == AF_INET {
-        addr[0].to_ne_bytes()[0] == 127
-    } else {
-        addr[0] == V6_LOOPBACK[0]
-            && addr[1] == V6_LOOPBACK[1]
-            && addr[2] == V6_LOOPBACK[2]
-            && addr[3] == V6_LOOPBACK[3]
+fn assign_listener(ctx: &SkLookupContext, pod: &InboundPod, family: u16) -> bool {
+    for slot in 0..LISTENER_SLOTS {
+        let key = ListenerKey {
+            pod: pod.pod,
+            port: pod.inbound_port,
+            family,
+            slot,
+        };
+        if LISTENERS.redirect_sk_lookup(ctx, key, 0).is_ok() {
+            return true;
+        }
     }
+    false
 }
 
 #[inline(always)]
-fn is_local_to(pod: u64, family: u16, addr: &[u32; 4]) -> bool {
+fn is_local_to(pod: &InboundPod, family: u16, addr: &[u32; 4]) -> bool {
     let bits = if family == AF_INET { 32 } else { 128 };
     let key = Key::new(
         POD_ADDR_KEY_FIXED_BITS + bits,
-        PodAddrKey::new(pod, family, *addr),
+        PodAddrKey::new(pod.pod, pod.generation, family, *addr),
     );
     POD_ADDRS
         .get(&key)
@@ -119,18 +110,19 @@ fn is_local_to(pod: u64, family: u16, addr: &[u32; 4]) -> bool {
 /// istio's ISTIO_INBOUND chain: with `-b '*'` every port but the excluded ones (the tunnel
 /// port and the proxy's own ports are always among them), otherwise the listed ones.
 #[inline(always)]
-fn captures(pod: u64, config: &PodConfig, port: u16) -> bool {
+fn captures(pod: &InboundPod, port: u16) -> bool {
     let flags = PORTS
         .get_ptr(&PortKey {
-            pod,
+            pod: pod.pod,
+            generation: pod.generation,
             port,
-            _pad: [0; 6],
+            _pad: 0,
         })
         .map_or(0, |flags| {
             // SAFETY: as above.
             unsafe { *flags }
         });
-    if config.flags & POLICY_INBOUND_ALL != 0 {
+    if pod.flags & POLICY_INBOUND_ALL != 0 {
         flags & PORT_INBOUND_EXCLUDE == 0
     } else {
         flags & PORT_INBOUND_INCLUDE != 0

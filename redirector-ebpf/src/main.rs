@@ -2,20 +2,30 @@
 //!
 //! | module        | program                              | minimum kernel |
 //! |---------------|--------------------------------------|----------------|
-//! | `connect`     | `cgroup/connect4`, `cgroup/connect6` | 4.17 (socket cookie 5.0, ancestor cgroup id 5.7) |
-//! | `sockops`     | `sockops` (STATE_CB)                 | 4.16 (netns cookie in sock_ops: 5.15) |
-//! | `sockopt`     | `cgroup/getsockopt`                  | 5.3 (netns cookie in sockopt: 5.8) |
+//! | `connect`     | `cgroup/connect4`, `cgroup/connect6` | 4.17; socket storage there 5.2 |
+//! | `sockops`     | `sockops` (connect, passive established, state, listen) | 4.13; socket storage there 5.3, `bpf_sock_ops.sk` 5.10 |
+//! | `sockopt`     | `cgroup/getsockopt`                  | 5.3 |
 //! | `getpeername` | `cgroup/getpeername4`, `getpeername6`| 5.8 |
+//! | `getsockname` | `cgroup/getsockname4`, `getsockname6`| 5.8 |
+//! | `dns`         | `cgroup/sendmsg4/6` (4.18), `cgroup/recvmsg4/6` (5.2), with DNS capture | 5.2 |
+//! | `bind`        | `cgroup/bind4`, `cgroup/bind6`, with inbound capture | 4.17 |
 //! | `inbound`     | `sk_lookup` on the pod's netns       | 5.9 |
 //!
-//! All three are attached to a pod's cgroup v2 directory through bpf_link (5.7), so the
-//! whole set needs Linux 5.15 or later.
+//! Every cgroup program reads the pod's settings from cgroup storage keyed by the cgroup alone
+//! (shared between attach types: 5.9), and all are attached through bpf_link (cgroups 5.7,
+//! netns 5.9): the whole set needs Linux 5.10, the kernel probes in the loader check each piece.
 #![no_std]
 #![no_main]
+// Atomic adds on per-CPU counters: the BPF target has no atomic types with fetch_add.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod addr;
+mod bind;
 mod connect;
+mod dns;
 mod getpeername;
+mod getsockname;
 mod inbound;
 mod maps;
 mod pod;

@@ -1,42 +1,65 @@
-//! Finding the enrolled pod of the current process, its counters and the logging switch.
-use aya_ebpf::helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id};
-use redirector_common::{PodConfig, PodStats, MAX_CGROUP_DEPTH};
+//! The enrolled pod of the running program, its counters and the logging switch.
+use redirector_common::PodConfig;
 
-use crate::maps::{POD_CONFIG, POD_STATS, SETTINGS};
+use crate::maps::{POD_SETTINGS, POD_STATS, SETTINGS};
 
-/// The enrolled pod whose cgroup holds the current process: (pod cgroup id, settings).
-///
-/// Programs are attached to the pod's cgroup, but the process may sit in a cgroup below it
-/// (a container of the pod), so when the process's own cgroup is not a pod the ancestors are
-/// searched from the top. Pods do not nest, so the first one found is the pod.
+/// The settings of the pod whose cgroup the running program is attached to; `None` until
+/// the loader has written them. Programs are attached to the pod's cgroup only, and the
+/// cgroup storage they read is that cgroup's whichever container below it the process (or
+/// the socket) belongs to: no cgroup walk, no map lookup.
 #[inline(always)]
-pub fn current_pod() -> Option<(u64, PodConfig)> {
-    // SAFETY: helpers without arguments that touch no memory of ours.
-    let own = unsafe { bpf_get_current_cgroup_id() };
-    if let Some(config) = POD_CONFIG.get_ptr(&own) {
-        // SAFETY: map values stay valid for the program's run.
-        return Some((own, unsafe { *config }));
-    }
-    for level in 1..MAX_CGROUP_DEPTH {
-        // SAFETY: as above; a level below the process's own cgroup yields 0.
-        let ancestor = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
-        if ancestor == 0 || ancestor == own {
-            return None;
-        }
-        if let Some(config) = POD_CONFIG.get_ptr(&ancestor) {
-            // SAFETY: as above.
-            return Some((ancestor, unsafe { *config }));
-        }
-    }
-    None
+pub fn current_pod() -> Option<PodConfig> {
+    POD_SETTINGS.get()
 }
 
-/// Applies `update` to this CPU's counters of `pod` (created by the loader at enroll).
+/// Which counter of [`PodStats`] to add to.
+#[derive(Clone, Copy)]
+pub enum Counter {
+    Redirected,
+    Exempted,
+    OrigDstLookups,
+    OrigDstMisses,
+    InboundCaptured,
+    InboundExcluded,
+    InboundNoProxy,
+    RecordFailed,
+    HandshakeFailed,
+    HandoffFailed,
+    ListenerFailed,
+    DnsRedirected,
+}
+
+/// Adds one to a counter of `pod` on this CPU (the entry is created by the loader at enroll).
 #[inline(always)]
-pub fn count(pod: u64, update: impl FnOnce(&mut PodStats)) {
-    if let Some(stats) = POD_STATS.get_ptr_mut(&pod) {
-        // SAFETY: per-CPU value, only this program run touches it.
-        update(unsafe { &mut *stats });
+pub fn count(pod: u64, counter: Counter) {
+    let Some(stats) = POD_STATS.get_ptr_mut(&pod) else {
+        return;
+    };
+    // SAFETY: a per-CPU value, valid for the program's run; the field is a u64 within it.
+    let field = unsafe {
+        match counter {
+            Counter::Redirected => &raw mut (*stats).redirected,
+            Counter::Exempted => &raw mut (*stats).exempted,
+            Counter::OrigDstLookups => &raw mut (*stats).orig_dst_lookups,
+            Counter::OrigDstMisses => &raw mut (*stats).orig_dst_misses,
+            Counter::InboundCaptured => &raw mut (*stats).inbound_captured,
+            Counter::InboundExcluded => &raw mut (*stats).inbound_excluded,
+            Counter::InboundNoProxy => &raw mut (*stats).inbound_no_proxy,
+            Counter::RecordFailed => &raw mut (*stats).record_failed,
+            Counter::HandshakeFailed => &raw mut (*stats).handshake_failed,
+            Counter::HandoffFailed => &raw mut (*stats).handoff_failed,
+            Counter::ListenerFailed => &raw mut (*stats).listener_failed,
+            Counter::DnsRedirected => &raw mut (*stats).dns_redirected,
+        }
+    };
+    // An atomic add (BPF_XADD; the result is not used, so no BPF_FETCH, which needs 5.12):
+    // another program run on this CPU (after preemption, or from a softirq) may be adding to
+    // the same counter. The BPF target has no `AtomicU64::fetch_add`, hence the intrinsic.
+    // SAFETY: the u64 is 8-byte aligned in the map value.
+    unsafe {
+        core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
+            field, 1,
+        );
     }
 }
 
@@ -47,4 +70,12 @@ pub fn logging_enabled() -> bool {
     SETTINGS
         .get(0)
         .is_some_and(|settings| settings.log_connections != 0)
+}
+
+/// Whether a getsockopt program may answer with an errno of its own (probed by the loader).
+#[inline(always)]
+pub fn errno_writable() -> bool {
+    SETTINGS
+        .get(0)
+        .is_some_and(|settings| settings.errno_writable != 0)
 }

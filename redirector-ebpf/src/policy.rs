@@ -47,34 +47,26 @@ pub struct Connect {
     pub port: u16,
 }
 
+/// The capture decision for a TCP connect (the ISTIO_OUTPUT chain above).
 #[inline(always)]
 pub fn decide(
-    pod: u64,
     config: &PodConfig,
     connect: &Connect,
     passthrough_source: impl FnOnce() -> bool,
 ) -> Verdict {
-    let (family_flag, addr_bits) = if connect.family == AF_INET {
-        (POLICY_IPV4, 32)
-    } else {
-        (POLICY_IPV6, 128)
-    };
-    if config.flags & family_flag == 0 {
+    if !family_captured(config, connect) {
         return Verdict::Pass;
     }
     let port_flags = lookup_u32(PORTS.get_ptr(&PortKey {
-        pod,
+        pod: config.pod,
+        generation: config.generation,
         port: connect.port,
-        _pad: [0; 6],
+        _pad: 0,
     }));
     if port_flags & PORT_OUTBOUND_EXCLUDE != 0 {
         return Verdict::Pass;
     }
-    let addr_key = Key::new(
-        POD_ADDR_KEY_FIXED_BITS + addr_bits,
-        PodAddrKey::new(pod, connect.family, connect.addr),
-    );
-    let addr_flags = POD_ADDRS.get(&addr_key).copied().unwrap_or(0);
+    let addr_flags = address_flags(config, connect);
     let local = addr_flags & ADDR_LOCAL != 0;
     if local && passthrough_source() {
         return Verdict::Pass;
@@ -93,8 +85,8 @@ pub fn decide(
             Verdict::Pass
         };
     }
-    let proxy_uid = is_owner(pod, OWNER_UID, uid);
-    if proxy_uid || is_owner(pod, OWNER_GID, gid) {
+    let proxy_uid = is_owner(config, OWNER_UID, uid);
+    if proxy_uid || is_owner(config, OWNER_GID, gid) {
         // With DNS capture the UID rules carve out port 53, the GID rules do not.
         return if to_inbound && !(dns && proxy_uid) {
             Verdict::ToPort(config.inbound_port)
@@ -102,14 +94,10 @@ pub fn decide(
             Verdict::Pass
         };
     }
-
-    if config.flags & (POLICY_GROUPS_INCLUDE | POLICY_GROUPS_EXCLUDE) != 0 {
-        let listed = is_owner(pod, OWNER_GROUP_FILTER, gid);
-        if listed == (config.flags & POLICY_GROUPS_EXCLUDE != 0) {
-            return Verdict::Pass;
-        }
+    if left_alone_by_owner_groups(config, gid) {
+        return Verdict::Pass;
     }
-    if dns && (config.flags & POLICY_CAPTURE_ALL_DNS != 0 || addr_flags & ADDR_DNS_SERVER != 0) {
+    if dns && is_dns_server(config, addr_flags) {
         return Verdict::ToPort(config.dns_port);
     }
     if addr_flags & (ADDR_LOOPBACK_CIDR | ADDR_EXCLUDE) != 0 {
@@ -124,9 +112,93 @@ pub fn decide(
     Verdict::Pass
 }
 
+/// The capture decision for UDP (a datagram sent, or a UDP socket's connect): only DNS is
+/// captured. istio-iptables' rules that match UDP, in order: `-o lo -s 127.0.0.6 -j RETURN`;
+/// each proxy owner's `--uid-owner X -j RETURN` / `--gid-owner X -j RETURN` (any protocol,
+/// so the proxy's own queries go to the real server); the owner-group filter; then
+/// `-p udp --dport 53 [-d <server>] -j REDIRECT --to-port 15053` in ISTIO_OUTPUT_DNS.
 #[inline(always)]
-fn is_owner(pod: u64, kind: u32, id: u32) -> bool {
-    OWNERS.get_ptr(&OwnerKey { pod, kind, id }).is_some()
+pub fn decide_dns(
+    config: &PodConfig,
+    connect: &Connect,
+    passthrough_source: impl FnOnce() -> bool,
+) -> Verdict {
+    if connect.port != DNS_PORT
+        || config.flags & POLICY_REDIRECT_DNS == 0
+        || !family_captured(config, connect)
+    {
+        return Verdict::Pass;
+    }
+    let addr_flags = address_flags(config, connect);
+    if addr_flags & ADDR_LOCAL != 0 && passthrough_source() {
+        return Verdict::Pass;
+    }
+    let (uid, gid) = raw::current_uid_gid();
+    if is_proxy_owner(config, uid, gid) || left_alone_by_owner_groups(config, gid) {
+        return Verdict::Pass;
+    }
+    if is_dns_server(config, addr_flags) {
+        return Verdict::ToPort(config.dns_port);
+    }
+    Verdict::Pass
+}
+
+/// istio writes IPv6 rules only when IPv6 is on for the pod.
+#[inline(always)]
+fn family_captured(config: &PodConfig, connect: &Connect) -> bool {
+    let family_flag = if connect.family == AF_INET {
+        POLICY_IPV4
+    } else {
+        POLICY_IPV6
+    };
+    config.flags & family_flag != 0
+}
+
+/// The `ADDR_*` bits of the longest prefix of the pod's policy holding the destination.
+#[inline(always)]
+fn address_flags(config: &PodConfig, connect: &Connect) -> u32 {
+    let addr_bits = if connect.family == AF_INET { 32 } else { 128 };
+    let addr_key = Key::new(
+        POD_ADDR_KEY_FIXED_BITS + addr_bits,
+        PodAddrKey::new(config.pod, config.generation, connect.family, connect.addr),
+    );
+    POD_ADDRS.get(&addr_key).copied().unwrap_or(0)
+}
+
+/// The owner-group filter (`ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]`) leaves this process alone.
+#[inline(always)]
+fn left_alone_by_owner_groups(config: &PodConfig, gid: u32) -> bool {
+    if config.flags & (POLICY_GROUPS_INCLUDE | POLICY_GROUPS_EXCLUDE) == 0 {
+        return false;
+    }
+    let listed = is_owner(config, OWNER_GROUP_FILTER, gid);
+    listed == (config.flags & POLICY_GROUPS_EXCLUDE != 0)
+}
+
+/// A DNS query to this destination goes to the proxy's DNS port (`--capture-all-dns`, or one of
+/// the pod's DNS servers).
+#[inline(always)]
+fn is_dns_server(config: &PodConfig, addr_flags: u32) -> bool {
+    config.flags & POLICY_CAPTURE_ALL_DNS != 0 || addr_flags & ADDR_DNS_SERVER != 0
+}
+
+/// The process is one of the proxy's owners (`-u`/`-g`).
+#[inline(always)]
+pub fn is_proxy_owner(config: &PodConfig, uid: u32, gid: u32) -> bool {
+    is_owner(config, OWNER_UID, uid) || is_owner(config, OWNER_GID, gid)
+}
+
+#[inline(always)]
+fn is_owner(config: &PodConfig, kind: u32, id: u32) -> bool {
+    OWNERS
+        .get_ptr(&OwnerKey {
+            pod: config.pod,
+            generation: config.generation,
+            kind,
+            id,
+            _pad: 0,
+        })
+        .is_some()
 }
 
 #[inline(always)]

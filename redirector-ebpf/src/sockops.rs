@@ -1,26 +1,44 @@
-//! `sockops`: follows each redirected connection through its life. At connect it asks for
-//! state callbacks (only for sockets connect4 redirected); once established it publishes the
-//! original destination under the key the proxy can compute from its accepted socket; at
-//! close it removes both records, so nothing outlives its connection.
+//! `sockops`: hands each captured connection's record from the application's socket to the
+//! proxy's, and registers the proxy's inbound listeners.
+//!
+//! - At the client's connect callback (`TCP_CONNECT_CB`, once the source port is chosen and
+//!   before the SYN leaves, so also before a fast-open SYN), a socket with an application
+//!   record publishes it in `HANDSHAKES` under the key the proxy side sees: (pod, client
+//!   address and port, proxy port).
+//! - When the proxy's socket of that connection is created (`PASSIVE_ESTABLISHED_CB`, before
+//!   the proxy can accept it and before a FIN of the client can be processed), it takes the
+//!   record into its own socket storage and removes the entry: the record then lives exactly
+//!   as long as the proxy's socket, however early the client closes.
+//! - A handshake that fails (refused, timed out) removes its entry from the client's state
+//!   callback, asked for at connect and dropped again at the first state change.
+//! - At `listen()` on the pod's inbound capture port, a socket the proxy's owner bound there
+//!   becomes one of the pod's inbound listeners.
+//!
+//! No netns cookie is needed (sock_ops may read it only from Linux 5.15): the pod comes from
+//! the cgroup storage of the pod the program is attached to, on both sides.
 use aya_ebpf::{
     bindings::{
-        BPF_ANY, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
-        BPF_SOCK_OPS_TCP_LISTEN_CB,
+        BPF_NOEXIST, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB,
+        BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_SOCK_OPS_TCP_LISTEN_CB,
     },
+    helpers::bpf_ktime_get_ns,
     macros::sock_ops,
     programs::SockOpsContext,
 };
 use aya_log_ebpf::debug;
-use redirector_common::{ListenerKey, PeerKey};
+use redirector_common::{
+    Handshake, HandshakeKey, ListenerKey, PodConfig, SocketRecord, LISTENER_SLOTS, RECORD_APP,
+    RECORD_PROXY, RECORD_PROXY_LISTENER,
+};
 
 use crate::{
     addr,
-    maps::{INBOUND_NETNS, LISTENERS, ORIG_BY_COOKIE, ORIG_BY_PEER},
-    pod::logging_enabled,
+    maps::{HANDSHAKES, LISTENERS, SOCKET_RECORDS},
+    pod::{count, current_pod, logging_enabled, Counter},
     raw,
 };
 
-const TCP_ESTABLISHED: u32 = 1;
+const TCP_SYN_SENT: u32 = 2;
 const TCP_CLOSE: u32 = 7;
 
 // Named apart from the ELF section `sockops`, which a function of that name collides with.
@@ -28,92 +46,169 @@ const TCP_CLOSE: u32 = 7;
 pub fn redirector_sockops(ctx: SockOpsContext) -> u32 {
     match ctx.op() {
         BPF_SOCK_OPS_TCP_CONNECT_CB => on_connect(&ctx),
+        BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB => on_passive_established(&ctx),
+        BPF_SOCK_OPS_STATE_CB => on_state_change(&ctx),
         BPF_SOCK_OPS_TCP_LISTEN_CB => on_listen(&ctx),
-        BPF_SOCK_OPS_STATE_CB => match ctx.arg(1) {
-            TCP_ESTABLISHED => on_established(&ctx),
-            TCP_CLOSE => on_close(&ctx),
-            _ => {}
-        },
         _ => {}
     }
     1
 }
 
+/// The handshake key of a client socket (local end = client) or of the proxy's socket
+/// (remote end = client).
 #[inline(always)]
-fn on_connect(ctx: &SockOpsContext) {
-    if ORIG_BY_COOKIE.get_ptr(&raw::socket_cookie(ctx)).is_some() {
-        // Failure leaves the record to the LRU bound; nothing else to do about it here.
-        let _ = ctx.set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
-    }
-}
-
-/// A socket starts listening in a pod with inbound capture: if it is on the pod's inbound
-/// capture port it is the proxy's inbound listener, which `sk_lookup` hands connections to.
-#[inline(always)]
-fn on_listen(ctx: &SockOpsContext) {
-    let netns_cookie = raw::netns_cookie(ctx);
-    let Some(netns) = INBOUND_NETNS.get_ptr(&netns_cookie) else {
-        return;
+fn handshake_key(ctx: &SockOpsContext, pod: u64, client_is_local: bool) -> HandshakeKey {
+    let (family, local, local_port, remote, remote_port) = raw::sock_ops_tuple(ctx);
+    let (client, client_port, proxy_port) = if client_is_local {
+        (local, local_port, remote_port)
+    } else {
+        (remote, remote_port, local_port)
     };
-    // SAFETY: map value pointer valid for this run.
-    let inbound_port = unsafe { (*netns).inbound_port };
-    let port = ctx.local_port() as u16;
-    if port != inbound_port {
-        return;
-    }
-    let key = ListenerKey {
-        netns_cookie,
-        port,
-        family: ctx.family() as u16,
-        _pad: 0,
-    };
-    if LISTENERS
-        .update(key, raw::sock_ops(ctx), u64::from(BPF_ANY))
-        .is_ok()
-        && logging_enabled()
-    {
-        debug!(ctx, "sockops inbound listener on port {}", port);
-    }
-}
-
-#[inline(always)]
-fn on_established(ctx: &SockOpsContext) {
-    let Some(record) = ORIG_BY_COOKIE.get_ptr_mut(&raw::socket_cookie(ctx)) else {
-        return;
-    };
-    let (family, local_addr, local_port, remote_port) = raw::sock_ops_ends(ctx);
-    let (family, local_addr) = addr::normalize(family, local_addr);
-    let peer = PeerKey {
-        netns_cookie: raw::netns_cookie(ctx),
-        peer_addr: local_addr,
-        peer_port: local_port,
-        proxy_port: remote_port,
+    let (family, client_addr) = addr::normalize(family, client);
+    HandshakeKey {
+        pod,
+        client_addr,
+        client_port,
+        proxy_port,
         family,
         _pad: 0,
-    };
-    // SAFETY: map value pointer valid for this run; LRU entries are not freed under us.
-    let record = unsafe { &mut *record };
-    if ORIG_BY_PEER.insert(&peer, &record.original_dst, 0).is_ok() {
-        record.peer = peer;
-        if logging_enabled() {
-            debug!(
-                ctx,
-                "sockops established client port {} -> proxy port {}", local_port, remote_port
-            );
-        }
     }
 }
 
 #[inline(always)]
-fn on_close(ctx: &SockOpsContext) {
-    let cookie = raw::socket_cookie(ctx);
-    let Some(record) = ORIG_BY_COOKIE.get_ptr(&cookie) else {
+fn on_connect(ctx: &SockOpsContext) {
+    let Some(record) = raw::socket_storage(&SOCKET_RECORDS, ctx, false) else {
         return;
     };
-    // SAFETY: as above; copied out before the entry is removed.
-    let peer = unsafe { (*record).peer };
-    if peer.family != 0 {
-        let _ = ORIG_BY_PEER.remove(&peer);
+    // SAFETY: the socket's storage, valid for the run.
+    let record = unsafe { *record };
+    if record.kind != RECORD_APP {
+        return;
     }
-    let _ = ORIG_BY_COOKIE.remove(&cookie);
+    let Some(config) = current_pod() else {
+        return;
+    };
+    let key = handshake_key(ctx, config.pod, true);
+    if key.proxy_port != record.redirected_port {
+        return;
+    }
+    let handshake = Handshake {
+        // SAFETY: a helper without arguments.
+        created_ns: unsafe { bpf_ktime_get_ns() },
+        original_dst: record.original_dst,
+        client_as: record.reported,
+        _pad: 0,
+    };
+    if HANDSHAKES.insert(&key, &handshake, 0).is_err() {
+        count(config.pod, Counter::HandshakeFailed);
+        return;
+    }
+    // Told when the handshake ends, to remove the entry if it failed. Without the callback a
+    // failed handshake's entry stays until the LRU evicts it.
+    if ctx
+        .set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
+        .is_err()
+    {
+        count(config.pod, Counter::HandshakeFailed);
+    }
+    if logging_enabled() {
+        debug!(
+            ctx,
+            "sockops connect client port {} -> proxy port {}", key.client_port, key.proxy_port
+        );
+    }
+}
+
+/// The client socket of a captured connection leaves SYN_SENT: if it failed, nobody will take
+/// its entry. Either way no further state callbacks are wanted.
+#[inline(always)]
+fn on_state_change(ctx: &SockOpsContext) {
+    let _ = ctx.set_cb_flags((ctx.cb_flags() & !BPF_SOCK_OPS_STATE_CB_FLAG) as i32);
+    if ctx.arg(0) != TCP_SYN_SENT || ctx.arg(1) != TCP_CLOSE {
+        return;
+    }
+    if let Some(config) = current_pod() {
+        let _ = HANDSHAKES.remove(&handshake_key(ctx, config.pod, true));
+    }
+}
+
+#[inline(always)]
+fn on_passive_established(ctx: &SockOpsContext) {
+    let Some(config) = current_pod() else {
+        return;
+    };
+    let port = ctx.local_port() as u16;
+    if !is_capture_port(&config, port) {
+        return;
+    }
+    let key = handshake_key(ctx, config.pod, false);
+    let Some(entry) = HANDSHAKES.get_ptr(&key) else {
+        return;
+    };
+    // SAFETY: a map value, valid for the run (freed after an RCU grace period only).
+    let handshake = unsafe { *entry };
+    let _ = HANDSHAKES.remove(&key);
+    let Some(record) = raw::socket_storage(&SOCKET_RECORDS, ctx, true) else {
+        count(config.pod, Counter::HandoffFailed);
+        return;
+    };
+    // SAFETY: the new socket's storage, valid for the run.
+    unsafe {
+        *record = SocketRecord {
+            original_dst: handshake.original_dst,
+            kind: RECORD_PROXY,
+            redirected_port: 0,
+            reported: handshake.client_as,
+        };
+    }
+}
+
+/// The ports a captured connection can be sent to.
+#[inline(always)]
+fn is_capture_port(config: &PodConfig, port: u16) -> bool {
+    port == config.proxy_port || port == config.inbound_port || port == config.dns_port
+}
+
+/// A socket starts listening in an enrolled pod: on the pod's inbound capture port, and bound
+/// there by one of the proxy's owners (marked by `bind`), it becomes one of the proxy's inbound
+/// listeners, which `sk_lookup` hands connections to.
+#[inline(always)]
+fn on_listen(ctx: &SockOpsContext) {
+    let Some(config) = current_pod() else {
+        return;
+    };
+    let port = ctx.local_port() as u16;
+    if port != config.inbound_port {
+        return;
+    }
+    let Some(record) = raw::socket_storage(&SOCKET_RECORDS, ctx, false) else {
+        return;
+    };
+    // SAFETY: the socket's storage, valid for the run.
+    if unsafe { (*record).kind } != RECORD_PROXY_LISTENER {
+        return;
+    }
+    let family = ctx.family() as u16;
+    for slot in 0..LISTENER_SLOTS {
+        let key = ListenerKey {
+            pod: config.pod,
+            port,
+            family,
+            slot,
+        };
+        // A slot held by an open socket is kept; a closed socket has left its slot.
+        if LISTENERS
+            .update(key, raw::sock_ops(ctx), u64::from(BPF_NOEXIST))
+            .is_ok()
+        {
+            if logging_enabled() {
+                debug!(
+                    ctx,
+                    "sockops inbound listener on port {} slot {}", port, slot
+                );
+            }
+            return;
+        }
+    }
+    count(config.pod, Counter::ListenerFailed);
 }

@@ -1,16 +1,22 @@
 //! `cgroup/getsockopt`: answers `getsockopt(SOL_IP, SO_ORIGINAL_DST)` and
 //! `getsockopt(SOL_IPV6, IP6T_SO_ORIGINAL_DST)` on the proxy's accepted socket with the
-//! original destination, as conntrack does after an iptables REDIRECT. A connection made
-//! over IPv4-mapped addresses is answered in the form the proxy asked for. Every other
-//! getsockopt() passes through untouched.
+//! original destination, as conntrack does after an iptables REDIRECT, from the record the
+//! socket took over when it was created (see `sockops`). A connection made over IPv4-mapped
+//! addresses is answered in the form the proxy asked for.
+//!
+//! Every other call is left exactly as the kernel answered it (optlen 0, see
+//! `raw::sockopt_keep_kernel_answer`). Errors follow the kernel's rules: before Linux 5.18 a
+//! program may only keep the kernel's error or answer with success, so a miss keeps the
+//! kernel's own error (ENOPROTOOPT without nf_conntrack, ENOENT with it) there, and is ENOENT
+//! where the loader probed that the program may say so.
 use aya_ebpf::{macros::cgroup_sockopt, programs::SockoptContext};
 use aya_log_ebpf::debug;
-use redirector_common::{PeerKey, RawSockAddr, AF_INET, AF_INET6};
+use redirector_common::{InboundAddrKey, PodConfig, RawSockAddr, AF_INET, AF_INET6, RECORD_PROXY};
 
 use crate::{
     addr,
-    maps::{INBOUND_NETNS, ORIG_BY_PEER},
-    pod::{count, current_pod, logging_enabled},
+    maps::{INBOUND_ADDRS, SOCKET_RECORDS},
+    pod::{count, current_pod, errno_writable, logging_enabled, Counter},
     raw,
 };
 
@@ -46,61 +52,48 @@ struct SockaddrIn6 {
 
 #[cgroup_sockopt(getsockopt)]
 pub fn redirector_getsockopt(ctx: SockoptContext) -> i32 {
-    match raw::sockopt_level_name(&ctx) {
+    let answered = match raw::sockopt_level_name(&ctx) {
         (SOL_IP, SO_ORIGINAL_DST) => answer_original_dst(&ctx, false),
         (SOL_IPV6, SO_ORIGINAL_DST) => answer_original_dst(&ctx, true),
-        _ => {}
+        _ => false,
+    };
+    if !answered {
+        raw::sockopt_keep_kernel_answer(&ctx);
     }
     PROCEED
 }
 
+/// Fails the call with `errno` where the kernel lets the program choose its error; otherwise
+/// the kernel's own error stands.
 #[inline(always)]
-fn count_lookup(missed: bool) {
-    if let Some((pod, _)) = current_pod() {
-        count(pod, |stats| {
-            stats.orig_dst_lookups += 1;
-            stats.orig_dst_misses += u64::from(missed);
-        });
+fn fail(ctx: &SockoptContext, errno: i32) {
+    if raw::sockopt_retval(ctx) != 0 && errno_writable() {
+        raw::sockopt_fail(ctx, errno);
     }
 }
 
+/// Returns whether the call was answered by the program.
 #[inline(always)]
-fn answer_original_dst(ctx: &SockoptContext, as_ipv6: bool) {
-    let Some((family, peer_addr, peer_port, local_port)) = raw::sockopt_socket_ends(ctx) else {
-        return;
+fn answer_original_dst(ctx: &SockoptContext, as_ipv6: bool) -> bool {
+    let Some(config) = current_pod() else {
+        return false;
     };
-    let (family, peer_addr) = addr::normalize(family, peer_addr);
-    let key = PeerKey {
-        netns_cookie: raw::netns_cookie(ctx),
-        peer_addr,
-        peer_port,
-        proxy_port: local_port,
-        family,
-        _pad: 0,
-    };
-    let original = match ORIG_BY_PEER.get_ptr(&key) {
-        // SAFETY: map value pointer valid for this run.
-        Some(original) => unsafe { *original },
-        // An inbound connection was not translated: like conntrack, whose original
-        // destination for it is the socket's own local address.
-        None if INBOUND_NETNS.get_ptr(&key.netns_cookie).is_some() => {
-            let Some((family, local, port)) = raw::sockopt_local(ctx) else {
-                return;
-            };
-            let (family, addr) = addr::normalize(family, local);
-            RawSockAddr { addr, port, family }
-        }
-        None => {
-            count_lookup(true);
-            // Like the kernel without a conntrack entry; a real conntrack answer (iptables
-            // in the same netns) is kept.
-            if raw::sockopt_retval(ctx) != 0 {
-                raw::sockopt_fail(ctx, ENOENT);
+    count(config.pod, Counter::OrigDstLookups);
+    let original = match raw::socket_storage(&SOCKET_RECORDS, ctx, false) {
+        // SAFETY: the socket's storage, valid for the run.
+        Some(record) if unsafe { (*record).kind } == RECORD_PROXY => unsafe {
+            (*record).original_dst
+        },
+        _ => match inbound_original(ctx, &config) {
+            Some(local) => local,
+            None => {
+                count(config.pod, Counter::OrigDstMisses);
+                // A real conntrack answer (iptables in the same netns) is kept.
+                fail(ctx, ENOENT);
+                return false;
             }
-            return;
-        }
+        },
     };
-    count_lookup(false);
     let answered = if as_ipv6 {
         answer_ipv6(ctx, &original)
     } else {
@@ -112,17 +105,37 @@ fn answer_original_dst(ctx: &SockoptContext, as_ipv6: bool) {
             "getsockopt original dst family {} port {}", original.family, original.port
         );
     }
+    answered
+}
+
+/// An inbound connection the pod's `sk_lookup` captured was not translated: like conntrack,
+/// its original destination is the socket's own local address. That holds only for a socket
+/// whose local address is one of the pod's inbound addresses and whose port is not one of the
+/// proxy's own (a connection to the proxy port itself was never captured inbound).
+#[inline(always)]
+fn inbound_original(ctx: &SockoptContext, config: &PodConfig) -> Option<RawSockAddr> {
+    let (family, local, port) = raw::sockopt_local(ctx)?;
+    if port == config.proxy_port || port == config.inbound_port || port == config.dns_port {
+        return None;
+    }
+    let (family, addr) = addr::normalize(family, local);
+    let owner = INBOUND_ADDRS.get_ptr(&InboundAddrKey {
+        family: u32::from(family),
+        addr,
+    })?;
+    // SAFETY: a map value, valid for the run.
+    (unsafe { (*owner).pod } == config.pod).then_some(RawSockAddr { addr, port, family })
 }
 
 /// conntrack answers SOL_IP only for IPv4 connections, and refuses short buffers.
 #[inline(always)]
 fn answer_ipv4(ctx: &SockoptContext, original: &RawSockAddr) -> bool {
     if original.family != AF_INET {
-        raw::sockopt_fail(ctx, ENOENT);
+        fail(ctx, ENOENT);
         return false;
     }
     if raw::sockopt_optlen(ctx) < core::mem::size_of::<SockaddrIn>() as i32 {
-        raw::sockopt_fail(ctx, EINVAL);
+        fail(ctx, EINVAL);
         return false;
     }
     let answer = SockaddrIn {
@@ -137,7 +150,7 @@ fn answer_ipv4(ctx: &SockoptContext, original: &RawSockAddr) -> bool {
 #[inline(always)]
 fn answer_ipv6(ctx: &SockoptContext, original: &RawSockAddr) -> bool {
     if raw::sockopt_optlen(ctx) < core::mem::size_of::<SockaddrIn6>() as i32 {
-        raw::sockopt_fail(ctx, EINVAL);
+        fail(ctx, EINVAL);
         return false;
     }
     let addr = if original.family == AF_INET {

@@ -52,16 +52,12 @@ pub struct IstioFlags {
     /// Outbound ports always captured.
     #[arg(short = 'q', long = "istio-outbound-ports", default_value = "", value_parser = |s: &str| policy::parse_port_list(s).map(List))]
     pub outbound_ports: List<u16>,
-    /// Outbound ports never captured; `-o json` / `-o table` choose the dry-run output instead.
-    #[arg(
-        short = 'o',
-        long = "istio-local-outbound-ports-exclude",
-        default_value = ""
-    )]
-    pub outbound_ports_exclude: String,
+    /// Outbound ports never captured (comma-separated), as istio-iptables' -o.
+    #[arg(short = 'o', long = "istio-local-outbound-ports-exclude", default_value = "", value_parser = |s: &str| policy::parse_port_list(s).map(List))]
+    pub outbound_ports_exclude: List<u16>,
     /// How --dry-run prints the policy.
-    #[arg(long = "output", value_enum)]
-    pub output: Option<OutputFormat>,
+    #[arg(long = "output", value_enum, default_value_t = OutputFormat::Table)]
+    pub output: OutputFormat,
     /// Outbound destinations to capture (comma-separated CIDRs, or '*'). Default '*': unlike
     /// istio-iptables (default: none), enrolling a pod captures it; pass -i '' for none.
     #[arg(short = 'i', long = "istio-service-cidr", default_value = "*", value_parser = |s: &str| policy::parse_cidr_selection("-i", s))]
@@ -69,10 +65,10 @@ pub struct IstioFlags {
     /// Outbound destinations never captured (comma-separated CIDRs).
     #[arg(short = 'x', long = "istio-service-exclude-cidr", default_value = "")]
     pub outbound_cidrs_exclude: String,
-    /// Send TCP DNS (port 53) to the DNS servers to istio-agent's port 15053.
+    /// Send DNS (TCP and UDP port 53) to the DNS servers to istio-agent's port 15053.
     #[arg(long = "redirect-dns", env = "ISTIO_META_DNS_CAPTURE")]
     pub redirect_dns: bool,
-    /// With --redirect-dns: TCP port 53 to any address, not only the DNS servers.
+    /// With --redirect-dns: TCP and UDP port 53 to any address, not only the DNS servers.
     #[arg(long = "capture-all-dns")]
     pub capture_all_dns: bool,
     /// DNS servers for --redirect-dns (comma-separated); default: /etc/resolv.conf, as istio-iptables.
@@ -129,22 +125,9 @@ pub struct IstioFlags {
 }
 
 impl IstioFlags {
-    /// The dry-run output format (`-o json|table` or `--output`).
-    pub fn output_format(&self) -> OutputFormat {
-        match self.outbound_ports_exclude.trim() {
-            "json" => OutputFormat::Json,
-            "table" => OutputFormat::Table,
-            _ => self.output.unwrap_or(OutputFormat::Table),
-        }
-    }
-
     /// Checks the flags together and builds the policy.
     pub fn to_policy(&self) -> Result<Policy, PolicyError> {
         self.refuse_unsupported()?;
-        let outbound_ports_exclude = match self.outbound_ports_exclude.trim() {
-            "json" | "table" => Vec::new(),
-            list => policy::parse_port_list(list)?,
-        };
         let outbound_cidrs_exclude = if self.outbound_cidrs_exclude.trim() == "*" {
             return Err(PolicyError::Unsupported {
                 flag: "-x",
@@ -182,7 +165,7 @@ impl IstioFlags {
                 .0
                 .clone(),
             outbound_ports_include: self.outbound_ports.0.clone(),
-            outbound_ports_exclude,
+            outbound_ports_exclude: self.outbound_ports_exclude.0.clone(),
             outbound_cidrs_include: self.outbound_cidrs.clone(),
             outbound_cidrs_exclude,
             inbound_ports_include: self.inbound_ports.clone(),
@@ -241,7 +224,7 @@ pub fn resolv_conf_servers(path: &Path) -> Vec<std::net::IpAddr> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use clap::Parser;
 
     use super::*;
@@ -254,7 +237,7 @@ mod tests {
     }
 
     /// What Istio's sidecar injector passes to istio-iptables.
-    const SIDECAR_INJECTOR_LINE: &[&str] = &[
+    pub(crate) const SIDECAR_INJECTOR_LINE: &[&str] = &[
         "-p",
         "15001",
         "-z",
@@ -273,7 +256,8 @@ mod tests {
         "15090,15021,15020",
     ];
 
-    fn parse(line: &[&str]) -> Result<Policy, String> {
+    /// `redirector enroll LINE`'s policy, or the error it prints.
+    pub(crate) fn parse(line: &[&str]) -> Result<Policy, String> {
         let cli = Cli::try_parse_from(std::iter::once("enroll").chain(line.iter().copied()))
             .map_err(|e| e.to_string())?;
         cli.flags.to_policy().map_err(|e| e.to_string())
@@ -323,18 +307,87 @@ mod tests {
     }
 
     #[test]
-    fn dash_o_is_a_port_list_or_the_dry_run_format() {
-        let cli = Cli::try_parse_from(["enroll", "-n", "-o", "json"]).unwrap();
-        assert_eq!(cli.flags.output_format(), OutputFormat::Json);
+    fn dash_o_is_the_outbound_port_exclusion_and_nothing_else() {
+        assert_eq!(
+            parse(&["-o", "5432,6379"]).unwrap().outbound_ports_exclude,
+            vec![5432, 6379]
+        );
+        for format in ["json", "table"] {
+            let error = parse(&["-n", "-o", format]).unwrap_err();
+            assert!(error.contains("invalid port"), "-o {format}: {error}");
+        }
+        let cli = Cli::try_parse_from(["enroll", "-n", "--output", "json"]).unwrap();
+        assert_eq!(cli.flags.output, OutputFormat::Json);
         assert!(cli
             .flags
             .to_policy()
             .unwrap()
             .outbound_ports_exclude
             .is_empty());
+        let cli = Cli::try_parse_from(["enroll", "-n"]).unwrap();
+        assert_eq!(cli.flags.output, OutputFormat::Table);
+    }
+
+    /// The JSON type of every field, by path (`[]` for list items), across `values`.
+    fn json_types(
+        value: &serde_json::Value,
+        path: String,
+        seen: &mut std::collections::BTreeMap<String, std::collections::BTreeSet<&'static str>>,
+    ) {
+        use serde_json::Value;
+        let kind = match value {
+            Value::Null => "null",
+            Value::Bool(_) => "bool",
+            Value::Number(_) => "number",
+            Value::String(_) => "string",
+            Value::Array(items) => {
+                items
+                    .iter()
+                    .for_each(|item| json_types(item, format!("{path}[]"), seen));
+                "list"
+            }
+            Value::Object(fields) => {
+                for (key, field) in fields {
+                    json_types(field, format!("{path}.{key}"), seen);
+                }
+                "object"
+            }
+        };
+        seen.entry(path).or_default().insert(kind);
+    }
+
+    /// Every field of the policy's JSON has one type, whatever the flags: `*` is a boolean, lists
+    /// are lists.
+    #[test]
+    fn policy_json_has_one_type_per_field() {
+        let lines: &[&[&str]] = &[
+            SIDECAR_INJECTOR_LINE,
+            &[],
+            &[
+                "-i",
+                "10.0.0.0/8",
+                "-b",
+                "80,443",
+                "--owner-groups-include",
+                "0",
+            ],
+            &["--owner-groups-exclude", "0", "-i", ""],
+        ];
+        let mut seen = std::collections::BTreeMap::new();
+        for line in lines {
+            let json = serde_json::to_value(parse(line).unwrap()).unwrap();
+            json_types(&json, String::new(), &mut seen);
+            let back: Policy = serde_json::from_value(json).unwrap();
+            assert_eq!(back, parse(line).unwrap(), "{line:?} reads back");
+        }
+        let mixed: Vec<_> = seen.iter().filter(|(_, kinds)| kinds.len() > 1).collect();
+        assert!(
+            mixed.is_empty(),
+            "fields with more than one type: {mixed:?}"
+        );
         assert_eq!(
-            parse(&["-o", "5432,6379"]).unwrap().outbound_ports_exclude,
-            vec![5432, 6379]
+            seen[".inbound_ports_include.all"],
+            ["bool"].into_iter().collect()
         );
     }
 

@@ -5,17 +5,16 @@
 //! link is created, pinned and removed the same way. Links are multi-attach by nature, so
 //! they coexist with programs other software attached to the same or parent cgroups.
 use std::{
-    ffi::CString,
     io,
-    os::{
-        fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
-        unix::ffi::OsStrExt,
-    },
+    os::fd::{AsFd, BorrowedFd, OwnedFd},
     path::Path,
 };
 
-/// The hooks redirector attaches, with the kernel's `enum bpf_attach_type` values: six on
-/// the pod's cgroup, and inbound capture on the pod's network namespace.
+use crate::sys;
+
+/// The hooks redirector attaches, with the kernel's `enum bpf_attach_type` values: on the pod's
+/// cgroup always, with DNS capture, with inbound capture; and inbound capture on the pod's
+/// network namespace.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Hook {
     Connect4,
@@ -24,33 +23,73 @@ pub enum Hook {
     GetSockopt,
     GetPeerName4,
     GetPeerName6,
+    GetSockName4,
+    GetSockName6,
+    SendMsg4,
+    SendMsg6,
+    RecvMsg4,
+    RecvMsg6,
+    Bind4,
+    Bind6,
     Inbound,
 }
 
 impl Hook {
-    /// The hooks attached to the pod's cgroup.
-    pub const CGROUP: [Hook; 6] = [
+    /// The hooks attached to every enrolled pod's cgroup.
+    pub const CGROUP: [Hook; 8] = [
         Self::Connect4,
         Self::Connect6,
         Self::SockOps,
         Self::GetSockopt,
         Self::GetPeerName4,
         Self::GetPeerName6,
+        Self::GetSockName4,
+        Self::GetSockName6,
     ];
-    /// Every hook: the cgroup ones, then inbound capture.
-    pub const ALL: [Hook; 7] = {
-        let [a, b, c, d, e, f] = Self::CGROUP;
-        [a, b, c, d, e, f, Self::Inbound]
-    };
+    /// Attached to the pod's cgroup when its policy captures DNS: UDP datagrams and replies.
+    pub const DNS: [Hook; 4] = [
+        Self::SendMsg4,
+        Self::SendMsg6,
+        Self::RecvMsg4,
+        Self::RecvMsg6,
+    ];
+    /// Attached to the pod's cgroup when its policy captures inbound (the proxy's listeners).
+    pub const INBOUND_CGROUP: [Hook; 2] = [Self::Bind4, Self::Bind6];
+    /// Every hook.
+    pub const ALL: [Hook; 15] = [
+        Self::Connect4,
+        Self::Connect6,
+        Self::SockOps,
+        Self::GetSockopt,
+        Self::GetPeerName4,
+        Self::GetPeerName6,
+        Self::GetSockName4,
+        Self::GetSockName6,
+        Self::SendMsg4,
+        Self::SendMsg6,
+        Self::RecvMsg4,
+        Self::RecvMsg6,
+        Self::Bind4,
+        Self::Bind6,
+        Self::Inbound,
+    ];
 
-    fn attach_type(self) -> u32 {
+    pub fn attach_type(self) -> u32 {
         match self {
             Self::SockOps => 3,       // BPF_CGROUP_SOCK_OPS
+            Self::Bind4 => 8,         // BPF_CGROUP_INET4_BIND
+            Self::Bind6 => 9,         // BPF_CGROUP_INET6_BIND
             Self::Connect4 => 10,     // BPF_CGROUP_INET4_CONNECT
             Self::Connect6 => 11,     // BPF_CGROUP_INET6_CONNECT
+            Self::SendMsg4 => 14,     // BPF_CGROUP_UDP4_SENDMSG
+            Self::SendMsg6 => 15,     // BPF_CGROUP_UDP6_SENDMSG
+            Self::RecvMsg4 => 19,     // BPF_CGROUP_UDP4_RECVMSG
+            Self::RecvMsg6 => 20,     // BPF_CGROUP_UDP6_RECVMSG
             Self::GetSockopt => 21,   // BPF_CGROUP_GETSOCKOPT
             Self::GetPeerName4 => 29, // BPF_CGROUP_INET4_GETPEERNAME
             Self::GetPeerName6 => 30, // BPF_CGROUP_INET6_GETPEERNAME
+            Self::GetSockName4 => 31, // BPF_CGROUP_INET4_GETSOCKNAME
+            Self::GetSockName6 => 32, // BPF_CGROUP_INET6_GETSOCKNAME
             Self::Inbound => 36,      // BPF_SK_LOOKUP
         }
     }
@@ -64,45 +103,16 @@ impl Hook {
             Self::GetSockopt => "getsockopt",
             Self::GetPeerName4 => "getpeername4",
             Self::GetPeerName6 => "getpeername6",
+            Self::GetSockName4 => "getsockname4",
+            Self::GetSockName6 => "getsockname6",
+            Self::SendMsg4 => "sendmsg4",
+            Self::SendMsg6 => "sendmsg6",
+            Self::RecvMsg4 => "recvmsg4",
+            Self::RecvMsg6 => "recvmsg6",
+            Self::Bind4 => "bind4",
+            Self::Bind6 => "bind6",
             Self::Inbound => "inbound",
         }
-    }
-}
-
-const BPF_OBJ_PIN: libc::c_int = 6;
-const BPF_OBJ_GET: libc::c_int = 7;
-const BPF_LINK_CREATE: libc::c_int = 28;
-
-#[repr(C)]
-struct LinkCreateAttr {
-    prog_fd: u32,
-    target_fd: u32,
-    attach_type: u32,
-    flags: u32,
-}
-
-/// The `BPF_OBJ_PIN` / `BPF_OBJ_GET` part of `union bpf_attr`.
-#[repr(C)]
-struct ObjPinAttr {
-    pathname: u64,
-    bpf_fd: u32,
-    file_flags: u32,
-}
-
-fn bpf<T>(cmd: libc::c_int, attr: &mut T) -> io::Result<libc::c_long> {
-    // SAFETY: `attr` is a live repr(C) prefix of `union bpf_attr`; the kernel zero-extends it.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut T,
-            std::mem::size_of::<T>() as libc::c_uint,
-        )
-    };
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(ret)
     }
 }
 
@@ -115,36 +125,34 @@ pub fn attach_pinned(
     hook: Hook,
     pin: &Path,
 ) -> io::Result<()> {
-    let mut create = LinkCreateAttr {
-        prog_fd: program.as_raw_fd() as u32,
-        target_fd: target.as_raw_fd() as u32,
-        attach_type: hook.attach_type(),
-        flags: 0,
+    let link = sys::link_create(program, target, hook.attach_type())?;
+    sys::pin(link.as_fd(), pin)
+}
+
+/// Detaches the link pinned at `pin` and removes the pin. Removing the pin alone would detach
+/// the link only once the kernel frees the pin's inode, after an RCU grace period. A missing
+/// pin is fine.
+pub fn detach_pinned(pin: &Path) -> io::Result<()> {
+    let link = match sys::open_pinned(pin) {
+        Ok(link) => link,
+        Err(error) if error.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(error) => return Err(error),
     };
-    let raw = bpf(BPF_LINK_CREATE, &mut create)?;
-    // SAFETY: BPF_LINK_CREATE returned a new fd that nothing else owns.
-    let link = unsafe { OwnedFd::from_raw_fd(raw as libc::c_int) };
-    let path = CString::new(pin.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let mut pin_attr = ObjPinAttr {
-        pathname: path.as_ptr() as u64,
-        bpf_fd: link.as_raw_fd() as u32,
-        file_flags: 0,
-    };
-    bpf(BPF_OBJ_PIN, &mut pin_attr)?;
-    Ok(())
+    sys::link_detach(link.as_fd())?;
+    match std::fs::remove_file(pin) {
+        Err(error) if error.kind() != io::ErrorKind::NotFound => Err(error),
+        _ => Ok(()),
+    }
+}
+
+/// Replaces the program of the link pinned at `pin` with `program`, atomically: the hook runs
+/// the old program or the new one, never none.
+pub fn update_pinned(pin: &Path, program: BorrowedFd<'_>) -> io::Result<()> {
+    let link = sys::open_pinned(pin)?;
+    sys::link_update(link.as_fd(), program)
 }
 
 /// Opens a pinned object (a program, here) by its path.
 pub fn open_pinned(pin: &Path) -> io::Result<OwnedFd> {
-    let path = CString::new(pin.as_os_str().as_bytes())
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e))?;
-    let mut attr = ObjPinAttr {
-        pathname: path.as_ptr() as u64,
-        bpf_fd: 0,
-        file_flags: 0,
-    };
-    let raw = bpf(BPF_OBJ_GET, &mut attr)?;
-    // SAFETY: BPF_OBJ_GET returned a new fd that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(raw as libc::c_int) })
+    sys::open_pinned(pin)
 }

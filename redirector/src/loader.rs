@@ -1,20 +1,17 @@
 //! Loading the embedded eBPF object once per node and opening what is pinned.
 use std::{
     fs,
-    os::fd::{AsFd, BorrowedFd, OwnedFd},
+    os::fd::{AsFd as _, BorrowedFd, OwnedFd},
     path::Path,
 };
 
 use aya::{
-    maps::{lpm_trie::LpmTrie, Array, HashMap, Map, MapData, MapError, PerCpuHashMap},
+    maps::{MapData, MapError},
     pin::PinError,
     programs::{CgroupSockAddr, CgroupSockopt, Program, ProgramError, SkLookup, SockOps},
     EbpfLoader,
 };
-use redirector_common::{
-    map_names, program_names, ConnectionRecord, InboundAddrKey, InboundNetns, InboundPod, OwnerKey,
-    PeerKey, PodAddrKey, PodConfig, PodStats, PortKey, RawSockAddr, Settings,
-};
+use redirector_common::{map_names, program_names, DEFAULT_HANDSHAKE_CAPACITY};
 
 use crate::{
     link::{self, Hook},
@@ -55,6 +52,45 @@ pub enum LoadError {
         path: std::path::PathBuf,
         source: std::io::Error,
     },
+    #[error("reading the eBPF object's map definitions: {0}")]
+    MapDefinitions(#[from] aya_obj::ParseError),
+    #[error(
+        "pinned map {map} has another layout than this build's ({pinned} pinned, {build} here): \
+         this build cannot take over the pinned programs' state in place; drain the node, run \
+         `redirector uninstall` (every pod leaves capture) and enroll the pods again, or go back \
+         to the build that made the maps"
+    )]
+    LayoutMismatch {
+        map: String,
+        pinned: String,
+        build: String,
+    },
+    #[error("replacing the program of link {pin}: {source}")]
+    LinkUpdate {
+        pin: std::path::PathBuf,
+        source: std::io::Error,
+    },
+    #[error("replacing the pin of program {name}: {source}")]
+    Repin {
+        name: &'static str,
+        source: std::io::Error,
+    },
+}
+
+/// Settings of a node-wide load that the object's defaults do not fix.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LoadOptions {
+    /// Capacity of the handshake map (captured connections whose proxy side does not exist
+    /// yet, node-wide). Only applies when the maps are created; pinned maps keep theirs.
+    pub handshake_capacity: u32,
+}
+
+impl Default for LoadOptions {
+    fn default() -> Self {
+        Self {
+            handshake_capacity: DEFAULT_HANDSHAKE_CAPACITY,
+        }
+    }
 }
 
 fn program_name(hook: Hook) -> &'static str {
@@ -65,33 +101,55 @@ fn program_name(hook: Hook) -> &'static str {
         Hook::GetSockopt => program_names::GETSOCKOPT,
         Hook::GetPeerName4 => program_names::GETPEERNAME4,
         Hook::GetPeerName6 => program_names::GETPEERNAME6,
+        Hook::GetSockName4 => program_names::GETSOCKNAME4,
+        Hook::GetSockName6 => program_names::GETSOCKNAME6,
+        Hook::SendMsg4 => program_names::SENDMSG4,
+        Hook::SendMsg6 => program_names::SENDMSG6,
+        Hook::RecvMsg4 => program_names::RECVMSG4,
+        Hook::RecvMsg6 => program_names::RECVMSG6,
+        Hook::Bind4 => program_names::BIND4,
+        Hook::Bind6 => program_names::BIND6,
         Hook::Inbound => program_names::INBOUND,
     }
 }
 
-/// Loads one program of the object and pins it.
-fn load_and_pin(
+/// A program of the object as its aya type, behind the calls redirector makes on it.
+fn typed(program: &mut Program, hook: Hook) -> Result<&mut dyn LoadPin, ProgramError> {
+    Ok(match hook {
+        Hook::Connect4
+        | Hook::Connect6
+        | Hook::GetPeerName4
+        | Hook::GetPeerName6
+        | Hook::GetSockName4
+        | Hook::GetSockName6
+        | Hook::SendMsg4
+        | Hook::SendMsg6
+        | Hook::RecvMsg4
+        | Hook::RecvMsg6
+        | Hook::Bind4
+        | Hook::Bind6 => <&mut CgroupSockAddr>::try_from(program)?,
+        Hook::SockOps => <&mut SockOps>::try_from(program)?,
+        Hook::GetSockopt => <&mut CgroupSockopt>::try_from(program)?,
+        Hook::Inbound => <&mut SkLookup>::try_from(program)?,
+    })
+}
+
+/// Loads one program of the object (the verifier checks it).
+fn load_only(program: &mut Program, hook: Hook) -> Result<(), ProgramError> {
+    typed(program, hook)?.load_program()
+}
+
+/// Pins one loaded program.
+fn pin_loaded(
     program: &mut Program,
     hook: Hook,
+    name: &'static str,
     pin: &Path,
-) -> Result<Result<(), PinError>, ProgramError> {
-    fn load<P>(program: &mut Program, pin: &Path) -> Result<Result<(), PinError>, ProgramError>
-    where
-        for<'p> &'p mut P: TryFrom<&'p mut Program, Error = ProgramError>,
-        P: LoadPin,
-    {
-        let program = <&mut P>::try_from(program)?;
-        program.load_program()?;
-        Ok(program.pin_program(pin))
-    }
-    match hook {
-        Hook::Connect4 | Hook::Connect6 | Hook::GetPeerName4 | Hook::GetPeerName6 => {
-            load::<CgroupSockAddr>(program, pin)
-        }
-        Hook::SockOps => load::<SockOps>(program, pin),
-        Hook::GetSockopt => load::<CgroupSockopt>(program, pin),
-        Hook::Inbound => load::<SkLookup>(program, pin),
-    }
+) -> Result<(), LoadError> {
+    typed(program, hook)
+        .map_err(|source| LoadError::Program { name, source })?
+        .pin_program(pin)
+        .map_err(|source| LoadError::PinProgram { name, source })
 }
 
 /// The load and pin calls that aya gives each program type separately.
@@ -114,6 +172,125 @@ macro_rules! impl_load_pin {
 }
 impl_load_pin!(CgroupSockAddr, SockOps, CgroupSockopt, SkLookup);
 
+/// Identifies this build's programs: a digest of the embedded object, so that a build with
+/// other programs is told apart from the pinned ones. `REDIRECTOR_TEST_PROGRAM_REVISION` makes
+/// it another build's (the upgrade tests load the same programs as if they had changed).
+pub fn build_id() -> [u8; 16] {
+    use sha2::{Digest, Sha256};
+    let mut digest = Sha256::new();
+    digest.update(EBPF_OBJECT);
+    if let Ok(revision) = std::env::var(TEST_REVISION_ENV) {
+        digest.update(revision.as_bytes());
+    }
+    let mut id = [0; 16];
+    id.copy_from_slice(&digest.finalize()[..16]);
+    id
+}
+
+/// See [`build_id`].
+pub const TEST_REVISION_ENV: &str = "REDIRECTOR_TEST_PROGRAM_REVISION";
+
+/// What an upgrade in place did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct UpgradeReport {
+    /// Pods whose links now run this build's programs.
+    pub pods: usize,
+    /// Links whose program was replaced.
+    pub links: usize,
+}
+
+/// Replaces the pinned programs with this build's in every pod's links, atomically per link
+/// (`BPF_LINK_UPDATE`: a link never runs no program), keeping the maps and their entries. The
+/// pinned maps must have this build's layout. The caller holds the root's lock.
+pub fn upgrade_programs(root: &PinRoot, options: &LoadOptions) -> Result<UpgradeReport, LoadError> {
+    check_map_layouts(root)?;
+    let mut ebpf = load_object(root, options)?;
+    let mut loaded = Vec::new();
+    for hook in Hook::ALL {
+        let name = program_name(hook);
+        let program = ebpf
+            .program_mut(name)
+            .ok_or(LoadError::MissingProgram { name })?;
+        load_only(program, hook).map_err(|source| LoadError::Program { name, source })?;
+        loaded.push((hook, name));
+    }
+    let mut report = UpgradeReport::default();
+    for pod in root.pinned_pods().unwrap_or_default() {
+        let mut updated = false;
+        for &(hook, name) in &loaded {
+            let pin = root.pod_dir(pod).join(hook.pin_name());
+            if !pin.exists() {
+                continue;
+            }
+            let program = ebpf
+                .program(name)
+                .ok_or(LoadError::MissingProgram { name })?
+                .fd()
+                .map_err(|source| LoadError::Program { name, source })?;
+            link::update_pinned(&pin, program.as_fd())
+                .map_err(|source| LoadError::LinkUpdate { pin, source })?;
+            report.links += 1;
+            updated = true;
+        }
+        report.pods += usize::from(updated);
+    }
+    // The new programs take the old ones' pins (rename replaces a pin at once).
+    for (hook, name) in loaded {
+        let next = root.program(&format!("{name}-next"));
+        let _ = fs::remove_file(&next);
+        let program = ebpf
+            .program_mut(name)
+            .ok_or(LoadError::MissingProgram { name })?;
+        pin_loaded(program, hook, name, &next)?;
+        fs::rename(&next, root.program(name))
+            .map_err(|source| LoadError::Repin { name, source })?;
+    }
+    Ok(report)
+}
+
+/// The pinned maps have this build's layout: type, key and value sizes and flags (capacities
+/// may differ: the handshake map's is a setting). Without this a program would read a map of
+/// another layout; aya reuses pinned maps by name without looking.
+fn check_map_layouts(root: &PinRoot) -> Result<(), LoadError> {
+    let object = aya_obj::Object::parse(EBPF_OBJECT)?;
+    for (name, map) in &object.maps {
+        let pin = root.map(name);
+        if !pin.exists() {
+            continue;
+        }
+        let info = MapData::from_pin(&pin)
+            .and_then(|data| data.info())
+            .map_err(|source| LoadError::OpenMap {
+                name: "pinned map",
+                source,
+            })?;
+        let pinned_type = info.map_type().map(|t| t as u32).unwrap_or(u32::MAX);
+        let pinned = (
+            pinned_type,
+            info.key_size(),
+            info.value_size(),
+            info.map_flags(),
+        );
+        let build = (
+            map.map_type(),
+            map.key_size(),
+            map.value_size(),
+            map.map_flags(),
+        );
+        if pinned != build {
+            let show = |(t, k, v, f): (u32, u32, u32, u32)| {
+                format!("type {t}, key {k} B, value {v} B, flags {f:#x}")
+            };
+            return Err(LoadError::LayoutMismatch {
+                map: name.clone(),
+                pinned: show(pinned),
+                build: show(build),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Whether every program is pinned under `root` (the node is installed).
 pub fn programs_pinned(root: &PinRoot) -> bool {
     Hook::ALL
@@ -124,7 +301,7 @@ pub fn programs_pinned(root: &PinRoot) -> bool {
 /// Loads and pins the programs unless they are pinned already; maps are pinned by name
 /// under `<root>/maps` (existing pins are reused, so state survives reloads). The caller
 /// holds the root's lock.
-pub fn ensure_programs_pinned(root: &PinRoot) -> Result<(), LoadError> {
+pub fn ensure_programs_pinned(root: &PinRoot, options: &LoadOptions) -> Result<(), LoadError> {
     if programs_pinned(root) {
         return Ok(());
     }
@@ -137,19 +314,29 @@ pub fn ensure_programs_pinned(root: &PinRoot) -> Result<(), LoadError> {
             source,
         })?;
     }
-    let mut ebpf = EbpfLoader::new()
-        .default_map_pin_directory(root.maps_dir())
-        .load(EBPF_OBJECT)?;
+    let mut ebpf = load_object(root, options)?;
     for hook in Hook::ALL {
         let name = program_name(hook);
         let program = ebpf
             .program_mut(name)
             .ok_or(LoadError::MissingProgram { name })?;
-        load_and_pin(program, hook, &root.program(name))
-            .map_err(|source| LoadError::Program { name, source })?
-            .map_err(|source| LoadError::PinProgram { name, source })?;
+        load_only(program, hook).map_err(|source| LoadError::Program { name, source })?;
+        pin_loaded(program, hook, name, &root.program(name))?;
     }
     Ok(())
+}
+
+/// The embedded object with its maps created or, where pinned, reused (aya reuses a pinned
+/// map by name: [`check_map_layouts`] is what makes that safe across builds).
+fn load_object(root: &PinRoot, options: &LoadOptions) -> Result<aya::Ebpf, LoadError> {
+    // SOCKET_RECORDS is a BTF-defined map (socket storage needs BTF), which carries no pinning
+    // attribute of its own: its pin path is given by name.
+    let socket_records_pin = root.map(map_names::SOCKET_RECORDS);
+    Ok(EbpfLoader::new()
+        .default_map_pin_directory(root.maps_dir())
+        .map_pin_path(map_names::SOCKET_RECORDS, socket_records_pin.as_path())
+        .map_max_entries(map_names::HANDSHAKES, options.handshake_capacity)
+        .load(EBPF_OBJECT)?)
 }
 
 /// The pinned programs, opened to be attached.
@@ -193,47 +380,4 @@ impl Programs {
             source: std::io::Error::other(source),
         })
     }
-}
-
-/// The pinned maps, typed.
-pub struct Maps {
-    pub pod_config: HashMap<MapData, u64, PodConfig>,
-    pub owners: HashMap<MapData, OwnerKey, u8>,
-    pub ports: HashMap<MapData, PortKey, u32>,
-    pub pod_addrs: LpmTrie<MapData, PodAddrKey, u32>,
-    pub pod_stats: PerCpuHashMap<MapData, u64, PodStats>,
-    pub orig_by_cookie: HashMap<MapData, u64, ConnectionRecord>,
-    pub orig_by_peer: HashMap<MapData, PeerKey, RawSockAddr>,
-    pub settings: Array<MapData, Settings>,
-    pub inbound_addrs: HashMap<MapData, InboundAddrKey, InboundPod>,
-    pub inbound_netns: HashMap<MapData, u64, InboundNetns>,
-}
-
-impl Maps {
-    pub fn open(root: &PinRoot) -> Result<Self, LoadError> {
-        Ok(Self {
-            pod_config: open_map(root, map_names::POD_CONFIG)?,
-            owners: open_map(root, map_names::OWNERS)?,
-            ports: open_map(root, map_names::PORTS)?,
-            pod_addrs: open_map(root, map_names::POD_ADDRS)?,
-            pod_stats: open_map(root, map_names::POD_STATS)?,
-            orig_by_cookie: open_map(root, map_names::ORIG_BY_COOKIE)?,
-            orig_by_peer: open_map(root, map_names::ORIG_BY_PEER)?,
-            settings: open_map(root, map_names::SETTINGS)?,
-            inbound_addrs: open_map(root, map_names::INBOUND_ADDRS)?,
-            inbound_netns: open_map(root, map_names::INBOUND_NETNS)?,
-        })
-    }
-}
-
-/// Opens one pinned map as its typed wrapper.
-pub fn open_map<T: TryFrom<Map, Error = MapError>>(
-    root: &PinRoot,
-    name: &'static str,
-) -> Result<T, LoadError> {
-    let open = || {
-        let data = MapData::from_pin(root.map(name))?;
-        T::try_from(Map::from_map_data(data)?)
-    };
-    open().map_err(|source| LoadError::OpenMap { name, source })
 }

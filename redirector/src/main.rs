@@ -7,7 +7,7 @@ use std::{
 };
 
 use anyhow::{bail, Context as _};
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{Parser, Subcommand};
 use redirector::{
     agent::{
         api::{EnrollRequest, NodePod, NodeStatus, PodSelector},
@@ -16,10 +16,12 @@ use redirector::{
         server,
         store::PodMeta,
     },
-    cni::install::{InstallCniFlags, Installation},
+    cni::{
+        install::{InstallCniFlags, Installation},
+        select::Reason,
+    },
     flags::{IstioFlags, OutputFormat},
     loader::Programs,
-    netns::PodNetns,
     pins::PinRoot,
     pods::{RecordCounts, Redirector},
 };
@@ -49,8 +51,8 @@ enum Command {
     },
     /// List enrolled pods, their settings and counters (the agent's, when one runs).
     Status {
-        #[arg(short = 'o', long, value_enum, default_value_t = Output::Table)]
-        output: Output,
+        #[arg(long, value_enum, default_value_t = OutputFormat::Table)]
+        output: OutputFormat,
     },
     /// Remove every pin and attachment (all pods).
     Uninstall,
@@ -70,21 +72,15 @@ enum Command {
 
 #[derive(clap::Args)]
 struct EnrollArgs {
-    /// The pod's cgroup v2 directory.
-    #[arg(long, required_unless_present = "dry_run")]
-    cgroup: Option<PathBuf>,
+    /// The pod's cgroup v2 directory (also with --dry-run, which checks it as enroll would).
+    #[arg(long)]
+    cgroup: PathBuf,
     /// The pod's network namespace (e.g. /run/netns/NAME or /proc/PID/ns/net): its addresses
     /// are the pod's local ones, and decide whether IPv6 is captured, as in istio-iptables.
     #[arg(long, visible_alias = "network-namespace")]
     netns: Option<PathBuf>,
     #[command(flatten)]
     istio: IstioFlags,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum Output {
-    Table,
-    Json,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -117,8 +113,8 @@ fn main() -> anyhow::Result<()> {
         Command::Status { output } => {
             let (status, _) = client::status(&target)?;
             match output {
-                Output::Json => println!("{}", serde_json::to_string(&status)?),
-                Output::Table => print_table(&status),
+                OutputFormat::Json => println!("{}", serde_json::to_string(&status)?),
+                OutputFormat::Table => print_table(&status),
             }
         }
         Command::Uninstall => {
@@ -142,46 +138,45 @@ fn main() -> anyhow::Result<()> {
 }
 
 fn enroll(target: &client::Target, args: EnrollArgs) -> anyhow::Result<()> {
-    let policy = args.istio.to_policy()?;
-    if args.istio.dry_run {
-        let ipv6 = match &args.netns {
-            Some(path) => {
-                let netns = PodNetns::read(path)?;
-                let on = netns.network.ipv6_enabled(policy.dual_stack);
-                let verdict = if on { "captured" } else { "not captured" };
-                format!("{verdict} (from the addresses of {})", path.display())
-            }
-            None => "captured (no --netns given)".to_owned(),
-        };
-        match args.istio.output_format() {
-            OutputFormat::Table => print!("{}", policy.render_table(&ipv6)),
-            OutputFormat::Json => {
-                let json = serde_json::json!({ "policy": policy, "ipv6": ipv6 });
-                println!("{}", serde_json::to_string_pretty(&json)?)
-            }
-        }
-        return Ok(());
-    }
-    let cgroup = args
-        .cgroup
-        .expect("clap requires --cgroup without --dry-run");
     let request = EnrollRequest {
-        cgroup: cgroup.clone(),
+        cgroup: args.cgroup.clone(),
         meta: PodMeta {
             netns: args.netns,
             ..PodMeta::default()
         },
-        policy: Some(policy),
+        policy: Some(args.istio.to_policy()?),
+        pod_settings: None,
+        // The same request either way: a dry run goes through every check of an enroll.
+        dry_run: args.istio.dry_run,
     };
     let (pod, via) = client::enroll(target, request)
-        .with_context(|| format!("enrolling {}", cgroup.display()))?;
-    tracing::info!(cgroup = %pod.cgroup.display(), cgroup_id = pod.cgroup_id, ?via, "enrolled");
+        .with_context(|| format!("enrolling {}", args.cgroup.display()))?;
+    if !args.istio.dry_run {
+        tracing::info!(cgroup = %pod.cgroup.display(), cgroup_id = pod.cgroup_id, ?via, "enrolled");
+        return Ok(());
+    }
+    match args.istio.output {
+        OutputFormat::Table => {
+            let verdict = if pod.ipv6_captured {
+                "captured"
+            } else {
+                "not captured"
+            };
+            let ipv6 = match &pod.netns {
+                Some(path) => format!("{verdict} (from the addresses of {})", path.display()),
+                None => format!("{verdict} (no --netns given)"),
+            };
+            print!("{}", pod.policy.render_table(&ipv6));
+        }
+        OutputFormat::Json => println!("{}", serde_json::to_string_pretty(&pod)?),
+    }
+    tracing::info!(cgroup = %pod.cgroup.display(), ?via, "dry run: every check passed, nothing changed");
     Ok(())
 }
 
 fn print_table(status: &NodeStatus) {
     println!(
-        "{:<30} {:<50} {:>10} {:>11} {:<12} {:<12} {:>10} {:>9} {:>8} {:>7} {:>9} {:>9} {:>9}",
+        "{:<30} {:<50} {:>10} {:>11} {:<12} {:<12} {:>10} {:>9} {:>8} {:>7} {:>9} {:>9} {:>9} {:>9}",
         "POD",
         "CGROUP",
         "ID",
@@ -194,10 +189,14 @@ fn print_table(status: &NodeStatus) {
         "MISSES",
         "IN-CAPT",
         "IN-EXCL",
-        "IN-NOPRX"
+        "IN-NOPRX",
+        "DNS"
     );
     let list = |ids: &[u32]| ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-    for NodePod { status: pod, meta } in &status.pods {
+    for NodePod {
+        status: pod, meta, ..
+    } in &status.pods
+    {
         let cgroup = pod
             .cgroup
             .as_ref()
@@ -209,7 +208,7 @@ fn print_table(status: &NodeStatus) {
         let ports = format!("{}/{}", pod.proxy_port, pod.inbound_capture_port);
         let c = pod.counters;
         println!(
-            "{:<30} {:<50} {:>10} {:>11} {:<12} {:<12} {:>10} {:>9} {:>8} {:>7} {:>9} {:>9} {:>9}",
+            "{:<30} {:<50} {:>10} {:>11} {:<12} {:<12} {:>10} {:>9} {:>8} {:>7} {:>9} {:>9} {:>9} {:>9}",
             name,
             cgroup,
             pod.cgroup_id,
@@ -222,11 +221,36 @@ fn print_table(status: &NodeStatus) {
             c.orig_dst_misses,
             c.inbound_captured,
             c.inbound_excluded,
-            c.inbound_no_proxy
+            c.inbound_no_proxy,
+            c.dns_redirected
         );
     }
-    let RecordCounts { by_cookie, by_peer } = status.records;
-    println!("connection records: {by_cookie} by cookie, {by_peer} by peer");
+    let RecordCounts {
+        in_flight,
+        capacity,
+        overflowed,
+    } = status.records;
+    println!(
+        "connection handshakes in flight: {in_flight} (capacity {capacity}; could not be kept: {overflowed})"
+    );
+    if let Some(agent) = &status.agent {
+        let counts = |counts: &std::collections::BTreeMap<Reason, u64>| {
+            let listed: Vec<String> = counts
+                .iter()
+                .map(|(reason, n)| format!("{} {n}", reason.name()))
+                .collect();
+            if listed.is_empty() {
+                "none".to_owned()
+            } else {
+                listed.join(", ")
+            }
+        };
+        println!(
+            "CNI, pods not enrolled since the agent started: passed through: {}; ADD failed: {}",
+            counts(&agent.cni.skipped),
+            counts(&agent.cni.failed)
+        );
+    }
 }
 
 static INTERRUPTED: AtomicBool = AtomicBool::new(false);

@@ -1,19 +1,16 @@
 //! Reading a pod's network namespace: its addresses (which destinations are local to the
-//! pod, and whether istio-iptables would turn IPv6 on) and its cookie. The namespace is
+//! pod, and whether istio-iptables would turn IPv6 on) and its identity. The namespace is
 //! entered on a dedicated thread, so the caller's own namespace never changes.
 use std::{
     fs::File,
     net::IpAddr,
-    os::fd::AsFd,
+    os::{fd::AsFd, unix::fs::MetadataExt},
     path::{Path, PathBuf},
 };
 
-use nix::{
-    sched::{setns, CloneFlags},
-    sys::socket::{socket, AddressFamily, SockFlag, SockType},
-};
+use nix::sched::{setns, CloneFlags};
 
-use crate::{original_dst::netns_cookie, policy::PodNetwork};
+use crate::policy::PodNetwork;
 
 #[derive(Debug, thiserror::Error)]
 pub enum NetnsError {
@@ -35,7 +32,8 @@ pub enum NetnsError {
 #[derive(Clone, Debug)]
 pub struct PodNetns {
     pub path: PathBuf,
-    pub cookie: u64,
+    /// The namespace's inode on nsfs: what identifies it while it exists.
+    pub inode: u64,
     pub network: PodNetwork,
 }
 
@@ -46,6 +44,13 @@ impl PodNetns {
             source,
         })?;
         let owned_path = path.to_owned();
+        let inode = file
+            .metadata()
+            .map_err(|source| NetnsError::Open {
+                path: path.to_owned(),
+                source,
+            })?
+            .ino();
         std::thread::scope(|scope| {
             scope
                 .spawn(|| {
@@ -69,18 +74,9 @@ impl PodNetns {
                                 .or_else(|| address.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
                         })
                         .collect();
-                    // Any socket made here tells the namespace's cookie; no address is needed.
-                    let probe = socket(
-                        AddressFamily::Inet,
-                        SockType::Datagram,
-                        SockFlag::SOCK_CLOEXEC,
-                        None,
-                    )
-                    .map_err(|e| read_error(e.into()))?;
-                    let cookie = netns_cookie(probe.as_fd()).map_err(read_error)?;
                     Ok(Self {
                         path: owned_path.clone(),
-                        cookie,
+                        inode,
                         network: PodNetwork { addresses },
                     })
                 })

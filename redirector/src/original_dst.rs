@@ -2,8 +2,8 @@
 //!
 //! Two ways, with the same answer: [`so_original_dst`] asks the kernel with
 //! `getsockopt(SOL_IP, SO_ORIGINAL_DST)` exactly as Envoy and HAProxy do (answered by the
-//! `cgroup/getsockopt` program), and [`OriginalDstMap`] reads the pinned record map directly,
-//! for proxies that prefer not to make that call.
+//! `cgroup/getsockopt` program), and [`OriginalDstMap`] reads the accepted socket's record
+//! from the pinned socket-storage map directly, for proxies that prefer not to make that call.
 use std::{
     io,
     mem::{size_of, MaybeUninit},
@@ -11,19 +11,14 @@ use std::{
     os::fd::{AsFd, AsRawFd, BorrowedFd},
 };
 
-use aya::maps::{HashMap, MapData, MapError};
-use nix::sys::socket::{getpeername, getsockname, SockaddrStorage};
-use redirector_common::{map_names, PeerKey, RawSockAddr, AF_INET, AF_INET6};
+use aya::maps::{MapData, MapError, SkStorage};
+use nix::sys::socket::{getsockname, SockaddrStorage};
+use redirector_common::{map_names, SocketRecord, AF_INET, AF_INET6, RECORD_PROXY};
 
-use crate::{
-    loader::{self, LoadError},
-    pins::PinRoot,
-};
+use crate::{loader::LoadError, maps, pins::PinRoot};
 
 /// `SO_ORIGINAL_DST` from linux/netfilter_ipv4.h (`IP6T_SO_ORIGINAL_DST` has the same value).
 const SO_ORIGINAL_DST: libc::c_int = 80;
-/// `SO_NETNS_COOKIE` from asm-generic/socket.h (Linux 5.14).
-const SO_NETNS_COOKIE: libc::c_int = 71;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OriginalDstError {
@@ -31,10 +26,8 @@ pub enum OriginalDstError {
     Open(#[from] LoadError),
     #[error("reading the addresses of the accepted socket: {0}")]
     Socket(#[from] io::Error),
-    #[error("the accepted socket is not an IP socket")]
-    NotIp,
-    #[error("no original destination recorded for the connection from {peer} (not redirected, or already closed)")]
-    NotFound { peer: SocketAddr },
+    #[error("no original destination recorded for this socket (not the proxy's side of a redirected connection)")]
+    NotFound,
     #[error("reading the record map: {0}")]
     Map(#[from] MapError),
 }
@@ -68,17 +61,6 @@ fn socket_ip(addr: &SockaddrStorage) -> Option<IpAddr> {
         .or_else(|| addr.as_sockaddr_in6().map(|v6| v6.ip().to_canonical()))
 }
 
-fn socket_port(addr: &SockaddrStorage) -> Option<u16> {
-    addr.as_sockaddr_in()
-        .map(|v4| v4.port())
-        .or_else(|| addr.as_sockaddr_in6().map(|v6| v6.port()))
-}
-
-/// The cookie of the network namespace a socket lives in.
-pub fn netns_cookie(socket: BorrowedFd<'_>) -> io::Result<u64> {
-    getsockopt_value(socket, libc::SOL_SOCKET, SO_NETNS_COOKIE)
-}
-
 fn getsockopt_value<T: Copy>(
     socket: BorrowedFd<'_>,
     level: libc::c_int,
@@ -103,15 +85,15 @@ fn getsockopt_value<T: Copy>(
     Ok(unsafe { value.assume_init() })
 }
 
-/// The pinned record map, opened once and used for every accepted connection.
+/// The pinned socket-record map, opened once and used for every accepted connection.
 pub struct OriginalDstMap {
-    records: HashMap<MapData, PeerKey, RawSockAddr>,
+    records: SkStorage<MapData, SocketRecord>,
 }
 
 impl OriginalDstMap {
     pub fn open(root: &PinRoot) -> Result<Self, OriginalDstError> {
         Ok(Self {
-            records: loader::open_map(root, map_names::ORIG_BY_PEER)?,
+            records: maps::open_map(root, map_names::SOCKET_RECORDS)?,
         })
     }
 
@@ -120,31 +102,15 @@ impl OriginalDstMap {
     }
 
     pub fn lookup_fd(&self, accepted: BorrowedFd<'_>) -> Result<SocketAddr, OriginalDstError> {
-        let fd = accepted.as_raw_fd();
-        let local = getsockname::<SockaddrStorage>(fd).map_err(io::Error::from)?;
-        let peer = getpeername::<SockaddrStorage>(fd).map_err(io::Error::from)?;
-        let (Some(peer_ip), Some(peer_port), Some(local_port)) =
-            (socket_ip(&peer), socket_port(&peer), socket_port(&local))
-        else {
-            return Err(OriginalDstError::NotIp);
-        };
-        let (family, peer_addr) = kernel_words(peer_ip);
-        let key = PeerKey {
-            netns_cookie: netns_cookie(accepted)?,
-            peer_addr,
-            peer_port,
-            proxy_port: local_port,
-            family,
-            _pad: 0,
-        };
-        match self.records.get(&key, 0) {
-            Ok(original) => Ok(SocketAddr::new(
-                ip_from_words(original.family, original.addr),
-                original.port,
+        match self.records.get(&accepted.as_raw_fd(), 0) {
+            Ok(record) if record.kind == RECORD_PROXY => Ok(SocketAddr::new(
+                ip_from_words(record.original_dst.family, record.original_dst.addr),
+                record.original_dst.port,
             )),
-            Err(MapError::KeyNotFound) => Err(OriginalDstError::NotFound {
-                peer: SocketAddr::new(peer_ip, peer_port),
-            }),
+            Ok(_) | Err(MapError::KeyNotFound) => Err(OriginalDstError::NotFound),
+            Err(MapError::SyscallError(e)) if e.io_error.kind() == io::ErrorKind::NotFound => {
+                Err(OriginalDstError::NotFound)
+            }
             Err(e) => Err(e.into()),
         }
     }

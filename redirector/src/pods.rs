@@ -1,34 +1,29 @@
 //! The library API: enroll, unenroll and list pods on one pin root.
 use std::{
-    collections::HashMap,
+    net::IpAddr,
     os::fd::AsFd as _,
     path::{Path, PathBuf},
 };
 
-use aya::{
-    maps::{lpm_trie::Key, HashMap as BpfHashMap, MapData, MapError, PerCpuValues},
-    Pod,
-};
-use ipnet::IpNet;
 use redirector_common::{
-    InboundAddrKey, InboundNetns, InboundPod, OwnerKey, PodAddrKey, PodStats, PortKey, Settings,
-    ADDR_DNS_SERVER, ADDR_EXCLUDE, ADDR_INCLUDE, ADDR_LOCAL, ADDR_LOOPBACK_CIDR, OWNER_GID,
-    OWNER_UID, POD_ADDR_KEY_FIXED_BITS, POLICY_CAPTURE_ALL_DNS, POLICY_GROUPS_EXCLUDE,
-    POLICY_GROUPS_INCLUDE, POLICY_INCLUDE_ALL, POLICY_IPV4, POLICY_IPV6, POLICY_LOOPBACK_INCLUDED,
-    POLICY_REDIRECT_DNS, PORT_INBOUND_EXCLUDE, PORT_INBOUND_INCLUDE, PORT_OUTBOUND_EXCLUDE,
-    PORT_OUTBOUND_INCLUDE,
+    InboundPod, PodConfig, PodStats, ADDR_DNS_SERVER, ADDR_EXCLUDE, ADDR_INCLUDE, ADDR_LOCAL,
+    ADDR_LOOPBACK_CIDR, MAP_LAYOUT_VERSION, OWNER_GID, OWNER_UID, POLICY_CAPTURE_ALL_DNS,
+    POLICY_GROUPS_EXCLUDE, POLICY_GROUPS_INCLUDE, POLICY_INBOUND_ALL, POLICY_INBOUND_FAIL_OPEN,
+    POLICY_INCLUDE_ALL, POLICY_IPV4, POLICY_IPV6, POLICY_LOOPBACK_INCLUDED, POLICY_REDIRECT_DNS,
+    PORT_INBOUND_EXCLUDE, PORT_INBOUND_INCLUDE, PORT_OUTBOUND_EXCLUDE, PORT_OUTBOUND_INCLUDE,
 };
 use serde::{Deserialize, Serialize};
 
+pub use crate::maps::records::RecordCounts;
 use crate::{
-    cgroup::{self, Cgroup, CgroupError},
+    cgroup::{Cgroup, CgroupError},
     kernel::{self, KernelError},
     link::{self, Hook},
-    loader::{self, LoadError, Maps, Programs},
+    loader::{self, LoadError, LoadOptions, Programs, UpgradeReport},
+    maps::{inbound::address_key, policy_sets::SetsRead, MapAccessError, Maps},
     netns::{NetnsError, PodNetns},
-    original_dst::{ip_from_words, kernel_words},
     pins::{PinError, PinRoot, RootLock},
-    policy::{CompiledPolicy, Policy},
+    policy::Policy,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -41,30 +36,22 @@ pub enum Error {
     Kernel(#[from] KernelError),
     #[error(transparent)]
     Load(#[from] LoadError),
-    #[error("attaching {hook} to cgroup {cgroup}: {source}")]
+    #[error("attaching {hook} to {target}: {source}")]
     Attach {
         hook: &'static str,
-        cgroup: PathBuf,
+        target: PathBuf,
         source: std::io::Error,
     },
-    #[error("map {map}: {source}")]
-    Map { map: &'static str, source: MapError },
-    #[error("counting CPUs: {0}")]
-    Cpus(std::io::Error),
+    #[error(transparent)]
+    Map(#[from] MapAccessError),
     #[error(transparent)]
     Netns(#[from] NetnsError),
     #[error("inbound capture (-b) needs the pod's network namespace: pass --netns")]
     InboundNeedsNetns,
     #[error("address {addr} already has inbound capture for another pod (cgroup id {other}); pod addresses must be unique on a node")]
-    AddressClaimed { addr: std::net::IpAddr, other: u64 },
-    #[error(
-        "network namespace {path} already has inbound capture for another pod (cgroup id {other})"
-    )]
-    NetnsClaimed { path: PathBuf, other: u64 },
-}
-
-fn map_error(map: &'static str) -> impl FnOnce(MapError) -> Error {
-    move |source| Error::Map { map, source }
+    AddressClaimed { addr: IpAddr, other: u64 },
+    #[error("the pinned maps have layout version {pinned}, this build's have {build}: this build cannot take over the pinned state in place; drain the node, run `redirector uninstall` (every pod leaves capture) and enroll the pods again, or go back to a build with layout version {pinned}")]
+    LayoutVersion { pinned: u32, build: u32 },
 }
 
 /// One enrolled pod as the maps describe it.
@@ -73,6 +60,9 @@ pub struct PodStatus {
     /// None when the cgroup no longer exists.
     pub cgroup: Option<PathBuf>,
     pub cgroup_id: u64,
+    /// The generation of the pod's policy (one more for each policy change); 0 when the pod's
+    /// settings are missing (its programs were detached).
+    pub generation: u32,
     pub proxy_port: u16,
     pub inbound_capture_port: u16,
     pub inbound_tunnel_port: u16,
@@ -97,7 +87,7 @@ pub struct LabelledEntry {
     pub sets: Vec<String>,
 }
 
-const SWITCH_NAMES: [(u32, &str); 9] = [
+const SWITCH_NAMES: [(u32, &str); 10] = [
     (POLICY_IPV4, "ipv4"),
     (POLICY_IPV6, "ipv6"),
     (POLICY_INCLUDE_ALL, "include_all"),
@@ -106,7 +96,8 @@ const SWITCH_NAMES: [(u32, &str); 9] = [
     (POLICY_LOOPBACK_INCLUDED, "loopback_included"),
     (POLICY_GROUPS_INCLUDE, "owner_groups_include"),
     (POLICY_GROUPS_EXCLUDE, "owner_groups_exclude"),
-    (0, ""),
+    (POLICY_INBOUND_ALL, "inbound_all"),
+    (POLICY_INBOUND_FAIL_OPEN, "inbound_fail_open"),
 ];
 const PORT_SET_NAMES: [(u32, &str); 4] = [
     (PORT_OUTBOUND_EXCLUDE, "outbound_exclude"),
@@ -126,7 +117,7 @@ const ADDR_SET_NAMES: [(u32, &str); 5] = [
 pub fn bit_names(bits: u32, names: &[(u32, &'static str)]) -> Vec<String> {
     names
         .iter()
-        .filter(|(bit, _)| *bit != 0 && bits & bit != 0)
+        .filter(|(bit, _)| bits & bit != 0)
         .map(|(_, name)| (*name).to_owned())
         .collect()
 }
@@ -143,28 +134,13 @@ pub fn switch_names(bits: u32) -> Vec<String> {
     bit_names(bits, &SWITCH_NAMES)
 }
 
-/// The trie key of a prefix of a pod.
-pub fn prefix_key(pod: u64, prefix: IpNet) -> Key<PodAddrKey> {
-    let (family, addr) = kernel_words(prefix.addr());
-    Key::new(
-        POD_ADDR_KEY_FIXED_BITS + u32::from(prefix.prefix_len()),
-        PodAddrKey::new(pod, family, addr),
-    )
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
-fn key_prefix(key: &Key<PodAddrKey>) -> Option<(u64, IpNet)> {
-    let data = key.data();
-    let pod = u64::from(data.pod[0]) | (u64::from(data.pod[1]) << 32);
-    let len = u8::try_from(key.prefix_len().checked_sub(POD_ADDR_KEY_FIXED_BITS)?).ok()?;
-    let family = u16::try_from(data.family).ok()?;
-    Some((pod, IpNet::new(ip_from_words(family, data.addr), len).ok()?))
-}
-
-/// Connection records currently held (they leave when their connection closes).
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RecordCounts {
-    pub by_cookie: usize,
-    pub by_peer: usize,
+/// The generation after `generation`; never 0, which means "no settings".
+fn next_generation(generation: u32) -> u32 {
+    generation.wrapping_add(1).max(1)
 }
 
 /// An installation on one pin root, locked for the lifetime of this value.
@@ -174,37 +150,98 @@ pub struct Redirector {
     /// Opened on first attach and kept: a long-lived holder (the agent, the lab) enrolls
     /// many pods without reopening the pins.
     programs: Option<Programs>,
-    _lock: RootLock,
+    upgrade: Option<UpgradeReport>,
+    /// None for a read-only view ([`Redirector::read_only`]).
+    _lock: Option<RootLock>,
 }
 
 impl Redirector {
     /// Opens the installation at `root`, installing it first if needed (kernel check,
     /// programs loaded and pinned, maps created). The kernel is probed only when installing:
     /// probing loads test programs, too slow to repeat for every pod.
-    pub fn install(root: PinRoot) -> Result<Self, Error> {
-        root.check_bpffs()?;
+    ///
+    /// Programs of another build pinned there are replaced by this build's in every pod's links
+    /// (an upgrade in place, or a downgrade), when the pinned maps have this build's layout;
+    /// [`Redirector::upgrade`] tells what was done.
+    pub fn install(root: PinRoot, options: &LoadOptions) -> Result<Self, Error> {
+        let capabilities = check_installable(&root)?;
+        kernel::lift_memlock_limit();
         let lock = root.create_and_lock()?;
-        if !loader::programs_pinned(&root) {
-            kernel::check()?;
-            loader::ensure_programs_pinned(&root)?;
+        let build_id = loader::build_id();
+        if capabilities.is_some() {
+            loader::ensure_programs_pinned(&root, options)?;
         }
-        let maps = Maps::open(&root)?;
+        let mut maps = Maps::open(&root)?;
+        let pinned = maps.switches.get()?;
+        let mut upgrade = None;
+        if let Some(capabilities) = capabilities {
+            maps.switches.update(|settings| {
+                settings.errno_writable = u32::from(capabilities.errno_writable);
+                settings.layout_version = MAP_LAYOUT_VERSION;
+                settings.build_id = build_id;
+            })?;
+        } else if pinned.build_id != build_id {
+            if pinned.layout_version != MAP_LAYOUT_VERSION {
+                return Err(Error::LayoutVersion {
+                    pinned: pinned.layout_version,
+                    build: MAP_LAYOUT_VERSION,
+                });
+            }
+            let capabilities = kernel::check()?;
+            let report = loader::upgrade_programs(&root, options)?;
+            maps.switches.update(|settings| {
+                settings.errno_writable = u32::from(capabilities.errno_writable);
+                settings.build_id = build_id;
+            })?;
+            tracing::info!(
+                from = %hex(&pinned.build_id),
+                to = %hex(&build_id),
+                pods = report.pods,
+                links = report.links,
+                "replaced the pinned programs with this build's in every pod's links"
+            );
+            upgrade = Some(report);
+        }
         Ok(Self {
             root,
             maps,
             programs: None,
-            _lock: lock,
+            upgrade,
+            _lock: Some(lock),
         })
+    }
+
+    /// What [`Redirector::install`] replaced, when the pinned programs were another build's.
+    pub fn upgrade(&self) -> Option<UpgradeReport> {
+        self.upgrade
+    }
+
+    /// The build whose programs are pinned (a digest of their object, in hex).
+    pub fn programs_build(&self) -> Result<String, Error> {
+        Ok(hex(&self.maps.switches.get()?.build_id))
     }
 
     /// Opens an existing installation; `None` when nothing is installed at `root`.
     pub fn open(root: PinRoot) -> Result<Option<Self>, Error> {
+        Self::open_with(root, true)
+    }
+
+    /// Opens an existing installation without taking the root's lock, for reading only
+    /// ([`Redirector::pods`], [`Redirector::pod`], [`Redirector::enrolled_ids`],
+    /// [`Redirector::records`]): a status or a scrape never waits for an enroll, nor delays
+    /// one. A pod being enrolled or unenrolled meanwhile may be seen half-made.
+    pub fn read_only(root: PinRoot) -> Result<Option<Self>, Error> {
+        Self::open_with(root, false)
+    }
+
+    fn open_with(root: PinRoot, locked: bool) -> Result<Option<Self>, Error> {
         if !root.exists() {
             return Ok(None);
         }
+        kernel::lift_memlock_limit();
         root.check_bpffs()?;
-        let lock = root.lock()?;
-        if !root.map(redirector_common::map_names::POD_CONFIG).exists() {
+        let lock = locked.then(|| root.lock()).transpose()?;
+        if !loader::programs_pinned(&root) {
             return Ok(None);
         }
         let maps = Maps::open(&root)?;
@@ -212,6 +249,7 @@ impl Redirector {
             root,
             maps,
             programs: None,
+            upgrade: None,
             _lock: lock,
         }))
     }
@@ -220,10 +258,12 @@ impl Redirector {
         &self.root
     }
 
-    /// Enrolls the pod whose cgroup is `cgroup`, or updates its policy if it is enrolled
-    /// already (new connections follow the new policy; links are not re-made). On failure
-    /// a new enrollment is undone completely. `netns` is the pod's network namespace: its
-    /// addresses are the pod's local ones, and inbound capture attaches to it.
+    /// Enrolls the pod whose cgroup is `cgroup`, or changes its policy if it is enrolled
+    /// already: the new policy's sets are staged under a new generation and the pod's
+    /// settings switch to them in one write, so no connection is decided by a mix of the two
+    /// (links are not re-made). On failure a new enrollment is undone completely, and a
+    /// policy change leaves the old policy in force. `netns` is the pod's network namespace:
+    /// its addresses are the pod's local ones, and inbound capture attaches to it.
     pub fn enroll(
         &mut self,
         cgroup: &Cgroup,
@@ -233,228 +273,122 @@ impl Redirector {
         if policy.captures_inbound() && netns.is_none() {
             return Err(Error::InboundNeedsNetns);
         }
-        // A pod unknown to POD_CONFIG has no other entries (unenroll removes POD_CONFIG last),
-        // so the scans for stale entries, which grow with the number of pods, are skipped.
-        let new = self.maps.pod_config.get(&cgroup.id, 0).is_err();
+        let pod = cgroup.id;
+        let known = self.maps.counters.contains(pod);
+        let previous = self.maps.settings.get(pod)?;
+        let generation = next_generation(previous.map_or(0, |config| config.generation));
         let network = netns.map(|n| n.network.clone()).unwrap_or_default();
-        let compiled = policy.compile(cgroup.id, &network);
-        let result = self
-            .write_policy(cgroup.id, &compiled, !new)
-            .and_then(|()| self.attach_missing(cgroup))
+        let compiled = policy.compile(&network);
+        let config = PodConfig {
+            pod,
+            generation,
+            ..compiled.config
+        };
+        let inbound = netns.filter(|_| policy.captures_inbound());
+        let hooks = cgroup_hooks(policy);
+        let staged = self
+            .maps
+            .counters
+            .ensure(pod)
+            .map_err(Error::from)
             .and_then(|()| {
-                self.set_inbound(cgroup.id, netns.filter(|_| policy.captures_inbound()), !new)
-            });
-        if result.is_err() && new {
-            let _ = self.unenroll(cgroup.id);
+                self.maps
+                    .policy_sets
+                    .write(pod, generation, &compiled)
+                    .map_err(Error::from)
+            })
+            .and_then(|()| self.check_claims(pod, inbound))
+            .and_then(|()| self.attach_missing(cgroup, &hooks))
+            .and_then(|()| self.set_inbound_link(pod, inbound));
+        if let Err(error) = staged {
+            if known {
+                let _ = self
+                    .maps
+                    .policy_sets
+                    .remove_other_generations(pod, previous.map(|c| c.generation));
+            } else {
+                let _ = self.unenroll(pod);
+            }
+            return Err(error);
         }
-        result
+        // The switch. Then inbound follows, and what neither policy needs any more goes.
+        self.maps.settings.set(&config)?;
+        self.set_inbound_addresses(&config, inbound)?;
+        for hook in Hook::ALL {
+            if hook != Hook::Inbound && !hooks.contains(&hook) {
+                self.detach(&self.root.pod_dir(pod).join(hook.pin_name()))?;
+            }
+        }
+        self.maps
+            .policy_sets
+            .remove_other_generations(pod, Some(generation))?;
+        Ok(())
     }
 
-    /// Inbound capture on the pod's network namespace: its addresses and netns cookie in the
-    /// maps, the sk_lookup link pinned; or none of it when `netns` is `None`.
-    fn set_inbound(
-        &mut self,
-        pod: u64,
-        netns: Option<&PodNetns>,
-        known: bool,
-    ) -> Result<(), Error> {
-        let wanted: Vec<(InboundAddrKey, std::net::IpAddr)> = netns
-            .map(|netns| {
-                netns
-                    .network
-                    .addresses
-                    .iter()
-                    .filter(|a| !a.to_canonical().is_loopback())
-                    .map(|&a| {
-                        let (family, addr) = kernel_words(a);
-                        (
-                            InboundAddrKey {
-                                family: u32::from(family),
-                                addr,
-                            },
-                            a,
-                        )
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
-        for (key, addr) in &wanted {
-            if let Ok(owner) = self.maps.inbound_addrs.get(key, 0) {
-                if owner.pod != pod {
-                    return Err(Error::AddressClaimed {
-                        addr: *addr,
-                        other: owner.pod,
-                    });
-                }
+    /// The pod's inbound addresses must not be another pod's.
+    pub fn check_claims(&self, pod: u64, netns: Option<&PodNetns>) -> Result<(), Error> {
+        for addr in inbound_addresses(netns) {
+            if let Some(other) = self.maps.inbound.owner(addr).filter(|&other| other != pod) {
+                return Err(Error::AddressClaimed { addr, other });
             }
-        }
-        let pin = self.root.pod_dir(pod).join(Hook::Inbound.pin_name());
-        let previous: Vec<u64> = if known {
-            self.inbound_netns_of(pod)?
-        } else {
-            Vec::new()
-        };
-        if let Some(netns) = netns {
-            if let Ok(owner) = self.maps.inbound_netns.get(&netns.cookie, 0) {
-                if owner.pod != pod {
-                    return Err(Error::NetnsClaimed {
-                        path: netns.path.clone(),
-                        other: owner.pod,
-                    });
-                }
-            }
-            let config = self
-                .maps
-                .pod_config
-                .get(&pod, 0)
-                .map_err(map_error("POD_CONFIG"))?;
-            let entry = InboundNetns {
-                pod,
-                inbound_port: config.inbound_port,
-                _pad: [0; 6],
-            };
-            self.maps
-                .inbound_netns
-                .insert(netns.cookie, entry, 0)
-                .map_err(map_error("INBOUND_NETNS"))?;
-            let owner = InboundPod {
-                pod,
-                netns_cookie: netns.cookie,
-            };
-            for (key, _) in &wanted {
-                self.maps
-                    .inbound_addrs
-                    .insert(*key, owner, 0)
-                    .map_err(map_error("INBOUND_ADDRS"))?;
-            }
-            // A link to another namespace (the pod was re-enrolled with a new one) goes.
-            if previous.iter().any(|&cookie| cookie != netns.cookie) {
-                self.root.remove_pin(&pin)?;
-            }
-            if !pin.exists() {
-                let target =
-                    std::fs::File::open(&netns.path).map_err(|source| NetnsError::Open {
-                        path: netns.path.clone(),
-                        source,
-                    })?;
-                link::attach_pinned(
-                    self.programs()?.fd(Hook::Inbound),
-                    target.as_fd(),
-                    Hook::Inbound,
-                    &pin,
-                )
-                .map_err(|source| Error::Attach {
-                    hook: Hook::Inbound.pin_name(),
-                    cgroup: netns.path.clone(),
-                    source,
-                })?;
-            }
-        } else {
-            self.root.remove_pin(&pin)?;
-        }
-        let wanted_cookie = netns.map(|n| n.cookie);
-        for cookie in previous.into_iter().filter(|c| Some(*c) != wanted_cookie) {
-            ignore_missing(self.maps.inbound_netns.remove(&cookie))
-                .map_err(map_error("INBOUND_NETNS"))?;
-        }
-        let held = if known {
-            self.inbound_addrs_of(pod)?
-        } else {
-            Vec::new()
-        };
-        for key in held
-            .into_iter()
-            .filter(|k| !wanted.iter().any(|(w, _)| w == k))
-        {
-            ignore_missing(self.maps.inbound_addrs.remove(&key))
-                .map_err(map_error("INBOUND_ADDRS"))?;
         }
         Ok(())
     }
 
-    fn inbound_netns_of(&self, pod: u64) -> Result<Vec<u64>, Error> {
-        keys_where(&self.maps.inbound_netns, "INBOUND_NETNS", |_, netns| {
-            netns.pod == pod
-        })
+    /// The sk_lookup link on the pod's network namespace, or none. A new link is pinned beside
+    /// the old one and renamed over it, so inbound capture never pauses, whichever namespace
+    /// the old link was attached to.
+    fn set_inbound_link(&mut self, pod: u64, netns: Option<&PodNetns>) -> Result<(), Error> {
+        let pin = self.root.pod_dir(pod).join(Hook::Inbound.pin_name());
+        let Some(netns) = netns else {
+            return self.detach(&pin);
+        };
+        // bpffs refuses names with a dot.
+        let staged = pin.with_file_name(format!("{}-staged", Hook::Inbound.pin_name()));
+        self.root.remove_pin(&staged)?;
+        let target = std::fs::File::open(&netns.path).map_err(|source| NetnsError::Open {
+            path: netns.path.clone(),
+            source,
+        })?;
+        link::attach_pinned(
+            self.programs()?.fd(Hook::Inbound),
+            target.as_fd(),
+            Hook::Inbound,
+            &staged,
+        )
+        .map_err(|source| Error::Attach {
+            hook: Hook::Inbound.pin_name(),
+            target: netns.path.clone(),
+            source,
+        })?;
+        std::fs::rename(&staged, &pin).map_err(|source| PinError::Io {
+            path: pin.clone(),
+            source,
+        })?;
+        Ok(())
     }
 
-    fn inbound_addrs_of(&self, pod: u64) -> Result<Vec<InboundAddrKey>, Error> {
-        keys_where(&self.maps.inbound_addrs, "INBOUND_ADDRS", |_, owner| {
-            owner.pod == pod
-        })
-    }
-
-    /// Writes a compiled policy: the sets first and the config last, so that the programs
-    /// never see a pod whose sets are still missing; entries the new policy dropped go last.
-    fn write_policy(
+    /// The pod's inbound addresses with its current generation; addresses it no longer has go.
+    fn set_inbound_addresses(
         &mut self,
-        pod: u64,
-        compiled: &CompiledPolicy,
-        known: bool,
+        config: &PodConfig,
+        netns: Option<&PodNetns>,
     ) -> Result<(), Error> {
-        if self.maps.pod_stats.get(&pod, 0).is_err() {
-            let cpus = aya::util::nr_cpus().map_err(|(_, e)| Error::Cpus(e))?;
-            let zeroes =
-                PerCpuValues::try_from(vec![PodStats::default(); cpus]).map_err(Error::Cpus)?;
-            self.maps
-                .pod_stats
-                .insert(pod, zeroes, 0)
-                .map_err(map_error("POD_STATS"))?;
+        let wanted = inbound_addresses(netns);
+        let value = InboundPod {
+            pod: config.pod,
+            generation: config.generation,
+            flags: config.flags,
+            inbound_port: config.inbound_port,
+            _pad: [0; 3],
+        };
+        for &addr in &wanted {
+            self.maps.inbound.set(addr, value)?;
         }
-        for key in &compiled.owners {
-            self.maps
-                .owners
-                .insert(*key, 1, 0)
-                .map_err(map_error("OWNERS"))?;
-        }
-        let port_keys: Vec<PortKey> = compiled
-            .ports
-            .iter()
-            .map(|&(port, _)| port_key(pod, port))
-            .collect();
-        for (key, &(_, bits)) in port_keys.iter().zip(&compiled.ports) {
-            self.maps
-                .ports
-                .insert(*key, bits, 0)
-                .map_err(map_error("PORTS"))?;
-        }
-        let prefix_keys: Vec<(IpNet, u32)> = compiled.prefixes.clone();
-        for &(prefix, bits) in &prefix_keys {
-            self.maps
-                .pod_addrs
-                .insert(&prefix_key(pod, prefix), bits, 0)
-                .map_err(map_error("POD_ADDRS"))?;
-        }
+        let wanted_keys: Vec<_> = wanted.into_iter().map(address_key).collect();
         self.maps
-            .pod_config
-            .insert(pod, compiled.config, 0)
-            .map_err(map_error("POD_CONFIG"))?;
-        if !known {
-            return Ok(());
-        }
-
-        for stale in self
-            .owners_of(pod)?
-            .into_iter()
-            .filter(|key| !compiled.owners.contains(key))
-        {
-            ignore_missing(self.maps.owners.remove(&stale)).map_err(map_error("OWNERS"))?;
-        }
-        for stale in self
-            .ports_of(pod)?
-            .into_iter()
-            .filter(|key| !port_keys.contains(key))
-        {
-            ignore_missing(self.maps.ports.remove(&stale)).map_err(map_error("PORTS"))?;
-        }
-        for (stale, _) in self
-            .prefixes_of(pod)?
-            .into_iter()
-            .filter(|(p, _)| !prefix_keys.iter().any(|(q, _)| q == p))
-        {
-            ignore_missing(self.maps.pod_addrs.remove(&prefix_key(pod, stale)))
-                .map_err(map_error("POD_ADDRS"))?;
-        }
+            .inbound
+            .remove_where(config.pod, |key| wanted_keys.contains(key))?;
         Ok(())
     }
 
@@ -465,10 +399,11 @@ impl Redirector {
         Ok(self.programs.as_ref().expect("just opened"))
     }
 
-    fn attach_missing(&mut self, cgroup: &Cgroup) -> Result<(), Error> {
+    fn attach_missing(&mut self, cgroup: &Cgroup, hooks: &[Hook]) -> Result<(), Error> {
         let pod_dir = self.root.pod_dir(cgroup.id);
-        let missing: Vec<Hook> = Hook::CGROUP
-            .into_iter()
+        let missing: Vec<Hook> = hooks
+            .iter()
+            .copied()
             .filter(|hook| !pod_dir.join(hook.pin_name()).exists())
             .collect();
         if missing.is_empty() {
@@ -480,214 +415,185 @@ impl Redirector {
         })?;
         let programs = self.programs()?;
         for hook in missing {
-            let attach_error = |source| Error::Attach {
-                hook: hook.pin_name(),
-                cgroup: cgroup.path.clone(),
-                source,
-            };
-            let program = programs.fd(hook);
             link::attach_pinned(
-                program,
+                programs.fd(hook),
                 cgroup.dir.as_fd(),
                 hook,
                 &pod_dir.join(hook.pin_name()),
             )
-            .map_err(attach_error)?;
+            .map_err(|source| Error::Attach {
+                hook: hook.pin_name(),
+                target: cgroup.path.clone(),
+                source,
+            })?;
         }
         Ok(())
     }
 
-    /// Removes a pod: its links (detached), policy and counters. Returns whether anything
-    /// was there.
+    fn detach(&self, pin: &Path) -> Result<(), Error> {
+        link::detach_pinned(pin).map_err(|source| {
+            PinError::Io {
+                path: pin.to_owned(),
+                source,
+            }
+            .into()
+        })
+    }
+
+    /// Removes a pod: its links (detached), sets, inbound addresses and counters. Returns
+    /// whether anything was there.
     pub fn unenroll(&mut self, pod: u64) -> Result<bool, Error> {
-        let existed = self.root.pod_dir(pod).exists() || self.maps.pod_config.get(&pod, 0).is_ok();
-        // Links first: once they are gone no program runs for the pod. POD_CONFIG goes last:
-        // a pod without it has no other entries (enroll relies on that).
+        let pod_dir = self.root.pod_dir(pod);
+        let existed = pod_dir.exists() || self.maps.counters.contains(pod);
+        // Links first, detached at once: then no program runs for the pod. The counters go
+        // last: a pod without them has no other entries (enroll relies on that).
+        for hook in Hook::ALL {
+            self.detach(&pod_dir.join(hook.pin_name()))?;
+        }
         self.root.remove_pod(pod)?;
-        for key in self.owners_of(pod)? {
-            ignore_missing(self.maps.owners.remove(&key)).map_err(map_error("OWNERS"))?;
-        }
-        for key in self.ports_of(pod)? {
-            ignore_missing(self.maps.ports.remove(&key)).map_err(map_error("PORTS"))?;
-        }
-        for (prefix, _) in self.prefixes_of(pod)? {
-            ignore_missing(self.maps.pod_addrs.remove(&prefix_key(pod, prefix)))
-                .map_err(map_error("POD_ADDRS"))?;
-        }
-        for cookie in self.inbound_netns_of(pod)? {
-            ignore_missing(self.maps.inbound_netns.remove(&cookie))
-                .map_err(map_error("INBOUND_NETNS"))?;
-        }
-        for key in self.inbound_addrs_of(pod)? {
-            ignore_missing(self.maps.inbound_addrs.remove(&key))
-                .map_err(map_error("INBOUND_ADDRS"))?;
-        }
-        ignore_missing(self.maps.pod_stats.remove(&pod)).map_err(map_error("POD_STATS"))?;
-        ignore_missing(self.maps.pod_config.remove(&pod)).map_err(map_error("POD_CONFIG"))?;
+        self.maps.policy_sets.remove_other_generations(pod, None)?;
+        self.maps.inbound.remove_where(pod, |_| false)?;
+        self.maps.counters.remove(pod)?;
         Ok(existed)
     }
 
-    fn owners_of(&self, pod: u64) -> Result<Vec<OwnerKey>, Error> {
-        keys_where(&self.maps.owners, "OWNERS", |key, _| key.pod == pod)
+    /// The cgroup ids of the enrolled pods.
+    pub fn enrolled_ids(&self) -> Result<Vec<u64>, Error> {
+        let mut ids = self.maps.counters.pods()?;
+        ids.sort_unstable();
+        Ok(ids)
     }
 
-    fn ports_of(&self, pod: u64) -> Result<Vec<PortKey>, Error> {
-        keys_where(&self.maps.ports, "PORTS", |key, _| key.pod == pod)
-    }
-
-    /// Every pod's address prefixes with their set bits.
-    fn all_prefixes(&self) -> Result<Vec<(u64, IpNet, u32)>, Error> {
-        let mut prefixes = Vec::new();
-        for entry in self.maps.pod_addrs.iter() {
-            let (key, bits) = entry.map_err(map_error("POD_ADDRS"))?;
-            if let Some((pod, prefix)) = key_prefix(&key) {
-                prefixes.push((pod, prefix, bits));
-            }
-        }
-        prefixes.sort_unstable();
-        Ok(prefixes)
-    }
-
-    /// One pod's address prefixes with their set bits.
-    fn prefixes_of(&self, pod: u64) -> Result<Vec<(IpNet, u32)>, Error> {
-        Ok(self
-            .all_prefixes()?
-            .into_iter()
-            .filter(|(owner, _, _)| *owner == pod)
-            .map(|(_, p, b)| (p, b))
-            .collect())
-    }
-
-    /// Every enrolled pod with its policy and counters.
+    /// Every enrolled pod with its policy and counters: one walk of each set map. The cgroup
+    /// paths are left to the caller (`cgroup: None`): finding them means walking the cgroup
+    /// tree.
     pub fn pods(&self) -> Result<Vec<PodStatus>, Error> {
-        let cgroup_mount = cgroup::cgroup2_mount().ok();
-        let pods: Result<Vec<_>, _> = self.maps.pod_config.iter().collect();
-        let owners: Result<Vec<_>, _> = self.maps.owners.keys().collect();
-        let owners = owners.map_err(map_error("OWNERS"))?;
-        let ports: Result<Vec<_>, _> = self.maps.ports.iter().collect();
-        let ports = ports.map_err(map_error("PORTS"))?;
-        let pods = pods.map_err(map_error("POD_CONFIG"))?;
-        let pod_ids: Vec<u64> = pods.iter().map(|(pod, _)| *pod).collect();
-        let cgroups = cgroup_mount
-            .map(|mount| cgroup::paths_by_id(&mount, &pod_ids))
-            .unwrap_or_default();
-        let mut prefixes: HashMap<u64, Vec<(IpNet, u32)>> = HashMap::new();
-        for (pod, prefix, bits) in self.all_prefixes()? {
-            prefixes.entry(pod).or_default().push((prefix, bits));
-        }
-        let mut statuses = Vec::new();
-        for (pod, config) in pods {
-            let ids = |kind| {
-                owners
-                    .iter()
-                    .filter(|k| k.pod == pod && k.kind == kind)
-                    .map(|k| k.id)
-                    .collect()
-            };
-            let mut total = PodStats::default();
-            if let Ok(per_cpu) = self.maps.pod_stats.get(&pod, 0) {
-                per_cpu.iter().for_each(|cpu| total.add(cpu));
-            }
-            let mut pod_ports: Vec<_> = ports.iter().filter(|(k, _)| k.pod == pod).collect();
-            pod_ports.sort_by_key(|(k, _)| k.port);
-            let pod_dir = self.root.pod_dir(pod);
-            statuses.push(PodStatus {
-                cgroup: cgroups.get(&pod).cloned(),
-                cgroup_id: pod,
-                proxy_port: config.proxy_port,
-                inbound_capture_port: config.inbound_port,
-                inbound_tunnel_port: config.tunnel_port,
-                proxy_uids: ids(OWNER_UID),
-                proxy_gids: ids(OWNER_GID),
-                switches: switch_names(config.flags),
-                ports: pod_ports
-                    .iter()
-                    .map(|(k, bits)| LabelledEntry {
-                        value: k.port.to_string(),
-                        sets: port_set_names(*bits),
-                    })
-                    .collect(),
-                prefixes: prefixes
-                    .remove(&pod)
-                    .unwrap_or_default()
-                    .into_iter()
-                    .map(|(p, bits)| LabelledEntry {
-                        value: p.to_string(),
-                        sets: addr_set_names(bits),
-                    })
-                    .collect(),
-                attached: Hook::ALL
-                    .into_iter()
-                    .filter(|h| pod_dir.join(h.pin_name()).exists())
-                    .map(|hook| hook.pin_name().to_owned())
-                    .collect(),
-                counters: total,
-            });
-        }
-        statuses.sort_by_key(|status| status.cgroup_id);
-        Ok(statuses)
+        let mut sets = self.maps.policy_sets.read_all()?;
+        self.enrolled_ids()?
+            .into_iter()
+            .map(|pod| {
+                let config = self.maps.settings.get(pod)?.unwrap_or_default();
+                let read = sets.remove(&(pod, config.generation)).unwrap_or_default();
+                Ok(self.status_of(pod, &config, &read))
+            })
+            .collect()
     }
 
-    pub fn records(&self) -> RecordCounts {
-        RecordCounts {
-            by_cookie: self
-                .maps
-                .orig_by_cookie
-                .keys()
-                .filter(Result::is_ok)
-                .count(),
-            by_peer: self.maps.orig_by_peer.keys().filter(Result::is_ok).count(),
+    /// One enrolled pod (None when it is not enrolled).
+    pub fn pod(&self, pod: u64) -> Result<Option<PodStatus>, Error> {
+        if !self.maps.counters.contains(pod) {
+            return Ok(None);
         }
+        let config = self.maps.settings.get(pod)?.unwrap_or_default();
+        let read = self
+            .maps
+            .policy_sets
+            .read_all()?
+            .remove(&(pod, config.generation))
+            .unwrap_or_default();
+        Ok(Some(self.status_of(pod, &config, &read)))
+    }
+
+    fn status_of(&self, pod: u64, config: &PodConfig, read: &SetsRead) -> PodStatus {
+        let ids = |kind| {
+            read.owners
+                .iter()
+                .filter(|(k, _)| *k == kind)
+                .map(|(_, id)| *id)
+                .collect()
+        };
+        let pod_dir = self.root.pod_dir(pod);
+        PodStatus {
+            cgroup: None,
+            cgroup_id: pod,
+            generation: config.generation,
+            proxy_port: config.proxy_port,
+            inbound_capture_port: config.inbound_port,
+            inbound_tunnel_port: config.tunnel_port,
+            proxy_uids: ids(OWNER_UID),
+            proxy_gids: ids(OWNER_GID),
+            switches: switch_names(config.flags),
+            ports: read
+                .ports
+                .iter()
+                .map(|(port, bits)| LabelledEntry {
+                    value: port.to_string(),
+                    sets: port_set_names(*bits),
+                })
+                .collect(),
+            prefixes: read
+                .prefixes
+                .iter()
+                .map(|(prefix, bits)| LabelledEntry {
+                    value: prefix.to_string(),
+                    sets: addr_set_names(*bits),
+                })
+                .collect(),
+            attached: Hook::ALL
+                .into_iter()
+                .filter(|h| pod_dir.join(h.pin_name()).exists())
+                .map(|hook| hook.pin_name().to_owned())
+                .collect(),
+            counters: self.maps.counters.total(pod),
+        }
+    }
+
+    pub fn records(&self) -> Result<RecordCounts, Error> {
+        let overflowed = self
+            .maps
+            .counters
+            .pods()?
+            .into_iter()
+            .map(|pod| self.maps.counters.total(pod).handshake_failed)
+            .sum();
+        Ok(self.maps.records.counts(overflowed)?)
+    }
+
+    /// Removes handshakes no proxy side took over within `age` (see
+    /// [`crate::maps::records::Records::expire`]); returns how many went.
+    pub fn expire_handshakes(&mut self, age: std::time::Duration) -> Result<usize, Error> {
+        let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+            .map(|now| std::time::Duration::from(now).as_nanos() as u64)
+            .unwrap_or(0);
+        let before = now.saturating_sub(age.as_nanos() as u64);
+        Ok(self.maps.records.expire(before)?)
     }
 
     /// Switches the programs' per-connection log lines on or off, node-wide.
     pub fn set_connection_logging(&mut self, on: bool) -> Result<(), Error> {
         self.maps
-            .settings
-            .set(
-                0,
-                Settings {
-                    log_connections: u32::from(on),
-                },
-                0,
-            )
-            .map_err(map_error("SETTINGS"))
+            .switches
+            .update(|settings| settings.log_connections = u32::from(on))?;
+        Ok(())
     }
 }
 
-/// The keys of `map`'s entries that `keep` selects (a full walk of the map).
-fn keys_where<K: Pod, V: Pod>(
-    map: &BpfHashMap<MapData, K, V>,
-    name: &'static str,
-    keep: impl Fn(&K, &V) -> bool,
-) -> Result<Vec<K>, Error> {
-    let mut keys = Vec::new();
-    for entry in map.iter() {
-        let (key, value) = entry.map_err(map_error(name))?;
-        if keep(&key, &value) {
-            keys.push(key);
-        }
+/// The hooks a policy needs on the pod's cgroup: UDP's only with DNS capture, bind's only with
+/// inbound capture, so that the other pods pay nothing for them.
+fn cgroup_hooks(policy: &Policy) -> Vec<Hook> {
+    let mut hooks = Hook::CGROUP.to_vec();
+    if policy.dns_capture_active() {
+        hooks.extend(Hook::DNS);
     }
-    Ok(keys)
+    if policy.captures_inbound() {
+        hooks.extend(Hook::INBOUND_CGROUP);
+    }
+    hooks
 }
 
-fn port_key(pod: u64, port: u16) -> PortKey {
-    PortKey {
-        pod,
-        port,
-        _pad: [0; 6],
-    }
-}
-
-/// Deleting a key that is not there is success for an idempotent unenroll.
-fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
-    match result {
-        Err(MapError::KeyNotFound) => Ok(()),
-        Err(MapError::SyscallError(e)) if e.io_error.kind() == std::io::ErrorKind::NotFound => {
-            Ok(())
-        }
-        other => other,
-    }
+/// The pod's own addresses that inbound capture applies to (loopback never does).
+fn inbound_addresses(netns: Option<&PodNetns>) -> Vec<IpAddr> {
+    netns
+        .map(|netns| {
+            netns
+                .network
+                .addresses
+                .iter()
+                .filter(|a| !a.to_canonical().is_loopback())
+                .copied()
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Enrolls the pod at `cgroup_path` on `root`, installing redirector there if needed. The
@@ -698,17 +604,14 @@ fn ignore_missing(result: Result<(), MapError>) -> Result<(), MapError> {
 /// as it was (an installation this call made is removed again).
 pub fn enroll(
     root: &PinRoot,
+    options: &LoadOptions,
     cgroup_path: &Path,
     policy: &Policy,
     netns: Option<&Path>,
 ) -> Result<Enrolled, Error> {
-    let cgroup = Cgroup::open(cgroup_path)?;
-    let netns = netns.map(PodNetns::read).transpose()?;
-    if policy.captures_inbound() && netns.is_none() {
-        return Err(Error::InboundNeedsNetns);
-    }
+    let Enrolled { cgroup, netns } = read_pod(cgroup_path, policy, netns)?;
     let fresh = !root.exists();
-    let result = Redirector::install(root.clone())
+    let result = Redirector::install(root.clone(), options)
         .and_then(|mut redirector| redirector.enroll(&cgroup, policy, netns.as_ref()));
     if let Err(error) = result {
         if fresh {
@@ -717,6 +620,44 @@ pub fn enroll(
         return Err(error);
     }
     Ok(Enrolled { cgroup, netns })
+}
+
+/// Every check [`enroll`] makes, and nothing else: a dry run. The checks are the same functions
+/// enroll runs ([`read_pod`], [`check_installable`], [`Redirector::check_claims`]), so that a
+/// dry run that passes means the enroll will (short of a node-wide map filling up meanwhile).
+pub fn check_enroll(
+    root: &PinRoot,
+    cgroup_path: &Path,
+    policy: &Policy,
+    netns: Option<&Path>,
+) -> Result<Enrolled, Error> {
+    let pod = read_pod(cgroup_path, policy, netns)?;
+    check_installable(root)?;
+    let inbound_netns = pod.netns.as_ref().filter(|_| policy.captures_inbound());
+    if let Some(redirector) = Redirector::read_only(root.clone())? {
+        redirector.check_claims(pod.cgroup.id, inbound_netns)?;
+    }
+    Ok(pod)
+}
+
+/// The pod's cgroup and network namespace, checked against the policy.
+fn read_pod(cgroup_path: &Path, policy: &Policy, netns: Option<&Path>) -> Result<Enrolled, Error> {
+    let cgroup = Cgroup::open(cgroup_path)?;
+    let netns = netns.map(PodNetns::read).transpose()?;
+    if policy.captures_inbound() && netns.is_none() {
+        return Err(Error::InboundNeedsNetns);
+    }
+    Ok(Enrolled { cgroup, netns })
+}
+
+/// What installing at `root` needs: a bpffs there and, unless the programs are loaded already,
+/// a kernel with every feature the programs use (then its optional capabilities are returned).
+fn check_installable(root: &PinRoot) -> Result<Option<kernel::Capabilities>, Error> {
+    root.check_bpffs()?;
+    if loader::programs_pinned(root) {
+        return Ok(None);
+    }
+    Ok(Some(kernel::check()?))
 }
 
 /// What [`enroll`] found and enrolled.
@@ -742,6 +683,12 @@ pub fn uninstall(root: &PinRoot) -> Result<bool, Error> {
     }
     root.check_bpffs()?;
     let _lock = root.lock()?;
+    for pod in root.pinned_pods()? {
+        for hook in Hook::ALL {
+            let pin = root.pod_dir(pod).join(hook.pin_name());
+            link::detach_pinned(&pin).map_err(|source| PinError::Io { path: pin, source })?;
+        }
+    }
     root.remove_all()?;
     Ok(true)
 }

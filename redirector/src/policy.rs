@@ -12,13 +12,15 @@ use std::{
 
 use ipnet::{IpNet, Ipv4Net, Ipv6Net};
 use redirector_common::{
-    OwnerKey, PodConfig, ADDR_DNS_SERVER, ADDR_EXCLUDE, ADDR_INCLUDE, ADDR_LOCAL,
-    ADDR_LOOPBACK_CIDR, OWNER_GID, OWNER_GROUP_FILTER, OWNER_UID, POLICY_CAPTURE_ALL_DNS,
-    POLICY_GROUPS_EXCLUDE, POLICY_GROUPS_INCLUDE, POLICY_INBOUND_ALL, POLICY_INBOUND_FAIL_OPEN,
-    POLICY_INCLUDE_ALL, POLICY_IPV4, POLICY_IPV6, POLICY_LOOPBACK_INCLUDED, POLICY_REDIRECT_DNS,
-    PORT_INBOUND_EXCLUDE, PORT_INBOUND_INCLUDE, PORT_OUTBOUND_EXCLUDE, PORT_OUTBOUND_INCLUDE,
+    PodConfig, ADDR_DNS_SERVER, ADDR_EXCLUDE, ADDR_INCLUDE, ADDR_LOCAL, ADDR_LOOPBACK_CIDR,
+    OWNER_GID, OWNER_GROUP_FILTER, OWNER_UID, POLICY_CAPTURE_ALL_DNS, POLICY_GROUPS_EXCLUDE,
+    POLICY_GROUPS_INCLUDE, POLICY_INBOUND_ALL, POLICY_INBOUND_FAIL_OPEN, POLICY_INCLUDE_ALL,
+    POLICY_IPV4, POLICY_IPV6, POLICY_LOOPBACK_INCLUDED, POLICY_REDIRECT_DNS, PORT_INBOUND_EXCLUDE,
+    PORT_INBOUND_INCLUDE, PORT_OUTBOUND_EXCLUDE, PORT_OUTBOUND_INCLUDE,
 };
 use serde::{Deserialize, Serialize};
+
+use crate::original_dst::kernel_words;
 
 pub const DEFAULT_PROXY_PORT: u16 = 15001;
 pub const DEFAULT_INBOUND_CAPTURE_PORT: u16 = 15006;
@@ -73,19 +75,38 @@ impl fmt::Display for IdKind {
     }
 }
 
-/// A set that is either everything (`*`) or a list; in JSON and TOML `"*"` or a list.
+/// A set that is either everything (`*`) or a list.
+///
+/// Written as `{"all": bool, "items": [...]}` (items empty when `all`), so that each field of a
+/// policy's JSON has one type. Read from that, or from what people write in TOML and conflists:
+/// `"*"` or a list.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Selection<T> {
     All,
     Only(Vec<T>),
 }
 
-impl<T: Serialize> Serialize for Selection<T> {
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SelectionObject<T> {
+    all: bool,
+    #[serde(default = "Vec::new")]
+    items: Vec<T>,
+}
+
+impl<T: Serialize + Clone> Serialize for Selection<T> {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        match self {
-            Self::All => serializer.serialize_str("*"),
-            Self::Only(items) => items.serialize(serializer),
-        }
+        let object = match self {
+            Self::All => SelectionObject {
+                all: true,
+                items: Vec::new(),
+            },
+            Self::Only(items) => SelectionObject {
+                all: false,
+                items: items.clone(),
+            },
+        };
+        object.serialize(serializer)
     }
 }
 
@@ -96,13 +117,20 @@ impl<'de, T: Deserialize<'de>> Deserialize<'de> for Selection<T> {
         enum Repr<T> {
             Star(String),
             List(Vec<T>),
+            Object(SelectionObject<T>),
         }
         match Repr::deserialize(deserializer)? {
             Repr::Star(star) if star.trim() == "*" => Ok(Self::All),
             Repr::Star(other) => Err(serde::de::Error::custom(format!(
-                "expected \"*\" or a list, got {other:?}"
+                "expected \"*\", a list or {{\"all\": …, \"items\": […]}}, got {other:?}"
             ))),
-            Repr::List(items) => Ok(Self::Only(items)),
+            Repr::List(items) | Repr::Object(SelectionObject { all: false, items }) => {
+                Ok(Self::Only(items))
+            }
+            Repr::Object(SelectionObject { all: true, items }) if items.is_empty() => Ok(Self::All),
+            Repr::Object(_) => Err(serde::de::Error::custom(
+                "\"items\" must be empty when \"all\" is true",
+            )),
         }
     }
 }
@@ -114,8 +142,9 @@ impl<T> Selection<T> {
 }
 
 /// istio's owner-group filter (`ISTIO_OUTBOUND_OWNER_GROUPS[_EXCLUDE]`), GIDs resolved.
+/// Written and read as `{"mode": "all"|"only"|"except", "gids": [...]}`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[serde(into = "OwnerGroupsObject", try_from = "OwnerGroupsObject")]
 pub enum OwnerGroups {
     /// Every process may be captured.
     All,
@@ -123,6 +152,48 @@ pub enum OwnerGroups {
     Only(Vec<u32>),
     /// Processes whose GID is listed are not captured.
     Except(Vec<u32>),
+}
+
+#[derive(Clone, Copy, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+enum OwnerGroupsMode {
+    All,
+    Only,
+    Except,
+}
+
+#[derive(Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct OwnerGroupsObject {
+    mode: OwnerGroupsMode,
+    #[serde(default)]
+    gids: Vec<u32>,
+}
+
+impl From<OwnerGroups> for OwnerGroupsObject {
+    fn from(groups: OwnerGroups) -> Self {
+        let (mode, gids) = match groups {
+            OwnerGroups::All => (OwnerGroupsMode::All, Vec::new()),
+            OwnerGroups::Only(gids) => (OwnerGroupsMode::Only, gids),
+            OwnerGroups::Except(gids) => (OwnerGroupsMode::Except, gids),
+        };
+        Self { mode, gids }
+    }
+}
+
+impl TryFrom<OwnerGroupsObject> for OwnerGroups {
+    type Error = &'static str;
+
+    fn try_from(object: OwnerGroupsObject) -> Result<Self, Self::Error> {
+        match (object.mode, object.gids) {
+            (OwnerGroupsMode::All, gids) if gids.is_empty() => Ok(Self::All),
+            (OwnerGroupsMode::All, _) => {
+                Err("owner_groups: \"gids\" must be empty with mode \"all\"")
+            }
+            (OwnerGroupsMode::Only, gids) => Ok(Self::Only(gids)),
+            (OwnerGroupsMode::Except, gids) => Ok(Self::Except(gids)),
+        }
+    }
 }
 
 /// What a pod captures; the fields mirror istio-iptables' configuration.
@@ -163,7 +234,7 @@ pub struct Policy {
     /// `-d`: inbound ports never captured (only with `-b '*'`, as in istio-iptables).
     #[serde(deserialize_with = "serde_checked::ports")]
     pub inbound_ports_exclude: Vec<u16>,
-    /// `--redirect-dns`: TCP port 53 to the DNS servers goes to the DNS capture port.
+    /// `--redirect-dns`: TCP and UDP port 53 to the DNS servers goes to the DNS capture port.
     pub redirect_dns: bool,
     /// `--capture-all-dns`: ... to any address.
     pub capture_all_dns: bool,
@@ -220,7 +291,27 @@ pub struct PodNetwork {
     pub addresses: Vec<IpAddr>,
 }
 
+/// `::6`, from which istio's proxy forwards inbound connections to the application over IPv6.
+const IPV6_PASSTHROUGH: Ipv6Addr = Ipv6Addr::new(0, 0, 0, 0, 0, 0, 0, 6);
+
 impl PodNetwork {
+    /// The pod's own address of each family, where a connection's source would be after a
+    /// REDIRECT: the first that is neither loopback nor link-local (nor `::6`).
+    pub fn own_addresses(&self) -> (Option<Ipv4Addr>, Option<Ipv6Addr>) {
+        let mut own = self.addresses.iter().map(|a| canonical(*a)).filter(|a| {
+            !a.is_loopback() && !is_link_local(*a) && *a != IpAddr::V6(IPV6_PASSTHROUGH)
+        });
+        let v4 = own.clone().find_map(|a| match a {
+            IpAddr::V4(v4) => Some(v4),
+            IpAddr::V6(_) => None,
+        });
+        let v6 = own.find_map(|a| match a {
+            IpAddr::V6(v6) => Some(v6),
+            IpAddr::V4(_) => None,
+        });
+        (v4, v6)
+    }
+
     /// Whether istio-iptables would turn IPv6 on for this pod: the first address that is
     /// neither loopback nor link-local is IPv6, or, with `dual_stack`, any such one is.
     /// Without known addresses (no netns given) IPv6 is captured.
@@ -257,8 +348,10 @@ fn is_link_local(addr: IpAddr) -> bool {
 /// A policy compiled for one pod: the values written into the maps.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CompiledPolicy {
+    /// The pod's settings, but for its identity (`pod`, `generation`): the map layer sets them.
     pub config: PodConfig,
-    pub owners: Vec<OwnerKey>,
+    /// (`OWNER_*` kind, id).
+    pub owners: Vec<(u32, u32)>,
     /// (port, `PORT_*` bits).
     pub ports: Vec<(u16, u32)>,
     /// (prefix, `ADDR_*` bits of every set holding the prefix).
@@ -272,7 +365,7 @@ impl Policy {
         self.redirect_dns && (self.capture_all_dns || !self.dns_servers.is_empty())
     }
 
-    pub fn compile(&self, pod: u64, network: &PodNetwork) -> CompiledPolicy {
+    pub fn compile(&self, network: &PodNetwork) -> CompiledPolicy {
         let mut flags = POLICY_IPV4;
         if network.ipv6_enabled(self.dual_stack) {
             flags |= POLICY_IPV6;
@@ -298,7 +391,7 @@ impl Policy {
             flags |= POLICY_INBOUND_FAIL_OPEN;
         }
         let mut owners = Vec::new();
-        let owner = |kind, id| OwnerKey { pod, kind, id };
+        let owner = |kind, id| (kind, id);
         owners.extend(self.proxy_uids.iter().map(|&id| owner(OWNER_UID, id)));
         owners.extend(self.proxy_gids.iter().map(|&id| owner(OWNER_GID, id)));
         match &self.owner_groups {
@@ -314,7 +407,14 @@ impl Policy {
         }
         owners.dedup();
 
+        let (own4, own6) = network.own_addresses();
         let config = PodConfig {
+            own4: own4.map_or(0, |v4| u32::from_ne_bytes(v4.octets())),
+            _pad2: 0,
+            own6: own6.map_or([0; 4], |v6| kernel_words(IpAddr::V6(v6)).1),
+            pod: 0,
+            generation: 0,
+            _pad: 0,
             proxy_port: self.proxy_port,
             inbound_port: self.inbound_capture_port,
             tunnel_port: self.inbound_tunnel_port,
@@ -393,6 +493,10 @@ impl Policy {
                     .into(),
                 ADDR_LOCAL | ADDR_LOOPBACK_CIDR,
             ),
+            // istio's IPv6 inbound passthrough source: local whether or not it is on the pod's
+            // loopback yet, so that the proxy's passthrough connection from it is never sent
+            // back to the inbound port (as 127.0.0.6 is, within 127/8).
+            (host(IpAddr::V6(IPV6_PASSTHROUGH)), ADDR_LOCAL),
             (self.ipv4_loopback_cidr.trunc().into(), ADDR_LOOPBACK_CIDR),
         ];
         sets.extend(network.addresses.iter().map(|&a| (host(a), ADDR_LOCAL)));
@@ -450,10 +554,10 @@ impl Policy {
         let dns = if !self.dns_capture_active() {
             "off".to_owned()
         } else if self.capture_all_dns {
-            format!("TCP port 53 to any address -> {DNS_CAPTURE_PORT}")
+            format!("TCP and UDP port 53 to any address -> {DNS_CAPTURE_PORT}")
         } else {
             let servers = list(self.dns_servers.iter().map(IpAddr::to_string).collect());
-            format!("TCP port 53 to {servers} -> {DNS_CAPTURE_PORT}")
+            format!("TCP and UDP port 53 to {servers} -> {DNS_CAPTURE_PORT}")
         };
         let groups = match &self.owner_groups {
             OwnerGroups::All => "all".to_owned(),
@@ -798,7 +902,7 @@ mod tests {
         let network = PodNetwork {
             addresses: vec!["10.1.2.3".parse().unwrap()],
         };
-        let prefixes = policy.compile(7, &network).prefixes;
+        let prefixes = policy.compile(&network).prefixes;
         let bits = |p: &str| prefixes.iter().find(|(n, _)| *n == net(p)).map(|(_, b)| *b);
         assert_eq!(bits("10.0.0.0/8"), Some(ADDR_INCLUDE));
         assert_eq!(bits("10.1.0.0/16"), Some(ADDR_INCLUDE | ADDR_EXCLUDE));
@@ -817,12 +921,12 @@ mod tests {
             ..Policy::default()
         };
         assert_ne!(
-            policy.compile(1, &PodNetwork::default()).config.flags & POLICY_LOOPBACK_INCLUDED,
+            policy.compile(&PodNetwork::default()).config.flags & POLICY_LOOPBACK_INCLUDED,
             0
         );
         assert_eq!(
             Policy::default()
-                .compile(1, &PodNetwork::default())
+                .compile(&PodNetwork::default())
                 .config
                 .flags
                 & POLICY_LOOPBACK_INCLUDED,
@@ -839,7 +943,7 @@ mod tests {
         assert!(!policy.dns_capture_active());
         policy.dns_servers = vec!["127.0.0.53".parse().unwrap()];
         assert!(policy.dns_capture_active());
-        let compiled = policy.compile(1, &PodNetwork::default());
+        let compiled = policy.compile(&PodNetwork::default());
         assert_ne!(compiled.config.flags & POLICY_REDIRECT_DNS, 0);
         assert!(compiled
             .prefixes
@@ -855,7 +959,7 @@ mod tests {
             ..Policy::default()
         };
         let inbound = |policy: &Policy, bits: u32| -> Vec<u16> {
-            let ports = policy.compile(1, &PodNetwork::default()).ports;
+            let ports = policy.compile(&PodNetwork::default()).ports;
             ports
                 .iter()
                 .filter(|(_, b)| b & bits != 0)
@@ -880,7 +984,7 @@ mod tests {
             inbound_ports_include: Selection::Only(vec![9080, 15008, 15021, 15006]),
             ..Policy::default()
         };
-        let compiled = policy.compile(1, &PodNetwork::default());
+        let compiled = policy.compile(&PodNetwork::default());
         let included: Vec<u16> = compiled
             .ports
             .iter()
@@ -895,7 +999,7 @@ mod tests {
                 compiled.ports
             );
         }
-        let none = Policy::default().compile(1, &PodNetwork::default());
+        let none = Policy::default().compile(&PodNetwork::default());
         assert!(
             none.ports.is_empty(),
             "no inbound capture, no inbound ports: {:?}",
@@ -934,7 +1038,7 @@ mod tests {
             (r#"{"inbound_ports_include": [70000]}"#, "invalid port"),
             (
                 r#"{"inbound_ports_include": "some"}"#,
-                "expected \"*\" or a list",
+                "expected \"*\", a list or",
             ),
             (r#"{"outbound_cidrs_exclude": ["10.0.0.0/33"]}"#, "invalid"),
             (r#"{"proxy_uids": []}"#, "invalid UID list"),

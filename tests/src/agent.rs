@@ -26,6 +26,8 @@ const HTTP_TIMEOUT: Duration = Duration::from_secs(10);
 #[derive(Debug, Clone)]
 pub struct AgentSetup {
     pub bpffs: PathBuf,
+    /// The sandbox's cgroup subtree, whose children are pods.
+    pub pod_cgroup_root: PathBuf,
     pub socket: PathBuf,
     pub state_dir: PathBuf,
     pub metrics_addr: SocketAddr,
@@ -40,17 +42,20 @@ impl AgentSetup {
             .port();
         Ok(AgentSetup {
             bpffs: sandbox.root().to_owned(),
+            pod_cgroup_root: sandbox.cgroups.path().to_owned(),
             socket: scratch.path().join("agent.sock"),
             state_dir: scratch.path().join("pods"),
             metrics_addr: SocketAddr::from((Ipv4Addr::LOCALHOST, port)),
         })
     }
 
-    /// `--bpffs`, `--socket` and `--state-dir` for any redirector command.
+    /// `--bpffs`, `--pod-cgroup-root`, `--socket` and `--state-dir` for any redirector command.
     pub fn node_args(&self) -> Vec<OsString> {
         vec![
             "--bpffs".into(),
             self.bpffs.clone().into(),
+            "--pod-cgroup-root".into(),
+            self.pod_cgroup_root.clone().into(),
             "--socket".into(),
             self.socket.clone().into(),
             "--state-dir".into(),
@@ -65,10 +70,10 @@ impl AgentSetup {
         redirector(full)
     }
 
-    /// `redirector status -o json` (through the agent when one runs), parsed.
+    /// `redirector status --output json` (through the agent when one runs), parsed.
     pub fn status(&self) -> Result<Status> {
         let output = self
-            .redirector(&["status", "-o", "json"])?
+            .redirector(&["status", "--output", "json"])?
             .ensure_success()?;
         serde_json::from_str(&output.stdout)
             .with_context(|| format!("parsing `{}`: {}", output.command_line, output.stdout))
@@ -100,12 +105,13 @@ impl Agent {
     }
 
     /// [`Agent::start`] with the programs' per-connection log lines switched on and forwarded
-    /// to the agent's stderr.
+    /// to the agent's stderr, and per-pod metrics.
     pub fn start_logging_connections(setup: &AgentSetup) -> Result<Agent> {
-        Self::start_with(setup, &["--log-connections"])
+        Self::start_with(setup, &["--log-connections", "--per-pod-metrics", "100"])
     }
 
-    fn start_with(setup: &AgentSetup, extra: &[&str]) -> Result<Agent> {
+    /// [`Agent::start`] with more flags.
+    pub fn start_with(setup: &AgentSetup, extra: &[&str]) -> Result<Agent> {
         let mut command = Command::new(binary("redirector")?);
         command
             .arg("agent")

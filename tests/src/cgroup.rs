@@ -13,7 +13,7 @@ use nix::unistd::Pid;
 use crate::names::{stale_entries, unique_name};
 use crate::process::wait_for;
 
-const EMPTY_TIMEOUT: Duration = Duration::from_secs(10);
+const EMPTY_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One line of /proc/self/mountinfo: where a filesystem of which type is mounted.
 struct Mount {
@@ -209,6 +209,19 @@ fn empty_and_remove(dir: &Path) -> Result<()> {
                 }
             }
             Ok((!any).then_some(()))
+        },
+    )?;
+    // Killed processes leave cgroup.procs at once but keep the cgroup populated (and rmdir
+    // failing with EBUSY) until they have exited, which takes a while for one that closes tens of
+    // thousands of sockets.
+    wait_for(
+        &format!("cgroup {} to be unpopulated", dir.display()),
+        EMPTY_TIMEOUT,
+        || {
+            let events = dir.join("cgroup.events");
+            let text = std::fs::read_to_string(&events)
+                .with_context(|| format!("reading {}", events.display()))?;
+            Ok(text.lines().any(|line| line == "populated 0").then_some(()))
         },
     )?;
     for cgroup in cgroups.iter().rev() {

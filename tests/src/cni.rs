@@ -6,6 +6,7 @@
 //! Also Kubernetes-style pods: a netns and a pod cgroup laid out as kubelet does for either
 //! cgroup driver (written independently of the product's own resolution, as an oracle).
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -13,7 +14,7 @@ use std::time::Duration;
 
 use anyhow::{bail, ensure, Context, Result};
 use serde::Deserialize;
-use serde_json::{json, Value};
+use serde_json::{json, Map, Value};
 
 use crate::cgroup::Cgroup;
 use crate::netns::Netns;
@@ -23,6 +24,10 @@ use crate::process::{binary, Child, Output};
 pub const CNI_PLUGIN_DIR: &str = "/usr/lib/cni";
 const PLUGIN_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// The CRI capability under which containerd and CRI-O pass a pod's annotations to the plugins
+/// that declare it.
+pub const POD_ANNOTATIONS: &str = "io.kubernetes.cri.pod-annotations";
+
 /// What a runtime tells a plugin about the container besides the config.
 #[derive(Debug, Clone)]
 pub struct Attachment {
@@ -31,6 +36,8 @@ pub struct Attachment {
     pub ifname: String,
     /// CNI_ARGS.
     pub args: String,
+    /// libcni's CapabilityArgs: each goes into `runtimeConfig` of the plugins that declare it.
+    pub capability_args: Map<String, Value>,
 }
 
 /// A plugin's error result (spec: "Error").
@@ -77,14 +84,28 @@ impl CniRuntime {
     }
 
     /// A plugin's config as the runtime hands it over: the list's name and version, then the
-    /// plugin's keys, then `prevResult`.
-    pub fn plugin_config(&self, plugin: &Value, previous: Option<&Value>) -> Value {
+    /// plugin's keys, then `runtimeConfig` (as libcni injects it: the capability arguments the
+    /// plugin declares, the key left out when there are none), then `prevResult`.
+    pub fn plugin_config(
+        &self,
+        plugin: &Value,
+        capability_args: &Map<String, Value>,
+        previous: Option<&Value>,
+    ) -> Value {
         let mut config = json!({
             "cniVersion": self.conflist["cniVersion"],
             "name": self.conflist["name"],
         });
         if let (Some(config), Some(keys)) = (config.as_object_mut(), plugin.as_object()) {
             config.extend(keys.clone());
+            let runtime_config: Map<String, Value> = capability_args
+                .iter()
+                .filter(|(name, _)| plugin["capabilities"][name.as_str()] == json!(true))
+                .map(|(name, value)| (name.clone(), value.clone()))
+                .collect();
+            if !runtime_config.is_empty() {
+                config.insert("runtimeConfig".into(), Value::Object(runtime_config));
+            }
             if let Some(previous) = previous {
                 config.insert("prevResult".into(), previous.clone());
             }
@@ -131,7 +152,7 @@ impl CniRuntime {
         previous: Option<&Value>,
     ) -> Result<Output> {
         let plugin_type = plugin["type"].as_str().context("plugin without a type")?;
-        let config = self.plugin_config(plugin, previous);
+        let config = self.plugin_config(plugin, &attachment.capability_args, previous);
         self.exec(
             plugin_type,
             command,
@@ -277,6 +298,24 @@ pub fn pod_cgroup_path(driver: CgroupDriver, qos: Qos, uid: &str) -> PathBuf {
     })
 }
 
+/// The annotations Istio's sidecar injector writes on a pod when it prepares it for a CNI
+/// (`istio_cni.enabled`): the status with `istio-validation` instead of `istio-init`, and the
+/// traffic settings of a default install.
+pub fn istio_injected_annotations() -> BTreeMap<String, String> {
+    [
+        ("sidecar.istio.io/status", r#"{"initContainers":["istio-validation"],"containers":["istio-proxy"],"volumes":["workload-socket","credential-socket","workload-certs","istio-envoy","istio-data","istio-podinfo","istio-token","istiod-ca-cert"],"imagePullSecrets":null,"revision":"default"}"#),
+        ("sidecar.istio.io/interceptionMode", "REDIRECT"),
+        ("traffic.sidecar.istio.io/includeInboundPorts", "*"),
+        ("traffic.sidecar.istio.io/excludeInboundPorts", "15020"),
+        ("istio.io/rev", "default"),
+        ("kubectl.kubernetes.io/default-container", "app"),
+        ("kubernetes.io/config.source", "api"),
+    ]
+    .into_iter()
+    .map(|(key, value)| (key.to_owned(), value.to_owned()))
+    .collect()
+}
+
 /// A pod as kubelet and the runtime set it up before calling CNI: a netns and a pod cgroup
 /// with a container cgroup for the app and one for the proxy below it.
 pub struct KubePod {
@@ -284,6 +323,9 @@ pub struct KubePod {
     pub namespace: String,
     pub name: String,
     pub container_id: String,
+    /// What the runtime passes as the pod's annotations; None: it passes none (a runtime
+    /// without the capability). Istio-injected unless the test changes it.
+    pub annotations: Option<BTreeMap<String, String>>,
     pub app: Cgroup,
     pub proxy: Cgroup,
     pub cgroup: Cgroup,
@@ -314,8 +356,20 @@ impl KubePod {
             ),
             namespace: "default".into(),
             name: name.into(),
+            annotations: Some(istio_injected_annotations()),
             uid,
         })
+    }
+
+    /// Sets (`Some`) or removes (`None`) annotations.
+    pub fn annotate(&mut self, changes: &[(&str, Option<&str>)]) {
+        let annotations = self.annotations.get_or_insert_with(BTreeMap::new);
+        for (key, value) in changes {
+            match value {
+                Some(value) => annotations.insert((*key).to_owned(), (*value).to_owned()),
+                None => annotations.remove(*key),
+            };
+        }
     }
 
     /// The attachment the runtime makes for the pod's sandbox (interface eth0).
@@ -328,6 +382,11 @@ impl KubePod {
                 "IgnoreUnknown=1;K8S_POD_NAMESPACE={};K8S_POD_NAME={};K8S_POD_INFRA_CONTAINER_ID={};K8S_POD_UID={}",
                 self.namespace, self.name, self.container_id, self.uid
             ),
+            capability_args: self
+                .annotations
+                .iter()
+                .map(|annotations| (POD_ANNOTATIONS.to_owned(), json!(annotations)))
+                .collect(),
         }
     }
 }

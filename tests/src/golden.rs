@@ -136,7 +136,7 @@ pub fn parse_rules(text: &str) -> Result<Rules> {
 }
 
 impl Rules {
-    /// The DNS servers TCP port 53 is captured for (`ISTIO_OUTPUT_DNS ... -d SERVER`): the
+    /// The DNS servers port 53 is captured for (`ISTIO_OUTPUT_DNS ... -d SERVER`): the
     /// servers istio-iptables read from resolv.conf when the golden was made.
     pub fn dns_servers(&self) -> Result<Vec<IpAddr>> {
         let mut servers = Vec::new();

@@ -13,7 +13,10 @@ pub mod agent;
 pub mod bpffs;
 pub mod cgroup;
 pub mod cni;
+pub mod dns;
 pub mod golden;
+pub mod haproxy;
+pub mod inbound;
 pub mod names;
 pub mod netns;
 pub mod parity;
@@ -26,23 +29,28 @@ pub use agent::{http_get, Agent, AgentSetup};
 pub use bpffs::{ensure_bpffs_mounted, files_below, is_bpffs, BpfRoot};
 pub use cgroup::{cgroup2_mount, cgroup_v1_mounts, Cgroup};
 pub use cni::{
-    bridge_chain, cni_error, normalized_result, pod_cgroup_path, Attachment, CgroupDriver,
-    CniError, CniRuntime, KubePod, Qos, CNI_PLUGIN_DIR,
+    bridge_chain, cni_error, istio_injected_annotations, normalized_result, pod_cgroup_path,
+    Attachment, CgroupDriver, CniError, CniRuntime, KubePod, Qos, CNI_PLUGIN_DIR, POD_ANNOTATIONS,
 };
+pub use haproxy::Haproxy;
 pub use names::TempDir;
 pub use netns::{Netns, VethPair};
 pub use pod::{
-    client_result, connect, spawn_client, spawn_in_pod, start_proxy, Identity, Pod, Proxy, Sandbox,
-    Server, EVENT_TIMEOUT, PROXY_ADDR, PROXY_PORT,
+    client_result, connect, run_helper, spawn_client, spawn_in_pod, spawn_in_pod_with,
+    spawn_in_pod_with_nofile, start_proxy, start_proxy_with, ExecSettings, Identity, Pod, Proxy,
+    ProxySettings, Sandbox, Server, EVENT_TIMEOUT, PROXY_ADDR, PROXY_PORT,
 };
 pub use process::{binary, run, wait_for, Child, Output};
 pub use protocol::{
-    AgentReport, CniAttachment, CollectedPod, ConnectOptions, ConnectOutcome, ConnectReport,
-    ConnectSummary, Counters, DoneEvent, ForwardEvent, ListenerReply, Metrics, PlannedConnect,
-    PodIdentity, PodRef, PodStatus, ProxyEvent, Reached, ReconcileReport, RecordCounts, Sample,
-    ServerReply, Status,
+    AgentReport, CniAttachment, CniCounts, CollectedPod, ConnectOptions, ConnectOutcome,
+    ConnectReport, ConnectSummary, ConnectTwiceOptions, ConnectTwiceReport, Counters,
+    DnsQueryOptions, DnsQueryReport, DoneEvent, ForwardEvent, GetsockoptReport, HeldMismatch,
+    HoldOpened, HoldOptions, HoldReport, ListenerReply, Metrics, NoOrigDstEvent, PeerGroupsReport,
+    PlannedConnect, PodIdentity, PodRef, PodStatus, ProxyEvent, Reached, ReconcileReport,
+    RecordCounts, Sample, ServerReply, Status, Transport,
 };
 pub use tools::{
-    attached_programs, nat_rules, redirector, redirector_processes_mentioning, status_json,
-    wait_for_tcp_listener,
+    attached_programs, nat_rules, netstat_counters, redirector, redirector_processes_mentioning,
+    redirector_with_env, status_json, tcp_sockets, tcp_state, udp_sockets, wait_for_tcp_listener,
+    InetSocket,
 };

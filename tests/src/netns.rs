@@ -52,6 +52,21 @@ impl Netns {
         command
     }
 
+    /// `ip netns exec NAME program args...`, which must succeed.
+    pub fn run(&self, program: &str, args: &[&str]) -> Result<Output> {
+        let mut command = self.command(program);
+        command.args(args);
+        run(program, command, IP_TIMEOUT)?
+            .ensure_success()
+            .with_context(|| format!("running {program} {args:?} in netns {}", self.name))
+    }
+
+    /// Sets a sysctl of this namespace (`net.*` ones are per namespace).
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        self.run("sysctl", &["-q", "-w", &format!("{key}={value}")])
+            .map(drop)
+    }
+
     /// Delete the namespaces left by test runs that were killed before cleaning up.
     pub(crate) fn sweep_stale() {
         for path in stale_entries(Path::new(NETNS_DIR)) {
@@ -86,6 +101,11 @@ pub struct VethPair {
 }
 
 impl VethPair {
+    /// The name both ends have.
+    pub fn interface(&self) -> &str {
+        &self.interface
+    }
+
     pub fn connect(a: &Netns, b: &Netns) -> Result<VethPair> {
         let subnet = next_subnet();
         let interface = format!("veth{subnet}");

@@ -20,7 +20,7 @@ use crate::names::TempDir;
 use crate::netns::{ip, Netns};
 use crate::pod::{spawn_in_pod, Identity, Sandbox};
 use crate::process::{binary, run, Child};
-use crate::protocol::{ConnectOutcome, ListenerReply, PlannedConnect, Reached};
+use crate::protocol::{ConnectOutcome, ListenerReply, PlannedConnect, Reached, Transport};
 
 /// The pod's addresses on its link to the world (the same on both sides).
 pub const POD_V4: Ipv4Addr = Ipv4Addr::new(192, 168, 200, 1);
@@ -40,6 +40,11 @@ const DNS_CAPTURE_PORT: u16 = 15053;
 const DNS_PORT: u16 = 53;
 /// Ports every case tries besides those its flags name.
 const PLAIN_PORT: u16 = 80;
+/// The ports UDP probes go to: DNS, which `--redirect-dns` captures, and one never captured.
+const UDP_PORTS: [u16; 2] = [DNS_PORT, PLAIN_PORT];
+/// Source ports of a case's UDP probes, one each: above the ports the cases listen on or
+/// capture to.
+const UDP_SOURCE_PORTS: std::ops::Range<u16> = 20_000..65_000;
 
 const ROOT: Identity = Identity { uid: 0, gid: 0 };
 const LISTENER_STARTUP: Duration = Duration::from_secs(10);
@@ -395,20 +400,46 @@ impl ParityCase {
         sources
     }
 
-    /// The matrix: every identity × destination × port × source.
+    /// Every (transport, destination port) tried: TCP to every port of [`Self::ports`]; UDP,
+    /// from unconnected and connected sockets, to DNS and to a port that is never captured.
+    pub fn transports_and_ports(&self) -> Vec<(Transport, u16)> {
+        let tcp = self.ports().into_iter().map(|port| (Transport::Tcp, port));
+        let udp = [Transport::Udp, Transport::UdpConnected]
+            .into_iter()
+            .flat_map(|transport| UDP_PORTS.map(|port| (transport, port)));
+        tcp.chain(udp).collect()
+    }
+
+    /// The matrix: every identity × destination × (transport, port) × source.
+    ///
+    /// Each UDP probe of a case has a source port of its own: conntrack knows a flow by its
+    /// addresses and ports, not by its socket, so on the iptables side a datagram from a port
+    /// that an earlier probe of another identity used (the kernel's random pick can repeat)
+    /// would follow that probe's NAT entry whatever the rules say for its own identity.
     pub fn probes(&self) -> Result<Vec<Probe>> {
         let destinations = self.destinations()?;
-        let ports = self.ports();
+        let transports_and_ports = self.transports_and_ports();
         let mut probes = Vec::new();
+        let mut udp_source_ports = UDP_SOURCE_PORTS;
         for identity in self.identities() {
             for destination in &destinations {
-                for &port in &ports {
+                for &(transport, port) in &transports_and_ports {
                     for bind in self.sources(destination) {
+                        let source_port = match transport {
+                            Transport::Tcp => None,
+                            Transport::Udp | Transport::UdpConnected => Some(
+                                udp_source_ports
+                                    .next()
+                                    .context("more UDP probes than source ports")?,
+                            ),
+                        };
                         probes.push(Probe {
                             identity,
                             connect: PlannedConnect {
                                 to: SocketAddr::new(destination.addr, port),
                                 bind,
+                                transport,
+                                source_port,
                             },
                             what: destination.what.clone(),
                         });
@@ -767,8 +798,18 @@ impl Side {
             .map(u16::to_string)
             .collect::<Vec<_>>()
             .join(",");
+        // The pod's listener stands for every server in the pod, the proxy's DNS listener on
+        // 15053 among them: it runs as the proxy, whose answers istio-iptables puts in the
+        // application's conntrack zone (raw table, `--sport 15053 --uid-owner`); as another
+        // user, a captured UDP query's answer would not be translated back. Its ports below
+        // 1024 need no privilege in the pod's netns.
+        pod.sysctl("net.ipv4.ip_unprivileged_port_start", "0")?;
+        let proxy = Identity {
+            uid: *case.settings.uids.first().context("no proxy UID")?,
+            gid: *case.settings.gids.first().context("no proxy GID")?,
+        };
         let mut listeners = Vec::new();
-        for (netns, tag) in [(&pod, "pod"), (&world, "world")] {
+        for (netns, tag, identity) in [(&pod, "pod", proxy), (&world, "world", ROOT)] {
             let command = [
                 binary("e2e-helper")?.into_os_string(),
                 "listen".into(),
@@ -776,8 +817,9 @@ impl Side {
                 tag.into(),
                 "--ports".into(),
                 ports.clone().into(),
+                "--udp".into(),
             ];
-            let listener = spawn_in_pod(netns, listener_cgroup, ROOT, &command)?;
+            let listener = spawn_in_pod(netns, listener_cgroup, identity, &command)?;
             listener.wait_for_line(|line| line == "listening", LISTENER_STARTUP)?;
             listeners.push(listener);
         }
@@ -978,19 +1020,29 @@ pub fn render_case(case: &ParityCase, rows: &[Row]) -> String {
 
 pub fn render_header() -> String {
     format!(
-        "{:<40} {:<10} {:<16} {:<28} {:>5}  {:<38} {:<22} {:<22} {}",
-        "case", "uid:gid", "src", "dst", "port", "dst is", "iptables", "redirector", "agree"
+        "{:<40} {:<10} {:<16} {:<28} {:<5} {:>5}  {:<38} {:<22} {:<22} {}",
+        "case",
+        "uid:gid",
+        "src",
+        "dst",
+        "proto",
+        "port",
+        "dst is",
+        "iptables",
+        "redirector",
+        "agree"
     )
 }
 
 pub fn render_row(case: &str, row: &Row) -> String {
     let connect = &row.probe.connect;
     format!(
-        "{:<40} {:<10} {:<16} {:<28} {:>5}  {:<38} {:<22} {:<22} {}",
+        "{:<40} {:<10} {:<16} {:<28} {:<5} {:>5}  {:<38} {:<22} {:<22} {}",
         case,
         format!("{}:{}", row.probe.identity.uid, row.probe.identity.gid),
         connect.bind.map_or("-".to_owned(), |ip| ip.to_string()),
         connect.to.ip().to_string(),
+        connect.transport.name(),
         connect.to.port(),
         row.probe.what,
         row.iptables.to_string(),
@@ -1126,7 +1178,14 @@ mod tests {
         assert_eq!(c.sources(&remote), [None]);
         let probes = c.probes().unwrap();
         let per_port: usize = destinations.iter().map(|d| c.sources(d).len()).sum();
-        assert_eq!(probes.len(), 3 * 6 * per_port);
+        // TCP to six ports, UDP from both kinds of socket to 53 and 80.
+        assert_eq!(probes.len(), 3 * (6 + 2 * 2) * per_port);
+        let udp: Vec<_> = probes
+            .iter()
+            .filter(|p| p.connect.transport != Transport::Tcp)
+            .map(|p| p.connect.to.port())
+            .collect();
+        assert!(udp.iter().all(|port| [53, 80].contains(port)), "{udp:?}");
         assert!(
             per_port > destinations.len(),
             "local destinations add a bound source"
@@ -1147,6 +1206,8 @@ mod tests {
         let connect = PlannedConnect {
             to: "[::ffff:10.99.0.7]:80".parse().unwrap(),
             bind: None,
+            transport: Transport::Tcp,
+            source_port: None,
         };
         let answered = |tag: &str, local: &str| {
             Reached::Answered(ListenerReply {

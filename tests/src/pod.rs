@@ -2,8 +2,8 @@
 //! (own netns and cgroup, wired over a veth to a server netns that runs an echo server).
 
 use std::ffi::{OsStr, OsString};
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
-use std::path::Path;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4};
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::Once;
 use std::time::Duration;
@@ -16,10 +16,11 @@ use crate::cgroup::Cgroup;
 use crate::netns::{Netns, VethPair};
 use crate::process::{binary, Child, Output};
 use crate::protocol::{
-    ConnectOptions, ConnectReport, Counters, DoneEvent, ForwardEvent, ProxyEvent, Status,
+    ConnectOptions, ConnectReport, Counters, DoneEvent, ForwardEvent, ProxyEvent, ServerReply,
+    Status,
 };
 use crate::tools::{
-    redirector, redirector_processes_mentioning, status_json, wait_for_tcp_listener,
+    redirector_processes_mentioning, redirector_with_env, status_json, wait_for_tcp_listener,
 };
 
 /// redirector's default proxy port, where redirected connections land.
@@ -53,6 +54,8 @@ impl Identity {
         uid: 1337,
         gid: 1337,
     };
+    /// root, with its capabilities (e.g. to take supplementary groups).
+    pub const ROOT: Identity = Identity { uid: 0, gid: 0 };
 }
 
 /// Run `command` (program and arguments) through `e2e-helper exec`: in `cgroup`, then in `netns`,
@@ -61,6 +64,42 @@ pub fn spawn_in_pod<S: AsRef<OsStr>>(
     netns: &Netns,
     cgroup: &Cgroup,
     identity: Identity,
+    command: &[S],
+) -> Result<Child> {
+    spawn_in_pod_with_nofile(netns, cgroup, identity, None, command)
+}
+
+/// [`spawn_in_pod`] with RLIMIT_NOFILE set to `nofile` (soft and hard) when given: higher for
+/// processes holding tens of thousands of connections, lower to bound a runaway.
+pub fn spawn_in_pod_with_nofile<S: AsRef<OsStr>>(
+    netns: &Netns,
+    cgroup: &Cgroup,
+    identity: Identity,
+    nofile: Option<u64>,
+    command: &[S],
+) -> Result<Child> {
+    let settings = ExecSettings {
+        nofile,
+        ..ExecSettings::default()
+    };
+    spawn_in_pod_with(netns, cgroup, identity, &settings, command)
+}
+
+/// How `e2e-helper exec` sets up a pod process besides its netns, cgroup and identity.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ExecSettings {
+    /// RLIMIT_NOFILE (soft and hard).
+    pub nofile: Option<u64>,
+    /// The pod's own /etc/resolv.conf (bind-mounted in a mount namespace of the process's own).
+    pub resolv_conf: Option<PathBuf>,
+}
+
+/// [`spawn_in_pod`] set up as `settings` say.
+pub fn spawn_in_pod_with<S: AsRef<OsStr>>(
+    netns: &Netns,
+    cgroup: &Cgroup,
+    identity: Identity,
+    settings: &ExecSettings,
     command: &[S],
 ) -> Result<Child> {
     let program = command
@@ -81,15 +120,21 @@ pub fn spawn_in_pod<S: AsRef<OsStr>>(
     );
     let mut exec = Command::new(binary("e2e-helper")?);
     exec.args(["exec", "--netns", netns.name(), "--cgroup"])
-        .arg(cgroup.path())
-        .args([
-            "--uid",
-            &identity.uid.to_string(),
-            "--gid",
-            &identity.gid.to_string(),
-            "--",
-        ])
-        .args(command);
+        .arg(cgroup.path());
+    if let Some(nofile) = settings.nofile {
+        exec.args(["--nofile", &nofile.to_string()]);
+    }
+    if let Some(file) = &settings.resolv_conf {
+        exec.arg("--resolv-conf").arg(file);
+    }
+    exec.args([
+        "--uid",
+        &identity.uid.to_string(),
+        "--gid",
+        &identity.gid.to_string(),
+        "--",
+    ])
+    .args(command);
     Child::spawn(&label, exec)
 }
 
@@ -102,11 +147,48 @@ pub fn start_proxy(netns: &Netns, cgroup: &Cgroup) -> Result<Proxy> {
 /// Start `redirector-proxy` in `netns` and `cgroup` as UID/GID 1337, listening on each of
 /// `listen` (all on port 15001), and wait until it listens.
 pub fn start_proxy_on(netns: &Netns, cgroup: &Cgroup, listen: &[SocketAddr]) -> Result<Proxy> {
+    start_proxy_with(netns, cgroup, &ProxySettings::listening_on(listen))
+}
+
+/// How [`start_proxy_with`] runs `redirector-proxy`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProxySettings {
+    /// Addresses to listen on, all on port 15001.
+    pub listen: Vec<SocketAddr>,
+    /// `--fastopen`: its listeners accept data in the SYN.
+    pub fastopen: bool,
+    /// RLIMIT_NOFILE of the proxy.
+    pub nofile: Option<u64>,
+}
+
+impl ProxySettings {
+    pub fn listening_on(listen: &[SocketAddr]) -> ProxySettings {
+        ProxySettings {
+            listen: listen.to_vec(),
+            fastopen: false,
+            nofile: None,
+        }
+    }
+}
+
+impl Default for ProxySettings {
+    fn default() -> ProxySettings {
+        ProxySettings::listening_on(&[PROXY_ADDR])
+    }
+}
+
+/// Start `redirector-proxy` as `settings` say, in `netns` and `cgroup` as UID/GID 1337, and
+/// wait until it listens.
+pub fn start_proxy_with(netns: &Netns, cgroup: &Cgroup, settings: &ProxySettings) -> Result<Proxy> {
     let mut command = vec![binary("redirector-proxy")?.into_os_string()];
-    for addr in listen {
+    for addr in &settings.listen {
         command.extend(["--listen".into(), addr.to_string().into()]);
     }
-    let process = spawn_in_pod(netns, cgroup, Identity::PROXY, &command)?;
+    if settings.fastopen {
+        command.push("--fastopen".into());
+    }
+    let process =
+        spawn_in_pod_with_nofile(netns, cgroup, Identity::PROXY, settings.nofile, &command)?;
     wait_for_tcp_listener(process.pid(), PROXY_PORT, STARTUP_TIMEOUT)
         .with_context(|| format!("waiting for the proxy to listen{}", process.diagnostics()))?;
     Ok(Proxy { process })
@@ -136,6 +218,20 @@ pub fn connect(
         &client,
         SINGLE_CONNECTION_TIMEOUT + Duration::from_millis(options.hold_ms),
     )
+}
+
+/// Run `e2e-helper ARGS...` in `netns` and `cgroup` as `identity` to completion (within
+/// `timeout`) and parse its last stdout line as `T`.
+pub fn run_helper<T: DeserializeOwned, S: AsRef<OsStr>>(
+    netns: &Netns,
+    cgroup: &Cgroup,
+    identity: Identity,
+    args: &[S],
+    timeout: Duration,
+) -> Result<T> {
+    let mut command = vec![binary("e2e-helper")?.into_os_string()];
+    command.extend(args.iter().map(|arg| arg.as_ref().to_owned()));
+    client_result(&spawn_in_pod(netns, cgroup, identity, &command)?, timeout)
 }
 
 /// Wait for a finished `e2e-helper connect` and parse its last stdout line as `T`
@@ -196,11 +292,32 @@ impl Sandbox {
         Pod::create(self, name, server_port)
     }
 
-    /// `redirector ARGS... --bpffs ROOT`; a non-zero exit is returned, not an error.
+    /// `--bpffs ROOT --pod-cgroup-root CGROUPS`: this sandbox's pins, and its cgroups' children
+    /// as pods (redirector only enrolls pods; see redirector's pod_cgroup.rs).
+    pub fn node_args(&self) -> [OsString; 4] {
+        [
+            "--bpffs".into(),
+            self.root().into(),
+            "--pod-cgroup-root".into(),
+            self.cgroups.path().into(),
+        ]
+    }
+
+    /// `redirector ARGS... --bpffs ROOT --pod-cgroup-root CGROUPS`; a non-zero exit is
+    /// returned, not an error.
     pub fn redirector<S: AsRef<OsStr>>(&self, args: &[S]) -> Result<Output> {
+        self.redirector_with_env(args, &[])
+    }
+
+    /// `redirector ARGS... <this sandbox's node flags>` with extra environment variables.
+    pub fn redirector_with_env<S: AsRef<OsStr>>(
+        &self,
+        args: &[S],
+        env: &[(&str, &str)],
+    ) -> Result<Output> {
         let mut full: Vec<OsString> = args.iter().map(|arg| arg.as_ref().to_owned()).collect();
-        full.extend(["--bpffs".into(), self.root().into()]);
-        redirector(full)
+        full.extend(self.node_args());
+        redirector_with_env(full, env)
     }
 
     /// `redirector enroll --cgroup DIR` with the default proxy settings; must succeed.
@@ -260,10 +377,39 @@ impl Sandbox {
     }
 }
 
-/// A server started by [`Pod::create`] in the pod's server netns.
+/// A server started by [`Pod::create`] in the pod's server netns. It logs every connection it
+/// answers (`e2e-helper serve --log`).
 pub struct Server {
     pub addr: SocketAddr,
     pub process: Child,
+}
+
+impl Server {
+    /// Start `e2e-helper serve --log` on `addr` in `netns` and `cgroup` as the application.
+    pub fn start(netns: &Netns, cgroup: &Cgroup, addr: SocketAddr) -> Result<Server> {
+        let serve = [
+            binary("e2e-helper")?.into_os_string(),
+            "serve".into(),
+            "--log".into(),
+            "--listen".into(),
+            addr.to_string().into(),
+        ];
+        let process = spawn_in_pod(netns, cgroup, Identity::APP, &serve)?;
+        process.wait_for_line(|line| line == "listening", STARTUP_TIMEOUT)?;
+        Ok(Server { addr, process })
+    }
+
+    /// Every connection the server has answered so far.
+    pub fn answered(&self) -> Vec<ServerReply> {
+        self.process.json_lines()
+    }
+
+    /// The connection that brought `line`, waiting for it if needed.
+    pub fn received(&self, line: &str) -> Result<ServerReply> {
+        self.process
+            .wait_for_json(|reply: &ServerReply| reply.line == line, EVENT_TIMEOUT)
+            .with_context(|| format!("the server at {} never received {line:?}", self.addr))
+    }
 }
 
 /// A pod: its own netns and cgroup (not enrolled until the test says so), linked by a veth to a
@@ -286,16 +432,9 @@ impl Pod {
         let cgroup = sandbox.cgroup(name)?;
         let server_cgroup = sandbox.cgroup(&format!("{name}-server"))?;
         let addr = SocketAddr::new(veth.b_addr.into(), server_port);
-        let serve = [
-            binary("e2e-helper")?.into_os_string(),
-            "serve".into(),
-            "--listen".into(),
-            addr.to_string().into(),
-        ];
-        let process = spawn_in_pod(&server_netns, &server_cgroup, Identity::APP, &serve)?;
-        process.wait_for_line(|line| line == "listening", STARTUP_TIMEOUT)?;
+        let server = Server::start(&server_netns, &server_cgroup, addr)?;
         Ok(Pod {
-            server: Server { addr, process },
+            server,
             cgroup,
             server_cgroup,
             veth,
@@ -314,22 +453,25 @@ impl Pod {
         self.veth.a_addr6
     }
 
+    /// Gives the server netns's end of the veth another address of its subnet (a /24 for
+    /// IPv4, /64 for IPv6), e.g. for a second server.
+    pub fn add_server_address(&self, addr: IpAddr) -> Result<()> {
+        let cidr = match addr {
+            IpAddr::V4(_) => format!("{addr}/24"),
+            IpAddr::V6(_) => format!("{addr}/64"),
+        };
+        // nodad: an IPv6 address is usable at once.
+        self.server_netns
+            .run(
+                "ip",
+                &["addr", "add", &cidr, "dev", self.veth.interface(), "nodad"],
+            )
+            .map(drop)
+    }
+
     /// Another echo server in the server netns (e.g. on the IPv6 address), until dropped.
     pub fn serve(&self, addr: SocketAddr) -> Result<Server> {
-        let serve = [
-            binary("e2e-helper")?.into_os_string(),
-            "serve".into(),
-            "--listen".into(),
-            addr.to_string().into(),
-        ];
-        let process = spawn_in_pod(
-            &self.server_netns,
-            &self.server_cgroup,
-            Identity::APP,
-            &serve,
-        )?;
-        process.wait_for_line(|line| line == "listening", STARTUP_TIMEOUT)?;
-        Ok(Server { addr, process })
+        Server::start(&self.server_netns, &self.server_cgroup, addr)
     }
 
     /// Start `redirector-proxy --listen 127.0.0.1:15001` in the pod as UID/GID 1337 and wait until
@@ -341,6 +483,11 @@ impl Pod {
     /// Start `redirector-proxy` listening on each of `listen` (all on port 15001).
     pub fn start_proxy_on(&self, listen: &[SocketAddr]) -> Result<Proxy> {
         start_proxy_on(&self.netns, &self.cgroup, listen)
+    }
+
+    /// Start `redirector-proxy` in the pod as `settings` say.
+    pub fn start_proxy_with(&self, settings: &ProxySettings) -> Result<Proxy> {
+        start_proxy_with(&self.netns, &self.cgroup, settings)
     }
 
     /// Start `e2e-helper connect` in this pod's netns, in `cgroup` (the pod's or a sibling).
@@ -399,14 +546,20 @@ impl Proxy {
         // The client's socket is connected to the proxy over loopback, yet its getpeername
         // reports the original destination, as after an iptables REDIRECT.
         ensure!(
-            report.local_addr()?.ip() == PROXY_ADDR.ip(),
-            "client's socket is not connected over loopback to the proxy: {report:?}"
-        );
-        ensure!(
             report.peer == Some(server),
             "client's getpeername is not the original destination: {report:?}"
         );
-        let forward = self.forward_event(report.local_addr()?)?;
+        let local = report.local_addr()?;
+        let forward = self.forward_event(local)?;
+        // And its getsockname the source a direct connection would have had: the pod's own
+        // address, the one the proxy's own connection to the server got (loopback when the pod
+        // was enrolled without its network namespace, whose addresses are then unknown). The
+        // proxy saw the same address as its peer.
+        ensure!(
+            local.ip().is_loopback() || local.ip() == forward.upstream_local.ip(),
+            "client's getsockname is {local}, neither loopback nor the pod's source {}: {report:?}",
+            forward.upstream_local.ip()
+        );
         ensure!(
             forward.orig_dst == server,
             "proxy forwarded to {}, expected {server}",
@@ -426,12 +579,53 @@ impl Proxy {
         Ok(forward)
     }
 
+    /// The connection went straight to `server`, and this proxy never saw it.
+    pub fn check_direct(&self, server: SocketAddr, report: &ConnectReport) -> Result<()> {
+        let reply = report.server_reply()?;
+        let local = report.local_addr()?;
+        ensure!(
+            report.peer == Some(server),
+            "client's getpeername is not the server: {report:?}"
+        );
+        ensure!(
+            reply.peer == local,
+            "the server saw {} instead of the client {local}",
+            reply.peer
+        );
+        let forwarded: Vec<_> = self
+            .forward_events()
+            .into_iter()
+            .filter(|event| event.peer == local)
+            .collect();
+        ensure!(
+            forwarded.is_empty(),
+            "the proxy forwarded a direct connection: {forwarded:?}"
+        );
+        Ok(())
+    }
+
     /// The forward event for the client connection from `client`, waiting for it if needed.
     pub fn forward_event(&self, client: SocketAddr) -> Result<ForwardEvent> {
         match self.wait_for_event(client, |event| matches!(event, ProxyEvent::Forward(_)))? {
             ProxyEvent::Forward(forward) => Ok(forward),
             _ => unreachable!("filtered on forward events"),
         }
+    }
+
+    /// What the proxy made of the connection from `client`: its first forward or no_orig_dst
+    /// event, waiting for it if needed.
+    pub fn decision(&self, client: SocketAddr) -> Result<ProxyEvent> {
+        self.wait_for_event(client, |event| {
+            matches!(event, ProxyEvent::Forward(_) | ProxyEvent::NoOrigDst(_))
+        })
+    }
+
+    /// Every event logged so far for the connection from `client`.
+    pub fn events_for(&self, client: SocketAddr) -> Vec<ProxyEvent> {
+        self.events()
+            .into_iter()
+            .filter(|event| event_peer(event) == client)
+            .collect()
     }
 
     /// The done event for the client connection from `client`, waiting for it if needed.

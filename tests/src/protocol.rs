@@ -1,5 +1,5 @@
 //! What the binaries print: e2e-helper's reports (written by the helper and read by the tests,
-//! from the same types), redirector-proxy's events and `redirector status -o json`.
+//! from the same types), redirector-proxy's events and `redirector status --output json`.
 
 use std::collections::BTreeMap;
 use std::net::{IpAddr, SocketAddr};
@@ -30,6 +30,14 @@ pub struct ConnectOptions {
     /// With --count: stop before the next connection once this file exists.
     #[arg(long)]
     pub stop_file: Option<std::path::PathBuf>,
+    /// Send the line and close at once, without waiting for a reply (a log shipper, `nc -q0`).
+    #[arg(long)]
+    pub close_after_send: bool,
+    /// Connect with TCP_FASTOPEN_CONNECT: with a cookie from an earlier connection, the line
+    /// goes out with the SYN. The addresses are reported after the line is sent (getpeername
+    /// fails with ENOTCONN before the SYN).
+    #[arg(long)]
+    pub fastopen: bool,
 }
 
 impl ConnectOptions {
@@ -41,6 +49,8 @@ impl ConnectOptions {
             count: 1,
             hold_ms: 0,
             stop_file: None,
+            close_after_send: false,
+            fastopen: false,
         }
     }
 
@@ -69,6 +79,16 @@ impl ConnectOptions {
         self
     }
 
+    pub fn close_after_send(mut self) -> Self {
+        self.close_after_send = true;
+        self
+    }
+
+    pub fn fastopen(mut self) -> Self {
+        self.fastopen = true;
+        self
+    }
+
     /// The arguments after `e2e-helper connect` that parse back into `self`.
     pub fn to_args(&self) -> Vec<String> {
         let mut args = vec!["--to".into(), self.to.to_string()];
@@ -86,8 +106,250 @@ impl ConnectOptions {
         if let Some(file) = &self.stop_file {
             args.extend(["--stop-file".into(), file.display().to_string()]);
         }
+        if self.close_after_send {
+            args.push("--close-after-send".into());
+        }
+        if self.fastopen {
+            args.push("--fastopen".into());
+        }
         args
     }
+}
+
+/// Options of `e2e-helper connect-twice`: one socket bound to a fixed port connects twice.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct ConnectTwiceOptions {
+    /// The local port both sockets bind (with SO_REUSEADDR, on 0.0.0.0).
+    #[arg(long)]
+    pub bind_port: u16,
+    /// First connect another socket from the same port to this destination, exchange a line
+    /// on it, and keep it open, so that a captured connect of the reused socket meets the same
+    /// loopback 4-tuple.
+    #[arg(long)]
+    pub occupy: Option<SocketAddr>,
+    /// The reused socket's first destination.
+    #[arg(long)]
+    pub first: SocketAddr,
+    /// Its second destination, after the first connect ended (in failure, as a rule).
+    #[arg(long)]
+    pub second: SocketAddr,
+    /// Reset the occupying connection (SO_LINGER 0, no TIME_WAIT) before the second connect,
+    /// which frees its 4-tuple at once.
+    #[arg(long)]
+    pub release_before_second: bool,
+    /// Line sent on the second connection (a newline is appended).
+    #[arg(long, default_value = "second")]
+    pub message: String,
+}
+
+impl ConnectTwiceOptions {
+    /// The arguments after `e2e-helper connect-twice` that parse back into `self`.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = vec!["--bind-port".into(), self.bind_port.to_string()];
+        if let Some(occupy) = self.occupy {
+            args.extend(["--occupy".into(), occupy.to_string()]);
+        }
+        args.extend([
+            "--first".into(),
+            self.first.to_string(),
+            "--second".into(),
+            self.second.to_string(),
+            "--message".into(),
+            self.message.clone(),
+        ]);
+        if self.release_before_second {
+            args.push("--release-before-second".into());
+        }
+        args
+    }
+}
+
+/// What `e2e-helper connect-twice` prints.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct ConnectTwiceReport {
+    /// The occupying socket: its addresses and the reply to its line, which came before the
+    /// reused socket connected.
+    pub occupier: Option<ConnectReport>,
+    /// How the reused socket's first connect ended: None if it connected.
+    pub first_error: Option<String>,
+    /// The errno of that failure, e.g. 99 (EADDRNOTAVAIL).
+    pub first_errno: Option<i32>,
+    /// The reused socket's second connect, line and reply.
+    pub second: ConnectReport,
+}
+
+/// Options of `e2e-helper dns-query`: DNS queries (type A) over UDP, each from a new socket,
+/// as a resolver makes them.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct DnsQueryOptions {
+    /// The server, address:port (an IPv4-mapped IPv6 address asks an IPv4 server from an IPv6
+    /// socket, as a dual-stack resolver does).
+    #[arg(long)]
+    pub server: SocketAddr,
+    /// The name asked for.
+    #[arg(long)]
+    pub name: String,
+    /// connect() the socket to the server, then send() and recvfrom(), as glibc's resolver
+    /// does; without it, sendto() and recvfrom() on an unconnected socket.
+    #[arg(long)]
+    pub connected: bool,
+    /// Queries, each from a new socket; more than 1 prints only a summary, in which a query
+    /// is ok when the reply came from the server as addressed and has an answer; the first
+    /// query that is not ends the run.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    pub count: u32,
+    /// With --count: an answer every ok reply must have.
+    #[arg(long)]
+    pub expect: Option<IpAddr>,
+}
+
+impl DnsQueryOptions {
+    pub fn new(server: SocketAddr, name: &str) -> DnsQueryOptions {
+        DnsQueryOptions {
+            server,
+            name: name.into(),
+            connected: false,
+            count: 1,
+            expect: None,
+        }
+    }
+
+    pub fn connected(mut self) -> Self {
+        self.connected = true;
+        self
+    }
+
+    /// `count` queries, each counted ok only with `expect` among its answers.
+    pub fn repeat(mut self, count: u32, expect: IpAddr) -> Self {
+        self.count = count;
+        self.expect = Some(expect);
+        self
+    }
+
+    /// The arguments after `e2e-helper dns-query` that parse back into `self`.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = vec![
+            "--server".into(),
+            self.server.to_string(),
+            "--name".into(),
+            self.name.clone(),
+            "--count".into(),
+            self.count.to_string(),
+        ];
+        if self.connected {
+            args.push("--connected".into());
+        }
+        if let Some(expect) = self.expect {
+            args.extend(["--expect".into(), expect.to_string()]);
+        }
+        args
+    }
+}
+
+/// What `e2e-helper dns-query` prints for a single query.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DnsQueryReport {
+    /// getsockname() once the query was sent.
+    pub local: Option<SocketAddr>,
+    /// getpeername() of a connected socket.
+    pub peer: Option<SocketAddr>,
+    /// Where the reply came from, as recvfrom() reported it.
+    pub source: Option<SocketAddr>,
+    /// The reply's A and AAAA answers.
+    pub answers: Vec<IpAddr>,
+    pub error: Option<String>,
+}
+
+/// Options of `e2e-helper hold`, shared by the helper and the harness.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct HoldOptions {
+    /// Destinations, taken round-robin: connection i goes to `to[i % to.len()]`.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub to: Vec<SocketAddr>,
+    /// Connections to open and keep open.
+    #[arg(long)]
+    pub count: u32,
+    /// Once all are open, wait (at most --wait-s) for this file before checking and exchanging.
+    #[arg(long)]
+    pub go_file: std::path::PathBuf,
+    /// Bound of each phase (connecting, waiting for the go file, exchanging), in seconds.
+    #[arg(long, default_value_t = 60)]
+    pub phase_s: u64,
+}
+
+impl HoldOptions {
+    /// The arguments after `e2e-helper hold` that parse back into `self`.
+    pub fn to_args(&self) -> Vec<String> {
+        let to: Vec<String> = self.to.iter().map(ToString::to_string).collect();
+        vec![
+            "--to".into(),
+            to.join(","),
+            "--count".into(),
+            self.count.to_string(),
+            "--go-file".into(),
+            self.go_file.display().to_string(),
+            "--phase-s".into(),
+            self.phase_s.to_string(),
+        ]
+    }
+}
+
+/// The line `e2e-helper hold` prints once its connections are open (or the phase ran out).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldOpened {
+    pub opened: u64,
+    pub failed: u64,
+    pub first_error: Option<String>,
+    pub connect_ms: u64,
+}
+
+/// A held connection whose getpeername() or reply was not its own destination's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HeldMismatch {
+    pub index: u64,
+    pub expected: SocketAddr,
+    /// What was found instead: the getpeername() answer, or the reply, or the error.
+    pub found: String,
+}
+
+/// The last line `e2e-helper hold` prints.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HoldReport {
+    pub opened: HoldOpened,
+    /// Connections whose getpeername() was not their own destination while all were open.
+    pub wrong_peer: u64,
+    /// Replies from the connection's own destination that carried its own line.
+    pub replies_ok: u64,
+    /// Replies from elsewhere or with another line, connections closed without a reply, and
+    /// connections still waiting when the phase ran out.
+    pub bad_replies: u64,
+    /// The first few of each kind, for the failure message.
+    pub wrong_peer_examples: Vec<HeldMismatch>,
+    pub bad_reply_examples: Vec<HeldMismatch>,
+    pub check_ms: u64,
+    pub exchange_ms: u64,
+}
+
+/// What `e2e-helper getsockopt` reports: one raw getsockopt() call on a socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GetsockoptReport {
+    /// 0 on success, the errno otherwise.
+    pub errno: i32,
+    /// The option length the call returned (unchanged on failure).
+    pub optlen: u32,
+    /// The first bytes of the answer (at most 64), on success.
+    pub head: Vec<u8>,
+}
+
+/// What `e2e-helper peer-groups` reports.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PeerGroupsReport {
+    /// The supplementary groups the peer (this process, which made the socketpair) had.
+    pub groups: Vec<u32>,
+    /// getsockopt(SO_PEERGROUPS) with the buffer size asked for.
+    pub call: GetsockoptReport,
+    /// The groups that call returned (optlen / 4 of them), on success.
+    pub returned: Vec<u32>,
 }
 
 /// The JSON line `e2e-helper serve` answers with.
@@ -129,20 +391,54 @@ impl ConnectReport {
     }
 }
 
-/// One connect of `e2e-helper connect-batch`: a destination, and the local address to bind
-/// first (port 0) or none.
+/// One connect of `e2e-helper connect-batch`: a destination, the local address to bind first
+/// (port 0) or none, and how to reach it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PlannedConnect {
     pub to: SocketAddr,
     pub bind: Option<IpAddr>,
+    #[serde(default)]
+    pub transport: Transport,
+    /// A UDP probe's source port (0.0.0.0 or :: when `bind` is none); the kernel picks one
+    /// when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source_port: Option<u16>,
 }
 
-/// The JSON line `e2e-helper listen` writes to every connection it accepts.
+/// How a planned connect reaches its destination.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Transport {
+    /// A TCP connection; the listener writes a line.
+    #[default]
+    Tcp,
+    /// A datagram sent with sendto() from an unconnected UDP socket; the listener answers with
+    /// one datagram, which must come from the destination as addressed.
+    Udp,
+    /// A datagram sent with send() after connect() on a UDP socket; getpeername() and the
+    /// answer's source must both be the destination as addressed.
+    UdpConnected,
+}
+
+impl Transport {
+    /// The short name the parity table shows.
+    pub fn name(self) -> &'static str {
+        match self {
+            Transport::Tcp => "tcp",
+            Transport::Udp => "udp",
+            Transport::UdpConnected => "udp-c",
+        }
+    }
+}
+
+/// The JSON line `e2e-helper listen` writes to every connection it accepts (and, with
+/// `--udp`, the datagram it answers every datagram with).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ListenerReply {
     /// Which listener answered (the `--tag` it was started with).
     pub tag: String,
-    /// The address the connection reached (getsockname of the accepted socket).
+    /// The address the connection reached (getsockname of the accepted socket; a datagram's
+    /// destination address, from IP_PKTINFO, and the listener's port).
     pub local: SocketAddr,
 }
 
@@ -202,7 +498,7 @@ pub struct NoOrigDstEvent {
     pub error: String,
 }
 
-/// `redirector status -o json`.
+/// `redirector status --output json`.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct Status {
     pub pods: Vec<PodStatus>,
@@ -266,6 +562,16 @@ pub struct AgentReport {
     pub ready: bool,
     pub startup: Option<ReconcileReport>,
     pub collected_since: Vec<CollectedPod>,
+    /// Pods the CNI plugin did not enroll, by reason.
+    pub cni: CniCounts,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+pub struct CniCounts {
+    /// Passed through uncaptured.
+    pub skipped: BTreeMap<String, u64>,
+    /// ADD failed.
+    pub failed: BTreeMap<String, u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -373,7 +679,7 @@ fn parse_sample(line: &str) -> Result<Sample> {
     })
 }
 
-/// A port or prefix of a pod's policy, as `redirector status -o json` lists it.
+/// A port or prefix of a pod's policy, as `redirector status --output json` lists it.
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct LabelledEntry {
     pub value: String,
@@ -389,13 +695,19 @@ pub struct Counters {
     pub inbound_captured: u64,
     pub inbound_excluded: u64,
     pub inbound_no_proxy: u64,
+    pub record_failed: u64,
+    pub handshake_failed: u64,
+    pub handoff_failed: u64,
+    pub listener_failed: u64,
+    pub dns_redirected: u64,
 }
 
-/// Entries currently in the two connection-record maps.
+/// What the record maps hold: open connections keep their records in socket storage; only
+/// handshakes in flight occupy the bounded handshake map.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
 pub struct RecordCounts {
-    pub by_cookie: u64,
-    pub by_peer: u64,
+    pub in_flight: u64,
+    pub capacity: u64,
 }
 
 #[cfg(test)]
@@ -416,9 +728,46 @@ mod tests {
             .message("two words")
             .count(3)
             .hold_ms(1500)
-            .stop_file(std::path::Path::new("/tmp/stop here"));
+            .stop_file(std::path::Path::new("/tmp/stop here"))
+            .close_after_send()
+            .fastopen();
         let args = std::iter::once("e2e-helper".to_string()).chain(options.to_args());
         assert_eq!(Wrapper::parse_from(args).options, options);
+    }
+
+    #[test]
+    fn connect_twice_and_hold_options_round_trip_through_the_command_line() {
+        #[derive(Parser)]
+        struct Twice {
+            #[command(flatten)]
+            options: ConnectTwiceOptions,
+        }
+        #[derive(Parser)]
+        struct Hold {
+            #[command(flatten)]
+            options: HoldOptions,
+        }
+        let twice = ConnectTwiceOptions {
+            bind_port: 40100,
+            occupy: Some("10.200.1.2:8080".parse().unwrap()),
+            first: "10.200.1.2:8081".parse().unwrap(),
+            second: "10.200.1.2:8083".parse().unwrap(),
+            release_before_second: true,
+            message: "two words".into(),
+        };
+        let args = std::iter::once("e2e-helper".to_string()).chain(twice.to_args());
+        assert_eq!(Twice::parse_from(args).options, twice);
+        let hold = HoldOptions {
+            to: vec![
+                "10.200.1.2:8080".parse().unwrap(),
+                "10.200.1.2:8081".parse().unwrap(),
+            ],
+            count: 34_000,
+            go_file: "/tmp/go here".into(),
+            phase_s: 90,
+        };
+        let args = std::iter::once("e2e-helper".to_string()).chain(hold.to_args());
+        assert_eq!(Hold::parse_from(args).options, hold);
     }
 
     #[test]
@@ -433,9 +782,10 @@ mod tests {
         let status: Status = serde_json::from_str(
             r#"{"pods":[{"cgroup":"/x","cgroup_id":7,"proxy_port":15001,"proxy_uids":[1337],"proxy_gids":[1337],
                 "attached":["connect4"],"counters":{"redirected":1,"exempted":2,"orig_dst_lookups":1,"orig_dst_misses":0,
-                "inbound_captured":0,"inbound_excluded":0,"inbound_no_proxy":0},
+                "inbound_captured":0,"inbound_excluded":0,"inbound_no_proxy":0,"record_failed":0,
+                "handshake_failed":0,"handoff_failed":0,"listener_failed":0,"dns_redirected":0},
                 "pod":{"uid":"u-1","namespace":"ns","name":"web"},"netns":null,"attachment":null}],
-                "records":{"by_cookie":0,"by_peer":0},"agent":null}"#,
+                "records":{"in_flight":0,"capacity":65536},"agent":null}"#,
         )
         .unwrap();
         assert_eq!(status.pod(7).unwrap().counters.exempted, 2);

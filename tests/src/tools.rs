@@ -1,6 +1,9 @@
 //! The `redirector` CLI and the system tools the tests inspect the machine with.
 
+use std::collections::BTreeMap;
 use std::ffi::OsStr;
+use std::net::{IpAddr, SocketAddr};
+use std::os::unix::fs::MetadataExt;
 use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
@@ -23,20 +26,30 @@ where
     I: IntoIterator<Item = S>,
     S: AsRef<OsStr>,
 {
+    redirector_with_env(args, &[])
+}
+
+/// `redirector ARGS...` with extra environment variables.
+pub fn redirector_with_env<I, S>(args: I, env: &[(&str, &str)]) -> Result<Output>
+where
+    I: IntoIterator<Item = S>,
+    S: AsRef<OsStr>,
+{
     let mut command = Command::new(binary("redirector")?);
     // Plain text on stderr, so that tests can match words in it.
     command
         .args(args)
         .env_remove("REDIRECTOR_BPFFS")
-        .env("NO_COLOR", "1");
+        .env("NO_COLOR", "1")
+        .envs(env.iter().copied());
     run("redirector", command, REDIRECTOR_TIMEOUT)
 }
 
-/// `redirector status -o json --bpffs ROOT`, parsed.
+/// `redirector status --output json --bpffs ROOT`, parsed.
 pub fn status_json(root: &Path) -> Result<Status> {
     let output = redirector([
         OsStr::new("status"),
-        "-o".as_ref(),
+        "--output".as_ref(),
         "json".as_ref(),
         "--bpffs".as_ref(),
         root.as_os_str(),
@@ -67,21 +80,25 @@ pub fn nat_rules(netns: &Netns) -> Result<Vec<String>> {
 
 /// Programs attached to the cgroup, as listed by `bpftool -j cgroup show DIR`.
 pub fn attached_programs(cgroup: &Path) -> Result<Vec<Value>> {
+    // Links, not `bpftool cgroup show`: Debian's bpftool asks the kernel for attach flags that
+    // kernels before 6.x do not know, and fails there. redirector attaches only through links.
+    let cgroup_id = std::fs::metadata(cgroup)
+        .with_context(|| format!("reading the cgroup id of {}", cgroup.display()))?
+        .ino();
     let mut command = Command::new("bpftool");
-    command.args(["-j", "cgroup", "show"]).arg(cgroup);
+    command.args(["-j", "link", "show"]);
     let output = run("bpftool", command, TOOL_TIMEOUT)?
         .ensure_success()
-        .with_context(|| format!("listing programs attached to {}", cgroup.display()))?;
+        .context("listing BPF links")?;
     if output.stdout.trim().is_empty() {
         return Ok(Vec::new());
     }
-    serde_json::from_str(&output.stdout).with_context(|| {
-        format!(
-            "parsing bpftool output for {}: {}",
-            cgroup.display(),
-            output.stdout
-        )
-    })
+    let links: Vec<Value> = serde_json::from_str(&output.stdout)
+        .with_context(|| format!("parsing bpftool's link list: {}", output.stdout))?;
+    Ok(links
+        .into_iter()
+        .filter(|link| link.get("cgroup_id").and_then(Value::as_u64) == Some(cgroup_id))
+        .collect())
 }
 
 /// Pids of running `redirector` processes whose command line contains `text` (e.g. a test's
@@ -109,36 +126,179 @@ pub fn redirector_processes_mentioning(text: &OsStr) -> Result<Vec<i32>> {
     Ok(pids)
 }
 
-/// Wait until a TCP socket listens on `port` in the network namespace of process `pid`
-/// (/proc/PID/net/tcp shows that process's namespace).
+/// `st` of a TCP socket in /proc/net/tcp (include/net/tcp_states.h).
+pub mod tcp_state {
+    pub const ESTABLISHED: u8 = 0x01;
+    pub const SYN_SENT: u8 = 0x02;
+    pub const FIN_WAIT1: u8 = 0x04;
+    /// Also what a timewait socket of an orphaned FIN_WAIT2 connection shows.
+    pub const FIN_WAIT2: u8 = 0x05;
+    pub const TIME_WAIT: u8 = 0x06;
+    pub const CLOSE_WAIT: u8 = 0x08;
+    pub const LISTEN: u8 = 0x0A;
+}
+
+/// One TCP or UDP socket of a network namespace, as /proc/PID/net/{tcp,udp}{,6} lists it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InetSocket {
+    pub local: SocketAddr,
+    pub remote: SocketAddr,
+    /// One of [`tcp_state`] (UDP: 07 unconnected, 01 connected).
+    pub state: u8,
+    /// The socket's inode (0 for timewait and request sockets, which no descriptor holds).
+    pub inode: u64,
+}
+
+/// Every TCP socket (IPv4 and IPv6, timewait ones included) in the network namespace of
+/// process `pid` (/proc/PID/net shows that process's namespace).
+pub fn tcp_sockets(pid: Pid) -> Result<Vec<InetSocket>> {
+    sockets(pid, "tcp")
+}
+
+/// Every UDP socket (IPv4 and IPv6) in the network namespace of process `pid`.
+pub fn udp_sockets(pid: Pid) -> Result<Vec<InetSocket>> {
+    sockets(pid, "udp")
+}
+
+fn sockets(pid: Pid, protocol: &str) -> Result<Vec<InetSocket>> {
+    let mut sockets = Vec::new();
+    for table in [
+        format!("/proc/{pid}/net/{protocol}"),
+        format!("/proc/{pid}/net/{protocol}6"),
+    ] {
+        let text = std::fs::read_to_string(&table)
+            .with_context(|| format!("reading {table} (did the process exit?)"))?;
+        for line in text.lines().skip(1) {
+            sockets
+                .push(parse_socket_line(line).with_context(|| format!("{table}: line {line:?}"))?);
+        }
+    }
+    Ok(sockets)
+}
+
+/// Columns (TCP and UDP alike): sl local_address rem_address st tx:rx tr:when retrnsmt uid timeout inode ...;
+/// addresses are hex words as the kernel holds them (network order read as native words),
+/// ports hex in host order.
+fn parse_socket_line(line: &str) -> Result<InetSocket> {
+    let columns: Vec<&str> = line.split_whitespace().collect();
+    let (Some(local), Some(remote), Some(state), Some(inode)) = (
+        columns.get(1),
+        columns.get(2),
+        columns.get(3),
+        columns.get(9),
+    ) else {
+        bail!("too few columns");
+    };
+    Ok(InetSocket {
+        local: parse_proc_addr(local)?,
+        remote: parse_proc_addr(remote)?,
+        state: u8::from_str_radix(state, 16).context("state")?,
+        inode: inode.parse().context("inode")?,
+    })
+}
+
+fn parse_proc_addr(text: &str) -> Result<SocketAddr> {
+    let (addr, port) = text.split_once(':').context("no port")?;
+    let port = u16::from_str_radix(port, 16).context("port")?;
+    let words = (0..addr.len() / 8)
+        .map(|i| u32::from_str_radix(&addr[i * 8..i * 8 + 8], 16).map(u32::to_ne_bytes))
+        .collect::<Result<Vec<_>, _>>()
+        .context("address")?;
+    let ip = match words.as_slice() {
+        [word] => IpAddr::from(*word),
+        [a, b, c, d] => {
+            let mut bytes = [0u8; 16];
+            for (chunk, word) in bytes.chunks_exact_mut(4).zip([a, b, c, d]) {
+                chunk.copy_from_slice(word);
+            }
+            IpAddr::from(bytes)
+        }
+        _ => bail!("address of {} hex digits", addr.len()),
+    };
+    Ok(SocketAddr::new(ip, port))
+}
+
+/// Wait until process `pid` itself listens on TCP `port`: a listening socket on that port is
+/// among its descriptors (other processes may listen on the same port with SO_REUSEPORT).
 pub fn wait_for_tcp_listener(pid: Pid, port: u16, timeout: Duration) -> Result<()> {
-    const TCP_LISTEN: &str = "0A";
-    let local_port = format!(":{port:04X}");
     wait_for(
-        &format!("a listener on port {port} in the netns of pid {pid}"),
+        &format!("process {pid} to listen on port {port}"),
         timeout,
         || {
-            // IPv4 and IPv6 listeners are in separate tables.
-            for table in [
-                format!("/proc/{pid}/net/tcp"),
-                format!("/proc/{pid}/net/tcp6"),
-            ] {
-                let text = match std::fs::read_to_string(&table) {
-                    Ok(text) => text,
-                    Err(error) => bail!("reading {table} (did the process exit?): {error}"),
-                };
-                // Columns: sl local_address rem_address st ...
-                let listening = text.lines().skip(1).any(|line| {
-                    let columns: Vec<&str> = line.split_whitespace().collect();
-                    columns.len() > 3
-                        && columns[1].ends_with(&local_port)
-                        && columns[3] == TCP_LISTEN
-                });
-                if listening {
-                    return Ok(Some(()));
-                }
-            }
-            Ok(None)
+            let own = socket_inodes(pid)?;
+            let listening = tcp_sockets(pid)?.iter().any(|socket| {
+                socket.local.port() == port
+                    && socket.state == tcp_state::LISTEN
+                    && own.contains(&socket.inode)
+            });
+            Ok(listening.then_some(()))
         },
     )
+}
+
+/// Inodes of the sockets among process `pid`'s descriptors (links `socket:[INODE]`).
+fn socket_inodes(pid: Pid) -> Result<Vec<u64>> {
+    let dir = format!("/proc/{pid}/fd");
+    let entries = std::fs::read_dir(&dir).with_context(|| format!("listing {dir}"))?;
+    // Descriptors may close while we look: unreadable links are skipped.
+    Ok(entries
+        .filter_map(|entry| std::fs::read_link(entry.ok()?.path()).ok())
+        .filter_map(|target| {
+            let target = target.to_str()?;
+            target
+                .strip_prefix("socket:[")?
+                .strip_suffix(']')?
+                .parse()
+                .ok()
+        })
+        .collect())
+}
+
+/// The TcpExt and IpExt counters of the network namespace of process `pid`, named as `nstat`
+/// names them (`TcpExtTCPFastOpenPassive`).
+pub fn netstat_counters(pid: Pid) -> Result<BTreeMap<String, u64>> {
+    let path = format!("/proc/{pid}/net/netstat");
+    let text = std::fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    let mut counters = BTreeMap::new();
+    let lines: Vec<&str> = text.lines().collect();
+    // Each group is a line of names followed by a line of values, both led by "Group:".
+    for pair in lines.chunks_exact(2) {
+        let (Some((group, names)), Some((_, values))) =
+            (pair[0].split_once(':'), pair[1].split_once(':'))
+        else {
+            bail!("{path}: unexpected lines {pair:?}");
+        };
+        for (name, value) in names.split_whitespace().zip(values.split_whitespace()) {
+            let value = value
+                .parse()
+                .with_context(|| format!("{path}: {group}{name} = {value:?}"))?;
+            counters.insert(format!("{group}{name}"), value);
+        }
+    }
+    Ok(counters)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_proc_net_tcp_lines() {
+        let v4 = "   0: 0100007F:3A99 0200A8C0:9C40 06 00000000:00000000 03:00001770 00000000     0        0 0 3 0000000000000000";
+        assert_eq!(
+            parse_socket_line(v4).unwrap(),
+            InetSocket {
+                local: "127.0.0.1:15001".parse().unwrap(),
+                remote: "192.168.0.2:40000".parse().unwrap(),
+                state: tcp_state::TIME_WAIT,
+                inode: 0,
+            }
+        );
+        let v6 = "   1: 00000000000000000000000001000000:3A99 000000000000000000000000000000FD:0050 0A 00000000:00000000 00:00000000 00000000  1337        0 1 1 0";
+        let socket = parse_socket_line(v6).unwrap();
+        assert_eq!(socket.local, "[::1]:15001".parse().unwrap());
+        assert_eq!(socket.remote, "[::fd00:0]:80".parse().unwrap());
+        assert_eq!(socket.state, tcp_state::LISTEN);
+        assert_eq!(socket.inode, 1);
+    }
 }

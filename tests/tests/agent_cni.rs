@@ -19,9 +19,10 @@ use anyhow::{ensure, Context, Result};
 use redirector_tests::names::next_subnet;
 use redirector_tests::{
     attached_programs, binary, bridge_chain, client_result, cni_error, connect, files_below,
-    normalized_result, redirector, run, spawn_client, spawn_in_pod, start_proxy, wait_for, Agent,
-    AgentSetup, Cgroup, CgroupDriver, Child, CniRuntime, ConnectOptions, ConnectSummary, Identity,
-    KubePod, Netns, Proxy, Qos, Sandbox, Status, TempDir,
+    istio_injected_annotations, normalized_result, redirector, run, spawn_client, spawn_in_pod,
+    start_proxy, wait_for, Agent, AgentSetup, Cgroup, CgroupDriver, Child, CniRuntime,
+    ConnectOptions, ConnectSummary, Identity, KubePod, Netns, Proxy, Qos, Sandbox, Status, TempDir,
+    POD_ANNOTATIONS,
 };
 use serde_json::{json, Value};
 
@@ -61,10 +62,12 @@ impl TestNode {
         KubePod::create(&self.sandbox.cgroups, driver, qos, name)
     }
 
-    /// The plugin's conflist entry for this test's agent and cgroup root.
+    /// The plugin's conflist entry for this test's agent and cgroup root, declaring the
+    /// capability that has the runtime pass the pod's annotations.
     fn redirector_entry(&self, driver: CgroupDriver) -> Value {
         json!({
             "type": "redirector-cni",
+            "capabilities": {POD_ANNOTATIONS: true},
             "agentSocket": self.setup.socket,
             "cgroupRoot": self.sandbox.cgroups.path(),
             "cgroupDriver": driver.name(),
@@ -75,6 +78,11 @@ impl TestNode {
     /// A `[bridge + host-local, redirector-cni]` chain on a fresh bridge and subnet, and the
     /// directory of its leases.
     fn bridge_network(&self, driver: CgroupDriver) -> Result<(CniRuntime, PathBuf)> {
+        self.bridge_network_with(self.redirector_entry(driver))
+    }
+
+    /// [`Self::bridge_network`] with this entry for redirector-cni.
+    fn bridge_network_with(&self, entry: Value) -> Result<(CniRuntime, PathBuf)> {
         let subnet = next_subnet();
         let ipam = self.scratch.path().join(format!("ipam{subnet}"));
         let conflist = bridge_chain(
@@ -83,18 +91,22 @@ impl TestNode {
             &format!("rdtbr{subnet}"),
             subnet,
             &ipam,
-            self.redirector_entry(driver),
+            entry,
         );
         Ok((CniRuntime::new(&self.node, conflist)?, ipam))
     }
 
     fn server(&self) -> Result<NodeServer> {
-        let cgroup = self.sandbox.cgroup("node-server")?;
+        self.server_on(SERVER_PORT)
+    }
+
+    fn server_on(&self, port: u16) -> Result<NodeServer> {
+        let cgroup = self.sandbox.cgroup(&format!("node-server{port}"))?;
         let serve = [
             binary("e2e-helper")?.into_os_string(),
             "serve".into(),
             "--listen".into(),
-            format!("0.0.0.0:{SERVER_PORT}").into(),
+            format!("0.0.0.0:{port}").into(),
         ];
         let process = spawn_in_pod(&self.node, &cgroup, Identity::APP, &serve)?;
         process.wait_for_line(|line| line == "listening", WAIT)?;
@@ -107,11 +119,15 @@ impl TestNode {
 
 /// The address the pod reaches the node's server at: its gateway from the bridge's result.
 fn server_addr(bridge_result: &Value) -> Result<SocketAddr> {
+    server_addr_on(bridge_result, SERVER_PORT)
+}
+
+fn server_addr_on(bridge_result: &Value, port: u16) -> Result<SocketAddr> {
     let gateway: Ipv4Addr = bridge_result["ips"][0]["gateway"]
         .as_str()
         .with_context(|| format!("no gateway in {bridge_result}"))?
         .parse()?;
-    Ok(SocketAddr::new(IpAddr::V4(gateway), SERVER_PORT))
+    Ok(SocketAddr::new(IpAddr::V4(gateway), port))
 }
 
 fn link_names(netns: &Netns, kind: &[&str]) -> Result<Vec<String>> {
@@ -182,6 +198,7 @@ fn cni_chain_captures_pods_of_both_cgroup_drivers_and_del_removes_everything() -
             .clone();
         assert_eq!(held.cgroup, pod.cgroup.path().display().to_string());
         assert_eq!(held.cgroup_id, pod.cgroup.id()?);
+        // An injected pod: its annotations' defaults capture inbound too (-b '*').
         assert_eq!(
             held.attached,
             [
@@ -190,7 +207,12 @@ fn cni_chain_captures_pods_of_both_cgroup_drivers_and_del_removes_everything() -
                 "sockops",
                 "getsockopt",
                 "getpeername4",
-                "getpeername6"
+                "getpeername6",
+                "getsockname4",
+                "getsockname6",
+                "bind4",
+                "bind6",
+                "inbound"
             ]
         );
         let identity = held.pod.as_ref().context("no pod identity")?;
@@ -345,7 +367,7 @@ fn agent_restart_under_load_loses_no_connection_and_adopts_pods() -> Result<()> 
     drop((app, gone_proxy, gone_cgroup));
     let while_down = forwarded_at_least(before_stop + PER_PHASE)?;
 
-    let agent = Agent::start(setup)?;
+    let agent = Agent::start_with(setup, &["--per-pod-metrics", "10"])?;
     forwarded_at_least(while_down + PER_PHASE)?;
     std::fs::write(&stop_file, b"")?;
     let summary: ConnectSummary = client_result(&client, WAIT)?;
@@ -447,9 +469,14 @@ impl Plugin {
         })
     }
 
-    /// The network config with `changes` merged in (a null value removes the key).
+    /// The network config, with the annotations of an injected pod in `runtimeConfig`, and
+    /// `changes` merged in (a null value removes the key).
     fn config(&self, version: &str, previous: Option<&Value>, changes: Value) -> Value {
-        let mut config = self.runtime.plugin_config(&self.entry, previous);
+        let capability_args = json!({POD_ANNOTATIONS: istio_injected_annotations()});
+        let capability_args = capability_args.as_object().cloned().unwrap_or_default();
+        let mut config = self
+            .runtime
+            .plugin_config(&self.entry, &capability_args, previous);
         config["cniVersion"] = version.into();
         if let (Some(config), Some(changes)) = (config.as_object_mut(), changes.as_object()) {
             for (key, value) in changes {
@@ -760,6 +787,10 @@ fn cni_operations_follow_the_spec() -> Result<()> {
     };
     gc(json!([{"containerID": pod.container_id, "ifname": "eth0"}]))?;
     assert!(held()?, "GC kept a listed attachment");
+    // Without the list, GC would collect every pod of the network: refused.
+    let unlisted = plugin.config("1.1.0", None, json!({}));
+    assert_eq!(error_code(&plugin.call("GC", &[], &unlisted)?)?, 7);
+    assert!(held()?, "GC without valid-attachments collected nothing");
     gc(json!([]))?;
     assert!(!held()?, "GC collected an unlisted attachment");
 
@@ -797,20 +828,238 @@ fn cni_operations_follow_the_spec() -> Result<()> {
         assert!(!held()?, "{why}: the pod was enrolled");
     }
 
-    // With no agent: STATUS says the plugin is not available, DEL still succeeds.
+    // With no agent: STATUS still succeeds (an agent was ready since boot: an agent restart
+    // must not make the node's network not ready), DEL succeeds and is recorded, and the next
+    // agent carries it out.
+    let add = plugin.config("1.0.0", Some(&previous), json!({}));
+    plugin.call("ADD", &env, &add)?.ensure_success()?;
+    assert!(held()?);
     agent.stop()?;
     assert_eq!(
-        error_code(&plugin.call("STATUS", &[], &status_config)?)?,
-        50
+        plugin
+            .call("STATUS", &[], &status_config)?
+            .ensure_success()?
+            .stdout,
+        ""
     );
-    let del = plugin
-        .call(
-            "DEL",
-            &env,
-            &plugin.config("1.0.0", Some(&previous), json!({})),
-        )?
-        .ensure_success()?;
+    let del = plugin.call("DEL", &env, &add)?.ensure_success()?;
     assert_eq!(del.stdout, "");
+    assert!(held()?, "nobody has carried the DEL out yet");
+    let _agent = Agent::start(setup)?;
+    assert!(!held()?, "the new agent carried out the recorded DEL");
+    Ok(())
+}
+
+/// Before any agent was ready on the node, STATUS says the plugin is not available (50).
+#[test]
+fn cni_status_fails_only_before_an_agent_was_ready() -> Result<()> {
+    let test = TestNode::new("cni-status")?;
+    let plugin = Plugin::new(&test)?;
+    let config = plugin.config("1.1.0", None, json!({}));
+    assert_eq!(error_code(&plugin.call("STATUS", &[], &config)?)?, 50);
+    let agent = Agent::start(&test.setup)?;
+    plugin.call("STATUS", &[], &config)?.ensure_success()?;
+    agent.stop()?;
+    plugin.call("STATUS", &[], &config)?.ensure_success()?;
+    Ok(())
+}
+
+/// A netns file that is visible but no longer a namespace mount (broken mount propagation) is
+/// no proof that the pod is gone: the agent keeps the pod captured and reports why it could
+/// not reconcile.
+#[test]
+fn agent_keeps_pods_it_cannot_prove_gone_and_says_why() -> Result<()> {
+    let test = TestNode::new("no-proof")?;
+    let setup = &test.setup;
+    let agent = Agent::start(setup)?;
+    let pod = test.pod(CgroupDriver::Cgroupfs, Qos::Burstable, "kept")?;
+    let plugin = Plugin::new(&test)?;
+    let add = plugin.config("1.0.0", Some(&previous_result(&pod.netns)), json!({}));
+    plugin
+        .call("ADD", &pod.attachment().env(), &add)?
+        .ensure_success()?;
+    agent.stop()?;
+    // What an agent sees when /run/netns is not propagated into it: the file, not the mount.
+    let mut umount = Command::new("umount");
+    umount.arg(pod.netns.path());
+    run("umount", umount, WAIT)?.ensure_success()?;
+
+    let agent = Agent::start(setup)?;
+    let status = setup.status()?;
+    assert!(
+        status.pod_by_uid(&pod.uid).is_some(),
+        "the pod was collected without proof: {status:?}"
+    );
+    let text = setup
+        .redirector(&["status", "--output", "json"])?
+        .ensure_success()?
+        .stdout;
+    assert!(text.contains("mount propagation"), "{text}");
+    assert!(
+        agent
+            .metrics()?
+            .value("redirector_reconcile_failures_total", &[])
+            .is_some_and(|n| n >= 1.0),
+        "reconcile failures are counted"
+    );
+    Ok(())
+}
+
+/// A truncated state file and one from another version do not stop the agent, nor CNI ADD:
+/// they are moved aside and reported, and the pod they described stays enrolled.
+#[test]
+fn unreadable_state_files_are_quarantined_and_the_node_keeps_serving() -> Result<()> {
+    let test = TestNode::new("quarantine")?;
+    let setup = &test.setup;
+    let agent = Agent::start(setup)?;
+    let plugin = Plugin::new(&test)?;
+    let first = test.pod(CgroupDriver::Cgroupfs, Qos::Burstable, "first")?;
+    let add = |pod: &KubePod| -> Result<()> {
+        let config = plugin.config("1.0.0", Some(&previous_result(&pod.netns)), json!({}));
+        plugin
+            .call("ADD", &pod.attachment().env(), &config)?
+            .ensure_success()?;
+        Ok(())
+    };
+    add(&first)?;
+    agent.stop()?;
+    let state = setup.state_dir.join(format!("{}.json", first.cgroup.id()?));
+    std::fs::write(&state, "{\"cgroup_id\": 12")?;
+    std::fs::write(
+        setup.state_dir.join("77.json"),
+        r#"{"cgroup_id": "seventy-seven"}"#,
+    )?;
+
+    let agent = Agent::start(setup)?;
+    let second = test.pod(CgroupDriver::Cgroupfs, Qos::Burstable, "second")?;
+    add(&second)?;
+    let status = setup.status()?;
+    assert!(status.pod_by_uid(&second.uid).is_some(), "{status:?}");
+    assert!(status.pod(first.cgroup.id()?).is_some(), "{status:?}");
+    let metrics = agent.metrics()?;
+    assert_eq!(
+        metrics.value("redirector_quarantined_state_files", &[]),
+        Some(2.0)
+    );
+    Ok(())
+}
+
+/// A rolling update: the new agent starts while the old one serves. It waits; the old one's
+/// exit does not remove the new one's socket, and the new one serves.
+#[test]
+fn overlapping_agents_never_remove_each_others_socket() -> Result<()> {
+    let test = TestNode::new("overlap")?;
+    let setup = &test.setup;
+    let old = Agent::start(setup)?;
+    let mut command = Command::new(binary("redirector")?);
+    command
+        .arg("agent")
+        .args(setup.node_args())
+        .args(["--metrics-addr", &setup.metrics_addr.to_string()])
+        .args(["--reconcile-interval-seconds", "3600"])
+        .env_remove("REDIRECTOR_CONFIG");
+    let new = Child::spawn("second redirector agent", command)?;
+    new.wait_for_stderr_line(|line| line.contains("waiting for it to stop"), WAIT)?;
+    assert_eq!(new.try_exit_status()?, None, "{}", new.diagnostics());
+    assert!(
+        setup.status()?.agent.is_some(),
+        "the old agent still serves"
+    );
+    old.stop()?;
+    wait_for("the new agent to serve", WAIT, || {
+        Ok(setup
+            .status()
+            .ok()
+            .and_then(|status| status.agent)
+            .filter(|agent| agent.ready)
+            .map(|_| ()))
+    })?;
+    assert!(setup.socket.exists(), "the socket is there");
+    Ok(())
+}
+
+/// An enroll whose netns path blocks on open (a FIFO) wedges: /healthz says so once it runs
+/// past the deadline, and is fine again once it ends. Meanwhile reads still answer.
+#[test]
+fn healthz_reports_a_stuck_operation() -> Result<()> {
+    let test = TestNode::new("wedged")?;
+    let setup = &test.setup;
+    let agent = Agent::start_with(setup, &["--operation-deadline-seconds", "1"])?;
+    let cgroup = test.sandbox.cgroup("wedged")?;
+    let fifo = test.scratch.path().join("netns-fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))?;
+    let mut enroll = Command::new(binary("redirector")?);
+    enroll
+        .args([
+            OsString::from("enroll"),
+            "--cgroup".into(),
+            cgroup.path().into(),
+        ])
+        .args([OsString::from("--netns"), fifo.clone().into()])
+        .args(setup.node_args());
+    let stuck = Child::spawn("a stuck enroll", enroll)?;
+    let health = || redirector_tests::http_get(setup.metrics_addr, "/healthz");
+    let (_, body) = wait_for("/healthz to fail", WAIT, || {
+        Ok(health().ok().filter(|(code, _)| *code == 503))
+    })?;
+    assert!(body.contains("enroll"), "{body}");
+    assert!(setup.status()?.agent.is_some(), "status answers meanwhile");
+    // A writer lets the open return; the enroll then fails (a FIFO is no netns).
+    let _writer = std::fs::OpenOptions::new().write(true).open(&fifo)?;
+    let output = stuck.wait_exit(WAIT)?;
+    assert!(!output.success(), "{output:?}");
+    wait_for("/healthz to be fine again", WAIT, || {
+        Ok(health().ok().filter(|(code, _)| *code == 200).map(|_| ()))
+    })?;
+    drop(agent);
+    Ok(())
+}
+
+/// A status that cannot finish (a pod's state file blocks on read) does not hold up an enroll.
+#[test]
+fn a_slow_status_does_not_delay_an_enroll() -> Result<()> {
+    let test = TestNode::new("slow-status")?;
+    let setup = &test.setup;
+    let _agent = Agent::start(setup)?;
+    let first = test.sandbox.cgroup("first")?;
+    let second = test.sandbox.cgroup("second")?;
+    let enroll = |cgroup: &Cgroup| {
+        setup.redirector(&[
+            OsString::from("enroll"),
+            "--cgroup".into(),
+            cgroup.path().into(),
+        ])
+    };
+    enroll(&first)?.ensure_success()?;
+    let state = setup.state_dir.join(format!("{}.json", first.id()?));
+    let saved = std::fs::read(&state)?;
+    std::fs::remove_file(&state)?;
+    nix::unistd::mkfifo(&state, nix::sys::stat::Mode::from_bits_truncate(0o600))?;
+    let mut status = Command::new(binary("redirector")?);
+    status
+        .args(["status", "--output", "json"])
+        .args(setup.node_args());
+    let slow = Child::spawn("a status stuck on a state file", status)?;
+    // Once the status has the FIFO open, it is past every lock it could take.
+    let mut writer = wait_for("the status to open the state file", WAIT, || {
+        Ok(nix::fcntl::open(
+            &state,
+            nix::fcntl::OFlag::O_WRONLY | nix::fcntl::OFlag::O_NONBLOCK,
+            nix::sys::stat::Mode::empty(),
+        )
+        .ok())
+    })
+    .map(std::fs::File::from)?;
+    enroll(&second)?.ensure_success()?;
+    assert_eq!(
+        slow.try_exit_status()?,
+        None,
+        "the status was not in flight"
+    );
+    use std::io::Write as _;
+    writer.write_all(&saved)?;
+    drop(writer);
+    slow.wait_exit(WAIT)?.ensure_success()?;
     Ok(())
 }
 
@@ -900,6 +1149,306 @@ fn cli_gives_the_same_results_with_and_without_the_agent() -> Result<()> {
     Ok(())
 }
 
+/// The pod status istio's injector writes when iptables (`istio-init`) captures the pod.
+const ISTIO_INIT_STATUS: &str = r#"{"initContainers":["istio-init"],"containers":["istio-proxy"],"volumes":["istio-envoy","istio-data"],"imagePullSecrets":null,"revision":"default"}"#;
+
+/// The ports of `held`'s policy in the named set (`outbound_exclude`, ...).
+fn ports_in(held: &redirector_tests::PodStatus, set: &str) -> Vec<String> {
+    held.ports
+        .iter()
+        .filter(|entry| entry.sets.iter().any(|s| s == set))
+        .map(|entry| entry.value.clone())
+        .collect()
+}
+
+/// The default selection: an injected pod is captured with its annotations' settings (its
+/// excluded outbound port goes direct); a pod the injector did not touch and a pod istio-init
+/// captures are passed through, their connections direct, and the agent counts both by reason.
+#[test]
+fn only_injected_pods_are_captured_with_their_annotations_settings() -> Result<()> {
+    const DIRECT_PORT: u16 = 8081;
+    let test = TestNode::new("cni-istio")?;
+    let setup = &test.setup;
+    let agent = Agent::start(setup)?;
+    let _server = test.server()?;
+    let _direct_server = test.server_on(DIRECT_PORT)?;
+    let (runtime, _) = test.bridge_network(CgroupDriver::Systemd)?;
+    let pod = |name: &str| test.pod(CgroupDriver::Systemd, Qos::Burstable, name);
+
+    let mut injected = pod("injected")?;
+    injected.annotate(&[(
+        "traffic.sidecar.istio.io/excludeOutboundPorts",
+        Some(&DIRECT_PORT.to_string()),
+    )]);
+    let mut plain = pod("plain")?;
+    plain.annotations = Some(
+        [("kubernetes.io/config.source".to_owned(), "api".to_owned())]
+            .into_iter()
+            .collect(),
+    );
+    let mut legacy = pod("legacy")?;
+    legacy.annotate(&[("sidecar.istio.io/status", Some(ISTIO_INIT_STATUS))]);
+
+    let injected_result = runtime.add(&injected.attachment())?;
+    let plain_result = runtime.add(&plain.attachment())?;
+    let legacy_result = runtime.add(&legacy.attachment())?;
+    for results in [&plain_result, &legacy_result] {
+        assert_eq!(
+            normalized_result(&results[1])?,
+            normalized_result(&results[0])?,
+            "a skipped pod gets the previous result"
+        );
+    }
+
+    let status = setup.status()?;
+    let held: Vec<_> = status
+        .pods
+        .iter()
+        .filter_map(|p| p.pod.as_ref())
+        .map(|p| p.uid.as_str())
+        .collect();
+    assert_eq!(
+        held,
+        [injected.uid.as_str()],
+        "only the injected pod is enrolled"
+    );
+    let enrolled = status
+        .pod_by_uid(&injected.uid)
+        .context("the injected pod")?;
+    // The annotation replaced istio-cni's outbound default (15020); inbound has its defaults.
+    assert_eq!(
+        ports_in(enrolled, "outbound_exclude"),
+        [DIRECT_PORT.to_string()]
+    );
+    for port in ["15020", "15021", "15090"] {
+        assert!(
+            ports_in(enrolled, "inbound_exclude").contains(&port.to_owned()),
+            "{port}: {:?}",
+            enrolled.ports
+        );
+    }
+    assert!(enrolled.attached.contains(&"inbound".to_owned()));
+
+    let server = server_addr(&injected_result[0])?;
+    let direct = server_addr_on(&injected_result[0], DIRECT_PORT)?;
+    let proxy = start_proxy(&injected.netns, &injected.proxy)?;
+    let through = connect(
+        &injected.netns,
+        &injected.app,
+        Identity::APP,
+        &ConnectOptions::to(server).message("through"),
+    )?;
+    proxy.check_redirected(server, &through)?;
+    let straight = connect(
+        &injected.netns,
+        &injected.app,
+        Identity::APP,
+        &ConnectOptions::to(direct).message("excluded port"),
+    )?;
+    proxy
+        .check_direct(direct, &straight)
+        .context("the excluded outbound port")?;
+    for (skipped, result) in [(&plain, &plain_result), (&legacy, &legacy_result)] {
+        let server = server_addr(&result[0])?;
+        let its_proxy = start_proxy(&skipped.netns, &skipped.proxy)?;
+        let report = connect(
+            &skipped.netns,
+            &skipped.app,
+            Identity::APP,
+            &ConnectOptions::to(server).message("skipped"),
+        )?;
+        its_proxy
+            .check_direct(server, &report)
+            .with_context(|| format!("pod {}", skipped.name))?;
+        assert!(attached_programs(skipped.cgroup.path())?.is_empty());
+    }
+
+    let metrics = agent.metrics()?;
+    let skipped =
+        |reason: &str| metrics.value("redirector_cni_pods_skipped_total", &[("reason", reason)]);
+    assert_eq!(skipped("not_injected"), Some(1.0), "{metrics:?}");
+    assert_eq!(skipped("istio_init"), Some(1.0));
+    assert_eq!(skipped("excluded_namespace"), Some(0.0));
+    let counts = setup.status()?.agent.context("no agent report")?.cni;
+    assert_eq!(
+        counts.skipped,
+        [("istio_init".to_owned(), 1), ("not_injected".to_owned(), 1)]
+            .into_iter()
+            .collect()
+    );
+    assert!(counts.failed.is_empty(), "{counts:?}");
+    let table = setup.redirector(&["status"])?.ensure_success()?.stdout;
+    assert!(
+        table.contains("passed through: not_injected 1, istio_init 1; ADD failed: none"),
+        "{table}"
+    );
+    agent
+        .process
+        .wait_for_stderr_line(
+            |line| line.contains("not_injected") && line.contains("plain"),
+            WAIT,
+        )
+        .context("the agent logs which pod was passed through and why")?;
+
+    for (pod, result) in [
+        (&injected, &injected_result),
+        (&plain, &plain_result),
+        (&legacy, &legacy_result),
+    ] {
+        runtime.del(&pod.attachment(), &result[1])?;
+    }
+    assert!(setup.status()?.pods.is_empty());
+    Ok(())
+}
+
+/// A pod whose annotations ask for TPROXY, or carry a malformed value, fails its own ADD with an
+/// error naming the annotation and the value, and enrolls nothing; the next pod on the node is
+/// enrolled as usual. The agent counts the failures by reason.
+#[test]
+fn a_refused_pod_fails_alone_and_the_next_pod_is_enrolled() -> Result<()> {
+    let test = TestNode::new("cni-refused")?;
+    let TestNode { setup, sandbox, .. } = &test;
+    let agent = Agent::start(setup)?;
+    let plugin = Plugin::new(&test)?;
+
+    let cases: [(&str, &str, u32); 5] = [
+        ("sidecar.istio.io/interceptionMode", "TPROXY", 2),
+        ("traffic.sidecar.istio.io/kubevirtInterfaces", "net1", 2),
+        ("traffic.sidecar.istio.io/excludeOutboundPorts", "5432,x", 7),
+        (
+            "traffic.sidecar.istio.io/excludeOutboundIPRanges",
+            "10.0.0.0/33",
+            7,
+        ),
+        ("sidecar.istio.io/status", "injected", 7),
+    ];
+    for (n, (key, value, code)) in cases.iter().enumerate() {
+        let mut pod = test.pod(CgroupDriver::Cgroupfs, Qos::BestEffort, &format!("bad{n}"))?;
+        pod.annotate(&[(key, Some(value))]);
+        let annotations = json!({POD_ANNOTATIONS: pod.annotations});
+        let config = plugin.config(
+            "1.0.0",
+            Some(&previous_result(&pod.netns)),
+            json!({"runtimeConfig": annotations}),
+        );
+        let output = plugin.call("ADD", &pod.attachment().env(), &config)?;
+        let error = cni_error(&output)?;
+        assert_eq!(error.code, *code, "{key}={value}: {error:?}");
+        let text = format!("{} {}", error.msg, error.details);
+        assert!(
+            text.contains(key) && text.contains(value),
+            "{key}={value}: the error names neither: {error:?}"
+        );
+        assert!(setup.status()?.pods.is_empty(), "{key}={value}: enrolled");
+        assert!(attached_programs(pod.cgroup.path())?.is_empty());
+        assert_eq!(setup.state_files()?, Vec::<String>::new());
+    }
+
+    // The next pod on the node.
+    let good = test.pod(CgroupDriver::Cgroupfs, Qos::BestEffort, "good")?;
+    let config = plugin.config("1.0.0", Some(&previous_result(&good.netns)), json!({}));
+    plugin
+        .call("ADD", &good.attachment().env(), &config)?
+        .ensure_success()?;
+    let status = setup.status()?;
+    assert!(status.pod_by_uid(&good.uid).is_some(), "{status:?}");
+    assert_eq!(status.pods.len(), 1);
+    assert_eq!(
+        files_below(&sandbox.root().join("pods"))?.len(),
+        11,
+        "the good pod's links only (8 on every pod's cgroup, bind4/6 and sk_lookup for inbound)"
+    );
+
+    let metrics = agent.metrics()?;
+    let failed =
+        |reason: &str| metrics.value("redirector_cni_adds_failed_total", &[("reason", reason)]);
+    assert_eq!(failed("unsupported"), Some(2.0), "{metrics:?}");
+    assert_eq!(failed("bad_annotation"), Some(3.0));
+    assert_eq!(failed("no_annotations"), Some(0.0));
+    Ok(())
+}
+
+/// With no annotations from the runtime (a runtime without the capability, or an entry that
+/// does not declare it), ADD fails with "try again later", says why and what to do, enrolls
+/// nothing and is counted; `podSelection: all` needs no annotations and captures every pod with
+/// the node's policy, as before pod selection existed.
+#[test]
+fn without_annotations_add_is_retryable_and_counted_unless_every_pod_is_selected() -> Result<()> {
+    let test = TestNode::new("cni-noannot")?;
+    let setup = &test.setup;
+    let agent = Agent::start(setup)?;
+    let _server = test.server()?;
+    let mut pod = test.pod(CgroupDriver::Cgroupfs, Qos::Burstable, "unannotated")?;
+    pod.annotations = None;
+
+    let undeclared = {
+        let mut entry = test.redirector_entry(CgroupDriver::Cgroupfs);
+        entry
+            .as_object_mut()
+            .context("entry")?
+            .remove("capabilities");
+        entry
+    };
+    for (entry, fix) in [
+        (
+            test.redirector_entry(CgroupDriver::Cgroupfs),
+            "containerd 1.5",
+        ),
+        (undeclared, "install-cni"),
+    ] {
+        let (runtime, _) = test.bridge_network_with(entry)?;
+        let bridge = &runtime.plugins()[0];
+        let bridge_add = runtime.exec_plugin(bridge, "ADD", &pod.attachment(), None)?;
+        let bridge_result: Value = serde_json::from_str(&bridge_add.ensure_success()?.stdout)?;
+        let ours = &runtime.plugins()[1];
+        let output = runtime.exec_plugin(ours, "ADD", &pod.attachment(), Some(&bridge_result))?;
+        let error = cni_error(&output)?;
+        assert_eq!(error.code, 11, "{error:?}");
+        let text = format!("{} {}", error.msg, error.details);
+        for words in ["no pod annotations", fix, "podSelection"] {
+            assert!(text.contains(words), "no {words:?} in {error:?}");
+        }
+        assert!(setup.status()?.pods.is_empty());
+        runtime
+            .exec_plugin(bridge, "DEL", &pod.attachment(), Some(&bridge_result))?
+            .ensure_success()?;
+    }
+    let metrics = agent.metrics()?;
+    assert_eq!(
+        metrics.value(
+            "redirector_cni_adds_failed_total",
+            &[("reason", "no_annotations")]
+        ),
+        Some(2.0),
+        "{metrics:?}"
+    );
+    let counts = setup.status()?.agent.context("no agent report")?.cni;
+    assert_eq!(counts.failed.get("no_annotations"), Some(&2));
+
+    // podSelection all: the same pod, no annotations, captured with the node's policy.
+    let mut all = test.redirector_entry(CgroupDriver::Cgroupfs);
+    all["podSelection"] = "all".into();
+    let (runtime, _) = test.bridge_network_with(all)?;
+    let results = runtime.add(&pod.attachment())?;
+    let status = setup.status()?;
+    let held = status.pod_by_uid(&pod.uid).context("not enrolled")?;
+    assert!(
+        !held.attached.contains(&"inbound".to_owned()),
+        "the node's default policy captures no inbound: {held:?}"
+    );
+    let server = server_addr(&results[0])?;
+    let proxy = start_proxy(&pod.netns, &pod.proxy)?;
+    let report = connect(
+        &pod.netns,
+        &pod.app,
+        Identity::APP,
+        &ConnectOptions::to(server).message("all"),
+    )?;
+    proxy.check_redirected(server, &report)?;
+    runtime.del(&pod.attachment(), &results[1])?;
+    Ok(())
+}
+
 #[test]
 fn install_cni_chains_the_plugin_and_uninstall_cni_unchains_it() -> Result<()> {
     let scratch = TempDir::create("install-cni")?;
@@ -946,9 +1495,11 @@ fn install_cni_chains_the_plugin_and_uninstall_cni_unchains_it() -> Result<()> {
         plugins[2],
         json!({
             "type": "redirector-cni",
+            "capabilities": {"io.kubernetes.cri.pod-annotations": true},
             "agentSocket": "/run/redirector/test.sock",
             "cgroupRoot": "/sys/fs/cgroup",
-            "cgroupDriver": "cgroupfs"
+            "cgroupDriver": "cgroupfs",
+            "skipNamespaces": ["kube-system"]
         })
     );
     assert_eq!(

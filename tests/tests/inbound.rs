@@ -2,179 +2,16 @@
 //! pod's address; the connection must reach the application only through the proxy's
 //! inbound listener, with the original destination kept. Root only; fail, never skip.
 
-use std::ffi::OsString;
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::path::Path;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use nix::sys::signal::Signal;
-use redirector_tests::{
-    binary, client_result, spawn_in_pod, Child, ConnectOptions, ConnectReport, Identity, Pod,
-    Proxy, Sandbox, Server, TempDir,
+use redirector_tests::inbound::{
+    any_v4, assert_captured, assert_direct, serve_in_pod, InboundPod, APP_PORT, INBOUND_PORT,
+    PASSTHROUGH,
 };
-
-const APP_PORT: u16 = 9080;
-const INBOUND_PORT: u16 = 15006;
-const PASSTHROUGH: IpAddr = IpAddr::V4(Ipv4Addr::new(127, 0, 0, 6));
-const MESSAGE: &str = "inbound";
-
-/// A pod with application servers on its own address (kept running until dropped), and its
-/// peer netns as the client.
-struct InboundPod {
-    pod: Pod,
-    _apps: Vec<Server>,
-}
-
-impl InboundPod {
-    fn create(sandbox: &Sandbox, name: &str, app_ports: &[u16]) -> Result<InboundPod> {
-        let pod = sandbox.pod(name, 8080)?;
-        let apps = app_ports
-            .iter()
-            .map(|&port| serve_in_pod(&pod, SocketAddr::new(pod.addr().into(), port)))
-            .collect::<Result<_>>()?;
-        Ok(InboundPod { pod, _apps: apps })
-    }
-
-    fn app_addr(&self, port: u16) -> SocketAddr {
-        SocketAddr::new(self.pod.addr().into(), port)
-    }
-
-    /// `redirector enroll --cgroup <pod> --netns <pod netns> FLAGS...`.
-    fn enroll(&self, sandbox: &Sandbox, flags: &[&str]) -> Result<()> {
-        let netns = self.pod.netns.path().display().to_string();
-        let mut args = vec!["--netns", &netns];
-        args.extend_from_slice(flags);
-        sandbox.enroll_with(&self.pod.cgroup, &args).map(drop)
-    }
-
-    /// The istio-style inbound proxy: redirector-proxy on :15006, forwarding from 127.0.0.6.
-    fn start_inbound_proxy(&self, listen: &[SocketAddr]) -> Result<Proxy> {
-        let mut command = vec![
-            binary("redirector-proxy")?.into_os_string(),
-            "--inbound".into(),
-        ];
-        for addr in listen {
-            command.extend(["--listen".into(), addr.to_string().into()]);
-        }
-        let process = spawn_in_pod(&self.pod.netns, &self.pod.cgroup, Identity::PROXY, &command)?;
-        redirector_tests::wait_for_tcp_listener(
-            process.pid(),
-            INBOUND_PORT,
-            Duration::from_secs(5),
-        )
-        .with_context(|| format!("inbound proxy not listening{}", process.diagnostics()))?;
-        Ok(Proxy { process })
-    }
-
-    /// One connection from the client netns to `destination`.
-    fn connect(&self, destination: SocketAddr) -> Result<ConnectReport> {
-        let mut command = vec![binary("e2e-helper")?.into_os_string(), "connect".into()];
-        command.extend(
-            ConnectOptions::to(destination)
-                .message(MESSAGE)
-                .to_args()
-                .into_iter()
-                .map(OsString::from),
-        );
-        let client = spawn_in_pod(
-            &self.pod.server_netns,
-            &self.pod.server_cgroup,
-            Identity::APP,
-            &command,
-        )?;
-        client_result(&client, Duration::from_secs(10))
-    }
-}
-
-/// An echo server in the pod's netns and cgroup (the application), as UID 1000.
-fn serve_in_pod(pod: &Pod, addr: SocketAddr) -> Result<Server> {
-    let serve = [
-        binary("e2e-helper")?.into_os_string(),
-        "serve".into(),
-        "--listen".into(),
-        addr.to_string().into(),
-    ];
-    let process = spawn_in_pod(&pod.netns, &pod.cgroup, Identity::APP, &serve)?;
-    process.wait_for_line(|line| line == "listening", Duration::from_secs(5))?;
-    Ok(Server { addr, process })
-}
-
-/// The connection reached the application through the inbound proxy: the proxy accepted it
-/// with the client's requested address as original destination, and the application saw it
-/// come from the passthrough source.
-fn assert_captured(
-    proxy: &Proxy,
-    report: &ConnectReport,
-    destination: SocketAddr,
-    passthrough: IpAddr,
-) -> Result<()> {
-    let reply = report
-        .server_reply()
-        .with_context(|| format!("no reply through the proxy: {report:?}"))?;
-    let client = report.local_addr()?;
-    let forward = proxy.forward_event(client)?;
-    ensure!(
-        forward.orig_dst == destination,
-        "proxy's SO_ORIGINAL_DST {} is not {destination}",
-        forward.orig_dst
-    );
-    ensure!(
-        forward.local == destination,
-        "proxy's accepted socket is local to {}, not {destination}",
-        forward.local
-    );
-    ensure!(
-        reply.local == destination,
-        "the application answered on {} instead of {destination}",
-        reply.local
-    );
-    ensure!(
-        reply.peer.ip() == passthrough,
-        "the application saw {} instead of the passthrough {passthrough}",
-        reply.peer
-    );
-    ensure!(
-        reply.peer == forward.upstream_local,
-        "the application saw {} but the proxy connected from {}",
-        reply.peer,
-        forward.upstream_local
-    );
-    Ok(())
-}
-
-/// The connection reached the application directly, from the client.
-fn assert_direct(
-    proxy: Option<&Proxy>,
-    report: &ConnectReport,
-    destination: SocketAddr,
-) -> Result<()> {
-    let reply = report
-        .server_reply()
-        .with_context(|| format!("no reply: {report:?}"))?;
-    let client = report.local_addr()?;
-    ensure!(
-        reply.peer == client,
-        "the application saw {} instead of the client {client}",
-        reply.peer
-    );
-    ensure!(
-        reply.local == destination,
-        "answered on {} instead of {destination}",
-        reply.local
-    );
-    if let Some(proxy) = proxy {
-        ensure!(
-            proxy.forward_events().iter().all(|e| e.peer != client),
-            "the proxy saw a direct connection"
-        );
-    }
-    Ok(())
-}
-
-fn any_v4(port: u16) -> SocketAddr {
-    SocketAddr::new(Ipv4Addr::UNSPECIFIED.into(), port)
-}
+use redirector_tests::{Haproxy, Sandbox};
 
 #[test]
 fn inbound_connection_reaches_the_application_only_through_the_proxy() -> Result<()> {
@@ -335,23 +172,18 @@ fn haproxy_works_unmodified_as_the_inbound_proxy() -> Result<()> {
     let sandbox = Sandbox::new("inbound-haproxy")?;
     let pod = InboundPod::create(&sandbox, "haproxy", &[APP_PORT])?;
     pod.enroll(&sandbox, &["-b", "*"])?;
-    let config_dir = TempDir::create("haproxy")?;
-    let config = config_dir.path().join("haproxy.cfg");
     // `server 0.0.0.0:0` forwards to the connection's original destination; `source`
     // binds istio's passthrough address.
-    std::fs::write(
-        &config,
-        "global\n  maxconn 64\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 5s\n  timeout server 5s\n\
+    let config = "global\n  maxconn 64\ndefaults\n  mode tcp\n  timeout connect 2s\n  timeout client 5s\n  timeout server 5s\n\
          frontend inbound\n  bind :15006\n  default_backend passthrough\n\
-         backend passthrough\n  source 127.0.0.6\n  server original 0.0.0.0:0\n",
-    )?;
-    let haproxy = spawn_haproxy(&pod.pod, &config)?;
+         backend passthrough\n  source 127.0.0.6\n  server original 0.0.0.0:0\n";
+    let haproxy = Haproxy::start(&pod.pod.netns, &pod.pod.cgroup, config, INBOUND_PORT, None)?;
 
     let report = pod.connect(pod.app_addr(APP_PORT))?;
     let reply = report.server_reply().with_context(|| {
         format!(
             "no reply through HAProxy: {report:?}{}",
-            haproxy.diagnostics()
+            haproxy.process.diagnostics()
         )
     })?;
     ensure!(
@@ -369,19 +201,6 @@ fn haproxy_works_unmodified_as_the_inbound_proxy() -> Result<()> {
         "not counted as captured"
     );
     Ok(())
-}
-
-fn spawn_haproxy(pod: &Pod, config: &Path) -> Result<Child> {
-    let command = [
-        OsString::from("/usr/sbin/haproxy"),
-        "-db".into(),
-        "-f".into(),
-        config.as_os_str().to_owned(),
-    ];
-    let process = spawn_in_pod(&pod.netns, &pod.cgroup, Identity::PROXY, &command)?;
-    redirector_tests::wait_for_tcp_listener(process.pid(), INBOUND_PORT, Duration::from_secs(5))
-        .with_context(|| format!("HAProxy not listening{}", process.diagnostics()))?;
-    Ok(process)
 }
 
 #[test]

@@ -16,9 +16,9 @@ use std::time::Duration;
 use anyhow::{ensure, Context, Result};
 use nix::sys::signal::Signal;
 use redirector_tests::{
-    attached_programs, cgroup_v1_mounts, client_result, files_below, nat_rules, redirector,
-    wait_for, ConnectOptions, ConnectReport, ConnectSummary, ForwardEvent, Identity, Pod, Proxy,
-    RecordCounts, Sandbox, TempDir, PROXY_PORT,
+    attached_programs, cgroup2_mount, cgroup_v1_mounts, client_result, files_below, nat_rules,
+    redirector, wait_for, ConnectOptions, ConnectReport, ConnectSummary, ForwardEvent, Identity,
+    Pod, Proxy, Sandbox, TempDir, PROXY_PORT,
 };
 
 const MESSAGE: &str = "hello from the app";
@@ -42,27 +42,7 @@ fn assert_redirected(pod: &Pod, proxy: &Proxy, report: &ConnectReport) -> Result
 
 /// The connection went straight to the server, and the proxy never saw it.
 fn assert_direct(pod: &Pod, proxy: &Proxy, report: &ConnectReport) -> Result<()> {
-    let reply = report.server_reply()?;
-    let local = report.local_addr()?;
-    ensure!(
-        report.peer == Some(pod.server.addr),
-        "client's getpeername is not the server: {report:?}"
-    );
-    ensure!(
-        reply.peer == local,
-        "the server saw {} instead of the client {local}",
-        reply.peer
-    );
-    let forwarded: Vec<_> = proxy
-        .forward_events()
-        .into_iter()
-        .filter(|event| event.peer == local)
-        .collect();
-    ensure!(
-        forwarded.is_empty(),
-        "the proxy forwarded a direct connection: {forwarded:?}"
-    );
-    Ok(())
+    proxy.check_direct(pod.server.addr, report)
 }
 
 #[test]
@@ -300,13 +280,18 @@ fn bad_enroll_inputs_fail_and_leave_nothing_behind() -> Result<()> {
         .next()
         .context("no cgroup v1 hierarchy is mounted here, so refusing one cannot be tested")?;
     let with_root = |mut args: Vec<OsString>| {
-        args.extend(["--bpffs".into(), sandbox.root().into()]);
+        args.extend(sandbox.node_args());
         args
     };
     let victim_with = |extra: &[&str]| with_root(enroll_args(victim.path(), extra));
     let with_bpffs = |root: &Path| {
         let mut args = enroll_args(victim.path(), &[]);
-        args.extend(["--bpffs".into(), root.into()]);
+        args.extend([
+            "--bpffs".into(),
+            root.into(),
+            "--pod-cgroup-root".into(),
+            sandbox.cgroups.path().into(),
+        ]);
         args
     };
 
@@ -318,6 +303,26 @@ fn bad_enroll_inputs_fail_and_leave_nothing_behind() -> Result<()> {
                 &[],
             )),
             expected_words: &["no such", "not exist", "not found"],
+        },
+        // Only pods are enrolled: never the cgroup root or a node slice (issue 10).
+        BadEnroll {
+            problem: "the cgroup2 root",
+            args: with_root(enroll_args(&cgroup2_mount()?, &[])),
+            expected_words: &["not a pod cgroup"],
+        },
+        BadEnroll {
+            problem: "the pods' parent (a node slice)",
+            args: with_root(enroll_args(sandbox.cgroups.path(), &[])),
+            expected_words: &["not a pod cgroup"],
+        },
+        BadEnroll {
+            problem: "a cgroup outside the pod roots",
+            args: {
+                let mut args = enroll_args(victim.path(), &[]);
+                args.extend(["--bpffs".into(), sandbox.root().into()]);
+                args
+            },
+            expected_words: &["not a pod cgroup"],
         },
         BadEnroll {
             problem: "regular file",
@@ -430,6 +435,16 @@ fn bad_enroll_inputs_fail_and_leave_nothing_behind() -> Result<()> {
             args: with_bpffs(&not_bpffs.path().join("xyz")),
             expected_words: &["bpffs", "bpf filesystem", "bpf fs"],
         },
+        BadEnroll {
+            problem: "inbound capture without a network namespace",
+            args: victim_with(&["-b", "*"]),
+            expected_words: &["--netns"],
+        },
+        BadEnroll {
+            problem: "-o json (the output format is --output)",
+            args: victim_with(&["-o", "json"]),
+            expected_words: &["invalid port"],
+        },
     ];
 
     let mut failures = Vec::new();
@@ -448,29 +463,82 @@ fn bad_enroll_inputs_fail_and_leave_nothing_behind() -> Result<()> {
 }
 
 /// The enroll fails with a message naming the problem and leaves no pin under `pin_roots` and no
-/// program attached to `victim`.
+/// program attached to `victim`; so does its dry run (`-n`), which runs the same checks.
 fn check_refused(case: &BadEnroll, pin_roots: &[&Path], victim: &Path) -> Result<()> {
-    let output = redirector(&case.args)?;
-    ensure!(!output.success(), "`{}` succeeded", output.command_line);
-    let message = output.stderr.to_lowercase();
-    ensure!(
-        case.expected_words
-            .iter()
-            .any(|word| message.contains(word)),
-        "stderr names none of {:?}: {:?}",
-        case.expected_words,
-        output.stderr.trim()
-    );
-    for root in pin_roots {
-        let pins = files_below(root)?;
-        ensure!(pins.is_empty(), "left under {}: {pins:?}", root.display());
+    let mut dry_run = case.args.clone();
+    dry_run.push("-n".into());
+    for args in [&case.args, &dry_run] {
+        let output = redirector(args)?;
+        ensure!(!output.success(), "`{}` succeeded", output.command_line);
+        let message = output.stderr.to_lowercase();
+        ensure!(
+            case.expected_words
+                .iter()
+                .any(|word| message.contains(word)),
+            "`{}`: stderr names none of {:?}: {:?}",
+            output.command_line,
+            case.expected_words,
+            output.stderr.trim()
+        );
+        for root in pin_roots {
+            let pins = files_below(root)?;
+            ensure!(pins.is_empty(), "left under {}: {pins:?}", root.display());
+        }
+        let programs = attached_programs(victim)?;
+        ensure!(
+            programs.is_empty(),
+            "left attached to {}: {programs:?}",
+            victim.display()
+        );
     }
-    let programs = attached_programs(victim)?;
+    Ok(())
+}
+
+/// A dry run refuses what the enroll would: inbound capture of an address another pod holds.
+/// One that passes prints the policy the enroll then applies, and changes nothing.
+#[test]
+fn dry_run_refuses_what_enroll_refuses_and_passes_what_it_passes() -> Result<()> {
+    let sandbox = Sandbox::new("dry-run")?;
+    let owner = sandbox.pod("owner", 8080)?;
+    let netns = owner.netns.path();
+    let inbound = |cgroup: &Path, dry_run: bool| -> Result<redirector_tests::Output> {
+        let mut args = enroll_args(cgroup, &["-b", "*", "--netns"]);
+        args.push(netns.clone().into());
+        args.extend(sandbox.node_args());
+        if dry_run {
+            args.extend(["-n".into(), "--output".into(), "json".into()]);
+        }
+        redirector(&args)
+    };
+
+    let checked = inbound(owner.cgroup.path(), true)?.ensure_success()?;
     ensure!(
-        programs.is_empty(),
-        "left attached to {}: {programs:?}",
-        victim.display()
+        files_below(sandbox.root())?.is_empty(),
+        "the dry run installed something"
     );
+    let plan: serde_json::Value = serde_json::from_str(&checked.stdout)
+        .with_context(|| format!("dry-run JSON: {}", checked.stdout))?;
+    ensure!(
+        plan["policy"]["inbound_ports_include"] == serde_json::json!({"all": true, "items": []})
+            && plan["netns"] == serde_json::json!(netns)
+            && plan["cgroup_id"] == serde_json::json!(owner.cgroup.id()?)
+            && plan["ipv6_captured"].is_boolean()
+            && plan["addresses"]
+                .as_array()
+                .is_some_and(|a| a.contains(&serde_json::json!(owner.addr().to_string()))),
+        "{plan:#}"
+    );
+    inbound(owner.cgroup.path(), false)?.ensure_success()?;
+
+    let intruder = sandbox.cgroup("intruder")?;
+    for dry_run in [true, false] {
+        let refused = inbound(intruder.path(), dry_run)?;
+        ensure!(
+            !refused.success() && refused.stderr.contains("already has inbound capture"),
+            "{refused:?}"
+        );
+        ensure!(attached_programs(intruder.path())?.is_empty());
+    }
     Ok(())
 }
 
@@ -513,7 +581,7 @@ fn ten_thousand_connections_leave_no_records() -> Result<()> {
     let drained = wait_for(
         "the connection records to drain",
         Duration::from_secs(5),
-        || Ok((sandbox.status()?.records == RecordCounts::default()).then_some(())),
+        || Ok((sandbox.status()?.records.in_flight == 0).then_some(())),
     );
     let status = sandbox.status()?;
     drained.with_context(|| format!("records left: {:?}", status.records))?;

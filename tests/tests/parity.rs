@@ -1,6 +1,7 @@
 //! Policy parity with istio-iptables, connect by connect. Every case (istio's goldens from the
 //! shared reference data, plus hand-written ones in `tests/parity-cases/`) runs the same matrix
-//! of connects (identity × destination × port × bound source) in a pod netns with the case's
+//! of connects (identity × destination × port × bound source; TCP, and UDP datagrams from
+//! unconnected and connected sockets to DNS and one other port) in a pod netns with the case's
 //! iptables rules restored and in a pod netns enrolled with `redirector enroll` and the same
 //! flags; the verdicts must agree row by row. The table is printed (shown when the test fails,
 //! or with `--nocapture`) and written to `target/parity-table.txt`.
@@ -14,6 +15,7 @@ use std::fmt::Write as _;
 use anyhow::{ensure, Context, Result};
 use redirector_tests::parity::{self, render_header, render_row, Row, Verdict};
 use redirector_tests::process::profile_dir;
+use redirector_tests::protocol::Transport;
 use redirector_tests::Sandbox;
 
 #[test]
@@ -24,6 +26,7 @@ fn redirector_decides_like_istio_iptables_connect_by_connect() -> Result<()> {
     let mut disagreeing = Vec::new();
     let mut inconclusive = Vec::new();
     let mut captured_to_ports = BTreeSet::new();
+    let mut udp_captured_to_ports = BTreeSet::new();
     let mut rows_total = 0;
     for case in &cases {
         let rows =
@@ -47,6 +50,10 @@ fn redirector_decides_like_istio_iptables_connect_by_connect() -> Result<()> {
             case.settings.inbound_port
         );
         captured_to_ports.extend(captured);
+        udp_captured_to_ports.extend(rows.iter().filter_map(|row| match row.iptables {
+            Verdict::To(addr) if row.probe.connect.transport != Transport::Tcp => Some(addr.port()),
+            _ => None,
+        }));
         let line = |row: &Row| render_row(&case.name, row);
         disagreeing.extend(rows.iter().filter(|row| !row.agrees()).map(line));
         inconclusive.extend(
@@ -89,5 +96,11 @@ fn redirector_decides_like_istio_iptables_connect_by_connect() -> Result<()> {
             "{summary}\nno case captured a connect to port {port}"
         );
     }
+    // istio-iptables captures UDP for DNS only: a UDP row captured elsewhere, or none
+    // captured at all, means the UDP probes did not test what they are for.
+    ensure!(
+        udp_captured_to_ports == BTreeSet::from([15053]),
+        "{summary}\nUDP probes captured to ports {udp_captured_to_ports:?} on the iptables side, expected 15053 only"
+    );
     Ok(())
 }

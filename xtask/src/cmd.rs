@@ -18,8 +18,9 @@ pub fn display(cmd: &Command) -> String {
     env.chain(program).chain(args).collect::<Vec<_>>().join(" ")
 }
 
-fn quote(s: &OsStr) -> String {
-    let s = s.to_string_lossy();
+/// `s` quoted for a POSIX shell, only when it needs it.
+pub fn quote(s: impl AsRef<OsStr>) -> String {
+    let s = s.as_ref().to_string_lossy();
     let plain = |c: char| c.is_ascii_alphanumeric() || "-_=./,:+@%".contains(c);
     if !s.is_empty() && s.chars().all(plain) {
         s.into_owned()
@@ -40,6 +41,28 @@ pub fn run(cmd: &mut Command) -> Result<()> {
         bail!("`{line}` failed ({status})");
     }
     Ok(())
+}
+
+/// Like [`run`] for a cargo command with `--message-format=json-render-diagnostics`: its
+/// messages (one JSON object per line on stdout) are returned, its diagnostics go to the terminal.
+pub fn run_json(cmd: &mut Command) -> Result<Vec<serde_json::Value>> {
+    let line = display(cmd);
+    eprintln!("$ {line}");
+    let out = cmd
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .with_context(|| format!("could not start `{line}`"))?;
+    if !out.status.success() {
+        bail!("`{line}` failed ({})", out.status);
+    }
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|message| {
+            serde_json::from_str(message)
+                .with_context(|| format!("`{line}` printed a line that is not JSON: {message}"))
+        })
+        .collect()
 }
 
 /// Runs a read-only check quietly and returns what it printed, whatever its exit status.

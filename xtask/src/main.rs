@@ -1,7 +1,10 @@
 //! Developer and CI tasks for the redirector workspace, run as `cargo xtask <task>`.
 
 mod cmd;
+mod debian;
 mod setup;
+mod suites;
+mod vm;
 
 use std::{
     env,
@@ -9,12 +12,16 @@ use std::{
     os::unix::process::CommandExt,
     path::{Path, PathBuf},
     process::Command,
+    time::{Duration, Instant},
 };
 
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
-use crate::cmd::{display, query_ok, run};
+use crate::{
+    cmd::{display, query_ok, run, run_json},
+    suites::Suite,
+};
 
 #[derive(Parser)]
 #[command(
@@ -38,11 +45,30 @@ enum Task {
         #[arg(long)]
         release: bool,
     },
-    /// Set up, then run the unit tests and the privileged end-to-end tests (needs root)
+    /// Set up, then run the unit tests and the privileged end-to-end tests (needs root): on the
+    /// host, then in a VM booted with Debian's 5.10 kernel
     Test {
+        /// Run the end-to-end tests in a VM booted with this Debian cloud kernel instead of on
+        /// the host: a series (5.10, 6.1, 6.12: the newest of it) or an exact ABI (6.1.0-57)
+        #[arg(long, value_name = "RELEASE")]
+        kernel: Option<String>,
+        /// Leave out the VM run (for quick local iterations)
+        #[arg(long, conflicts_with = "kernel")]
+        host_only: bool,
         /// Arguments for the end-to-end test binaries, after `--` (e.g. a test name filter)
         #[arg(last = true)]
         args: Vec<String>,
+    },
+    /// Set up, build, and run a command as root in a VM booted with a Debian kernel; the guest has
+    /// the workspace's binaries and test executables at their host paths and the tools the tests
+    /// use (needs root)
+    Vm {
+        /// The Debian cloud kernel: a series (5.10, 6.1, 6.12) or an exact ABI (6.1.0-57)
+        #[arg(long, value_name = "RELEASE")]
+        kernel: String,
+        /// The command and its arguments, after `--`
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
     },
     /// Set up, build in release mode and run target/release/redirector-demo (needs root)
     Demo,
@@ -83,23 +109,24 @@ fn main() -> Result<()> {
             }
             run(build.args(BINS))
         }
-        Task::Test { args } => {
-            require_root("the end-to-end tests")?;
+        Task::Test {
+            kernel,
+            host_only,
+            args,
+        } => test(root, kernel.as_deref(), host_only, &args),
+        Task::Vm { kernel, command } => {
+            require_root("the VM (its kernel and tools are fetched with apt)")?;
             setup()?;
-            step("unit tests");
-            run(cargo(root, "test").args([
-                "--workspace",
-                "--exclude",
-                "redirector-ebpf",
-                "--exclude",
-                "redirector-tests",
-            ]))?;
-            step("build binaries");
-            run(cargo(root, "build").args(BINS))?;
-            step("end-to-end tests");
-            run(cargo(root, "test")
-                .args(["-p", "redirector-tests", "--", "--test-threads=1"])
-                .args(args))
+            let built = build_for_tests(root)?;
+            let entry = vm::Entry {
+                name: "command".into(),
+                argv: command,
+            };
+            let report = built.vm(root, &kernel).run(std::slice::from_ref(&entry))?;
+            if !vm::summarize(&report, std::slice::from_ref(&entry)) {
+                bail!("the command failed in the VM (kernel {kernel})");
+            }
+            Ok(())
         }
         Task::Demo => {
             require_root("the demo")?;
@@ -112,6 +139,139 @@ fn main() -> Result<()> {
             lab_args.extend(args.into_iter().map(OsString::from));
             exec_release_binary(root, "redirector-lab", &lab_args)
         }
+    }
+}
+
+/// Folders the tests read at run time through paths compiled into them (relative to the
+/// workspace): the VM carries them at the same place.
+const TEST_DATA: &[&str] = &["tests/parity-cases", "../shared/istio-golden"];
+
+/// `cargo xtask test`: unit tests, then the end-to-end suites on the host and/or in a VM.
+fn test(root: &Path, kernel: Option<&str>, host_only: bool, args: &[String]) -> Result<()> {
+    require_root("the end-to-end tests")?;
+    setup()?;
+    step("unit tests");
+    run(cargo(root, "test").args([
+        "--workspace",
+        "--exclude",
+        "redirector-ebpf",
+        "--exclude",
+        "redirector-tests",
+    ]))?;
+    let built = build_for_tests(root)?;
+    let mut parts: Vec<(String, Duration, Result<()>)> = Vec::new();
+    if kernel.is_none() {
+        let name = "end-to-end tests on the host".to_owned();
+        step(&name);
+        let started = Instant::now();
+        let outcome = host_suites(root, &built.suites, args);
+        parts.push((name, started.elapsed(), outcome));
+    }
+    // Without --kernel, the VM run is CI's: its kernel, its suites.
+    let for_ci = kernel.is_none();
+    if let Some(kernel) = kernel.or((!host_only).then_some(suites::CI_KERNEL)) {
+        let name = format!("end-to-end tests in a VM with Debian's {kernel} kernel");
+        step(&name);
+        let started = Instant::now();
+        let outcome = vm_suites(root, &built, kernel, for_ci, args);
+        parts.push((name, started.elapsed(), outcome));
+    }
+    step("summary");
+    let mut failed = Vec::new();
+    for (name, took, outcome) in &parts {
+        match outcome {
+            Ok(()) => eprintln!("ok      {name} ({:.0} s)", took.as_secs_f64()),
+            Err(err) => {
+                eprintln!("FAILED  {name} ({:.0} s): {err:#}", took.as_secs_f64());
+                failed.push(name.as_str());
+            }
+        }
+    }
+    if !failed.is_empty() {
+        bail!("failed: {}", failed.join("; "));
+    }
+    Ok(())
+}
+
+/// What `cargo xtask test` and `cargo xtask vm` build: the binaries and the test executables.
+struct Built {
+    binaries: Vec<PathBuf>,
+    suites: Vec<Suite>,
+}
+
+impl Built {
+    fn vm<'a>(&'a self, root: &'a Path, kernel: &'a str) -> vm::Vm<'a> {
+        let mut binaries = self.binaries.clone();
+        binaries.extend(self.suites.iter().map(|suite| suite.executable.clone()));
+        vm::Vm {
+            target: target_dir(root),
+            kernel,
+            binaries,
+            data: TEST_DATA
+                .iter()
+                .filter_map(|path| std::fs::canonicalize(root.join(path)).ok())
+                .collect(),
+        }
+    }
+}
+
+fn build_for_tests(root: &Path) -> Result<Built> {
+    step("build binaries");
+    let json = "--message-format=json-render-diagnostics";
+    let messages = run_json(cargo(root, "build").args(BINS).arg(json))?;
+    let binaries = suites::binaries_in_cargo_messages(&messages);
+    let messages =
+        run_json(cargo(root, "test").args(["-p", "redirector-tests", "--no-run", json]))?;
+    let suites = suites::from_cargo_messages(&messages)?;
+    Ok(Built { binaries, suites })
+}
+
+/// The end-to-end suites on the host, through cargo, one test thread.
+fn host_suites(root: &Path, suites: &[Suite], args: &[String]) -> Result<()> {
+    let mut test = cargo(root, "test");
+    test.args(["-p", "redirector-tests", "--lib", "--bins"]);
+    for suite in suites::select("host", suites, &[suites::NOT_ON_HOST]) {
+        test.args(["--test", &suite.name]);
+    }
+    run(test.arg("--").arg("--test-threads=1").args(args))
+}
+
+/// The end-to-end suites in a VM booted with `kernel`.
+fn vm_suites(
+    root: &Path,
+    built: &Built,
+    kernel: &str,
+    for_ci: bool,
+    args: &[String],
+) -> Result<()> {
+    let run_name = format!("vm {kernel}");
+    let mut left_out = vec![suites::NOT_IN_VM];
+    if for_ci {
+        left_out.push(suites::NOT_IN_CI_VM);
+    }
+    let entries: Vec<vm::Entry> = suites::select(&run_name, &built.suites, &left_out)
+        .into_iter()
+        .map(|suite| suite_entry(suite, args))
+        .collect();
+    let report = built.vm(root, kernel).run(&entries)?;
+    if !vm::summarize(&report, &entries) {
+        bail!(
+            "the end-to-end tests failed in the VM (kernel {})",
+            report.release.as_deref().unwrap_or(kernel)
+        );
+    }
+    Ok(())
+}
+
+fn suite_entry(suite: &Suite, args: &[String]) -> vm::Entry {
+    let mut argv = vec![
+        suite.executable.to_string_lossy().into_owned(),
+        "--test-threads=1".to_owned(),
+    ];
+    argv.extend(args.iter().cloned());
+    vm::Entry {
+        name: suite.name.clone(),
+        argv,
     }
 }
 

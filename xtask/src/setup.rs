@@ -5,10 +5,14 @@ use std::{fs, io::ErrorKind, process::Command};
 
 use anyhow::{bail, Context, Result};
 
-use crate::cmd::{query, query_ok, run};
+use crate::{
+    cmd::{query, query_ok, run},
+    debian::PrivateApt,
+};
 
-/// `bpf_get_netns_cookie` in sock_ops programs arrived in Linux 5.15.
-const MIN_KERNEL: (u32, u32) = (5, 15);
+/// redirector's floor (`bpf_sock_ops.sk` arrived in Linux 5.10); redirector itself decides by
+/// probing the kernel's features, this only stops a machine that cannot run the tests.
+const MIN_KERNEL: (u32, u32) = (5, 10);
 
 /// Debian packages, each with what needs it.
 const DEBIAN_PACKAGES: &[(&str, &str)] = &[
@@ -20,9 +24,22 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("bpftool", "tests"),
     ("iproute2", "tests"),
     ("haproxy", "tests"),
+    // The DNS suite's real server and proxy (the binary only: the `dnsmasq` package would
+    // also start a system-wide service), its `dig`; glibc's `getent` comes with libc-bin.
+    ("dnsmasq-base", "tests"),
+    ("bind9-dnsutils", "tests"),
     // The reference bridge, host-local and loopback CNI plugins, in /usr/lib/cni.
     ("containernetworking-plugins", "tests"),
+    // The VM runs (xtask/src/vm): depmod on the host and modprobe in the guest, the guest's
+    // shell and utilities, packing the initramfs, stripping debug info from what it carries.
+    ("kmod", "VM tests"),
+    ("busybox-static", "VM tests"),
+    ("cpio", "VM tests"),
+    ("binutils", "VM tests"),
 ];
+
+/// qemu for the VM runs; see [`qemu`] for the version.
+const QEMU_PACKAGE: &str = "qemu-system-x86";
 
 const BPF_LINKER_VERSION: &str = "0.13.0";
 /// The cargo feature of bpf-linker that selects the LLVM it links against.
@@ -36,6 +53,7 @@ const STEPS: &[(&str, Step)] = &[
     ("kernel", kernel),
     ("cgroup2", cgroup2),
     ("debian packages", debian_packages),
+    ("qemu", qemu),
     ("nightly toolchain", nightly_toolchain),
     ("rust-src (nightly)", rust_src),
     ("bpf-linker", bpf_linker),
@@ -63,12 +81,9 @@ fn kernel() -> Result<Option<String>> {
     let version = major_minor(release)
         .with_context(|| format!("cannot read a version in kernel release {release:?}"))?;
     if version < MIN_KERNEL {
-        bail!(
-            "redirector needs Linux >= 5.15 (bpf_get_netns_cookie in sock_ops); \
-             this machine runs {release}"
-        );
+        bail!("redirector needs Linux >= 5.10 (bpf_sock_ops.sk); this machine runs {release}");
     }
-    eprintln!("ok: kernel {release} (>= 5.15)");
+    eprintln!("ok: kernel {release} (>= 5.10)");
     Ok(None)
 }
 
@@ -106,9 +121,7 @@ fn cgroup2_mount(mountinfo: &str) -> Option<&str> {
 fn debian_packages() -> Result<Option<String>> {
     let mut missing = Vec::new();
     for &(package, purpose) in DEBIAN_PACKAGES {
-        let out = query(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))?;
-        // dpkg-query exits non-zero for a package it has never heard of: that is missing too.
-        if out.status.success() && out.stdout == b"install ok installed" {
+        if is_installed(package)? {
             eprintln!("ok: debian package {package} ({purpose})");
         } else {
             eprintln!("missing: debian package {package} ({purpose})");
@@ -129,6 +142,47 @@ fn debian_packages() -> Result<Option<String>> {
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
     Ok(Some(format!("debian packages ({list})")))
+}
+
+fn is_installed(package: &str) -> Result<bool> {
+    let out = query(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))?;
+    // dpkg-query exits non-zero for a package it has never heard of: that is missing too.
+    Ok(out.status.success() && out.stdout == b"install ok installed")
+}
+
+/// qemu-system-x86 at the version of the installed qemu-utils when that is a bookworm backport
+/// (this machine kind has qemu-utils 10.0 from bookworm-backports, which bookworm's qemu 7.2
+/// would remove: qemu-utils 10 breaks qemu-system-common < 8), else bookworm's.
+fn qemu() -> Result<Option<String>> {
+    if is_installed(QEMU_PACKAGE)? {
+        eprintln!("ok: debian package {QEMU_PACKAGE} (VM tests)");
+        return Ok(None);
+    }
+    let utils = query(Command::new("dpkg-query").args(["-W", "-f=${Version}", "qemu-utils"]))?;
+    let backport =
+        utils.status.success() && String::from_utf8_lossy(&utils.stdout).contains("~bpo12");
+    let from = if backport {
+        " from bookworm-backports, as the installed qemu-utils"
+    } else {
+        ""
+    };
+    eprintln!("installing: debian package {QEMU_PACKAGE}{from} (VM tests)");
+    if !crate::is_root()? {
+        bail!("installing {QEMU_PACKAGE} needs root: run this as root");
+    }
+    let mut install = if backport {
+        let apt = PrivateApt::open(crate::target_dir(crate::workspace_root()).join("vm/apt"))?;
+        let mut install = apt.command("apt-get");
+        install.args(["-t", "bookworm-backports"]);
+        install
+    } else {
+        run(Command::new("apt-get").arg("update"))?;
+        Command::new("apt-get")
+    };
+    run(install
+        .args(["install", "-y", "--no-install-recommends", QEMU_PACKAGE])
+        .env("DEBIAN_FRONTEND", "noninteractive"))?;
+    Ok(Some(QEMU_PACKAGE.into()))
 }
 
 fn nightly_toolchain() -> Result<Option<String>> {
@@ -280,7 +334,8 @@ mod tests {
     fn kernel_versions() {
         assert_eq!(major_minor("6.18.44-fc-v657"), Some((6, 18)));
         assert_eq!(major_minor("5.15.0-91-generic"), Some((5, 15)));
-        assert!(major_minor("5.10.0-28-amd64").unwrap() < MIN_KERNEL);
+        assert!(major_minor("5.4.0-150-generic").unwrap() < MIN_KERNEL);
+        assert!(major_minor("5.10.0-46-cloud-amd64").unwrap() >= MIN_KERNEL);
         assert_eq!(major_minor("weird"), None);
     }
 

@@ -8,19 +8,39 @@
 //! ```
 //! The same requests are served without an agent by [`super::node::Node::handle`], which is what
 //! the agent runs for each of them: the CLI gets the same answers either way.
-use std::path::PathBuf;
+use std::{collections::BTreeMap, net::IpAddr, path::PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+use crate::loader::UpgradeReport;
+
+pub use super::store::Attachment;
 use super::store::{PodIdentity, PodMeta};
 use crate::{
-    pods::{PodStatus, RecordCounts},
+    cni::{annotations::PodSettings, select::Reason},
+    pods::{Enrolled, PodStatus, RecordCounts},
     policy::Policy,
 };
 
 pub const DEFAULT_SOCKET: &str = "/run/redirector/agent.sock";
+
+/// The file an agent writes beside its socket (`<socket>.ready`) once it has been ready: it
+/// lasts until reboot (/run is a tmpfs), and tells the CNI plugin's STATUS that redirector is
+/// set up on this node even while the agent restarts.
+pub fn ready_marker(socket: &std::path::Path) -> PathBuf {
+    beside(socket, ".ready")
+}
+
+/// `<path><suffix>`, in the same directory: the files that belong to an agent's socket.
+pub fn beside(path: &std::path::Path, suffix: &str) -> PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_owned();
+    name.push(suffix);
+    path.with_file_name(name)
+}
 /// Longest request line the agent reads (a policy and a few paths fit many times over).
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Longest reply line a client reads: a page of pods with large policies fits.
+pub const MAX_REPLY_BYTES: u64 = 64 * 1024 * 1024;
 
 /// What a client sends: a request, for the installation at `bpffs` if the client has one in
 /// mind (the agent refuses when it serves another, so that `--bpffs` is never ignored).
@@ -37,18 +57,40 @@ pub struct Envelope {
 pub enum Request {
     Enroll(Box<EnrollRequest>),
     Unenroll(PodSelector),
-    Status,
+    /// The node's pods, a page at a time (a node with many pods or large policies answers in
+    /// several replies, none of them large).
+    Status(StatusQuery),
+    /// One pod (CNI CHECK asks about its own pod only).
+    Pod(PodSelector),
     /// CNI GC: unenroll the pods this network attached whose container is not listed.
     Gc(GcRequest),
+    /// The CNI plugin did not enroll a pod, and says why (counted in metrics and status).
+    CniOutcome(CniOutcome),
 }
+
+/// Which page of pods a status request wants: those with a cgroup id above `after`, at most
+/// `limit` of them (0: only the node's summary).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StatusQuery {
+    #[serde(default)]
+    pub after: Option<u64>,
+    #[serde(default)]
+    pub limit: Option<u32>,
+}
+
+/// Pods per status page when the client does not say.
+pub const STATUS_PAGE: u32 = 100;
 
 impl Request {
     pub fn name(&self) -> &'static str {
         match self {
             Self::Enroll(_) => "enroll",
             Self::Unenroll(_) => "unenroll",
-            Self::Status => "status",
+            Self::Status(_) => "status",
+            Self::Pod(_) => "pod",
             Self::Gc(_) => "gc",
+            Self::CniOutcome(_) => "cni_outcome",
         }
     }
 }
@@ -63,6 +105,12 @@ pub struct EnrollRequest {
     /// None: the node's default policy (the agent's config file).
     #[serde(default)]
     pub policy: Option<Policy>,
+    /// The pod's own settings (from its annotations), in place of the policy's.
+    #[serde(default)]
+    pub pod_settings: Option<PodSettings>,
+    /// Run every check an enroll runs and change nothing.
+    #[serde(default)]
+    pub dry_run: bool,
 }
 
 /// Which pod to unenroll.
@@ -73,6 +121,13 @@ pub enum PodSelector {
     Cgroup(PathBuf),
     /// By the CNI container id that enrolled it (works after the cgroup is gone).
     ContainerId(String),
+}
+
+/// A pod the CNI plugin passed through uncaptured, or whose ADD it failed.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CniOutcome {
+    pub pod: Option<PodIdentity>,
+    pub reason: Reason,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -94,7 +149,25 @@ pub enum Reply {
     Enrolled(EnrolledPod),
     Unenrolled(Unenrolled),
     Status(NodeStatus),
-    Collected(Vec<CollectedPod>),
+    Pod(Option<NodePod>),
+    Collected(GcReport),
+    /// A [`CniOutcome`] was counted.
+    Counted,
+}
+
+/// What a CNI GC did: every pod it could collect, and every one it could not (it goes on past
+/// a failure).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GcReport {
+    pub collected: Vec<CollectedPod>,
+    pub failed: Vec<FailedPod>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FailedPod {
+    #[serde(flatten)]
+    pub pod: PodRef,
+    pub error: String,
 }
 
 impl Reply {
@@ -103,7 +176,9 @@ impl Reply {
             Self::Enrolled(_) => "enrolled",
             Self::Unenrolled(_) => "unenrolled",
             Self::Status(_) => "status",
+            Self::Pod(_) => "pod",
             Self::Collected(_) => "collected",
+            Self::Counted => "counted",
         }
     }
 }
@@ -126,11 +201,36 @@ pub enum ErrorKind {
     Internal,
 }
 
+/// A pod enrolled (or, for a dry run, that would be), with what was found about it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EnrolledPod {
     pub cgroup: PathBuf,
     pub cgroup_id: u64,
+    /// The pod's network namespace, when one was given (now or at an earlier enroll).
+    pub netns: Option<PathBuf>,
+    /// The namespace's addresses: local to the pod (empty without a namespace).
+    pub addresses: Vec<IpAddr>,
+    /// Whether IPv6 is captured, decided from the addresses as istio-iptables does.
+    pub ipv6_captured: bool,
     pub policy: Policy,
+}
+
+impl EnrolledPod {
+    pub fn new(pod: &Enrolled, policy: Policy) -> Self {
+        let network = pod
+            .netns
+            .as_ref()
+            .map(|netns| netns.network.clone())
+            .unwrap_or_default();
+        Self {
+            cgroup: pod.cgroup.path.clone(),
+            cgroup_id: pod.cgroup.id,
+            netns: pod.netns.as_ref().map(|netns| netns.path.clone()),
+            ipv6_captured: network.ipv6_enabled(policy.dual_stack),
+            addresses: network.addresses,
+            policy,
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -144,8 +244,17 @@ pub struct Unenrolled {
 pub struct NodeStatus {
     pub pods: Vec<NodePod>,
     pub records: RecordCounts,
+    /// The build whose programs are pinned (a digest of their object, in hex).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub programs_build: Option<String>,
     /// None when answered without an agent.
     pub agent: Option<AgentReport>,
+    /// Pod state files that could not be read or parsed, moved aside.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub quarantined: Vec<PathBuf>,
+    /// More pods follow: ask again with `after` set to this.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next: Option<u64>,
 }
 
 /// An enrolled pod: the maps' view and the state file's.
@@ -155,15 +264,59 @@ pub struct NodePod {
     pub status: PodStatus,
     #[serde(flatten)]
     pub meta: PodMeta,
+    /// The sandboxed runtime (gVisor, Kata) found running the pod: its sockets are not in
+    /// this kernel, so it is not captured whatever the maps say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sandboxed: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct AgentReport {
     pub ready: bool,
+    /// The last reconcile pass that could not tell whether pods are gone, and why (None
+    /// once a pass succeeds again).
+    #[serde(default)]
+    pub reconcile_error: Option<String>,
+    /// Pods seen gone once, to be collected if the next pass sees them gone again.
+    #[serde(default)]
+    pub suspected: usize,
+    /// Requests or passes running longer than the agent's deadline (what /healthz reports).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub stuck: Vec<String>,
     /// What the agent found when it started (None until it has reconciled).
     pub startup: Option<ReconcileReport>,
     /// Pods unenrolled since then because they were gone.
     pub collected_since: Vec<CollectedPod>,
+    /// What the CNI plugin reported since the agent started.
+    #[serde(default)]
+    pub cni: CniCounts,
+    /// When the agent started, the programs pinned were another build's and were replaced by
+    /// its own in every pod's links: how many.
+    #[serde(default)]
+    pub upgrade: Option<UpgradeReport>,
+    /// Handshakes no proxy took over, removed since the agent started.
+    #[serde(default)]
+    pub expired_handshakes: u64,
+}
+
+/// Pods the CNI plugin did not enroll since the agent started, by reason.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CniCounts {
+    /// Passed through uncaptured.
+    pub skipped: BTreeMap<Reason, u64>,
+    /// ADD failed.
+    pub failed: BTreeMap<Reason, u64>,
+}
+
+impl CniCounts {
+    pub fn count(&mut self, reason: Reason) {
+        let counts = if reason.fails_add() {
+            &mut self.failed
+        } else {
+            &mut self.skipped
+        };
+        *counts.entry(reason).or_default() += 1;
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -213,8 +366,12 @@ mod tests {
         assert_eq!(text, r#"{"op":"unenroll","args":{"container_id":"abc"}}"#);
         assert_eq!(serde_json::from_str::<Request>(&text).unwrap(), request);
         assert_eq!(
-            serde_json::to_string(&Request::Status).unwrap(),
-            r#"{"op":"status"}"#
+            serde_json::to_string(&Request::Status(StatusQuery::default())).unwrap(),
+            r#"{"op":"status","args":{"after":null,"limit":null}}"#
+        );
+        assert_eq!(
+            serde_json::from_str::<Request>(r#"{"op":"status","args":{}}"#).unwrap(),
+            Request::Status(StatusQuery::default())
         );
         let enroll: Request = serde_json::from_str(
             r#"{"op":"enroll","args":{"cgroup":"/c","meta":{"pod":{"uid":"u1"}},"policy":{"proxy_port":15006}}}"#,

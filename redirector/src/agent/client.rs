@@ -10,8 +10,8 @@ use std::{
 
 use super::{
     api::{
-        ApiError, EnrollRequest, EnrolledPod, Envelope, NodeStatus, PodSelector, Reply, Request,
-        Response, MAX_REQUEST_BYTES,
+        ApiError, EnrollRequest, EnrolledPod, Envelope, NodePod, NodeStatus, PodSelector, Reply,
+        Request, Response, StatusQuery, MAX_REPLY_BYTES,
     },
     node::{Node, NodeError},
 };
@@ -24,6 +24,8 @@ pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 pub enum ClientError {
     #[error("agent socket {socket}: {source}")]
     Io { socket: PathBuf, source: io::Error },
+    #[error("the agent at {socket} did not answer within {} s", timeout.as_secs_f32())]
+    TimedOut { socket: PathBuf, timeout: Duration },
     #[error("the agent at {socket} answered something that is not a response: {source}")]
     Protocol {
         socket: PathBuf,
@@ -55,9 +57,16 @@ pub fn send(
     request: &Request,
     timeout: Duration,
 ) -> Result<Option<Reply>, ClientError> {
-    let io_error = |source| ClientError::Io {
-        socket: socket.to_owned(),
-        source,
+    let io_error = |source: io::Error| match source.kind() {
+        // What a read or write past the socket's timeout returns (EAGAIN).
+        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => ClientError::TimedOut {
+            socket: socket.to_owned(),
+            timeout,
+        },
+        _ => ClientError::Io {
+            socket: socket.to_owned(),
+            source,
+        },
     };
     let stream = match UnixStream::connect(socket) {
         Ok(stream) => stream,
@@ -83,7 +92,7 @@ pub fn send(
     line.push(b'\n');
     (&stream).write_all(&line).map_err(io_error)?;
     let mut answer = String::new();
-    BufReader::new((&stream).take(MAX_REQUEST_BYTES as u64 * 16))
+    BufReader::new((&stream).take(MAX_REPLY_BYTES))
         .read_line(&mut answer)
         .map_err(io_error)?;
     let response: Response =
@@ -148,10 +157,39 @@ pub fn unenroll(target: &Target, selector: PodSelector) -> Result<(Option<u64>, 
     }
 }
 
+/// Every pod of the node, asked for a page at a time.
 pub fn status(target: &Target) -> Result<(NodeStatus, Via), ClientError> {
-    let request = Request::Status;
+    let mut query = StatusQuery::default();
+    let mut whole: Option<(NodeStatus, Via)> = None;
+    loop {
+        let request = Request::Status(query.clone());
+        let (page, via) = match call(target, &request)? {
+            (Reply::Status(status), via) => (status, via),
+            (other, _) => return Err(unexpected(&request, &other)),
+        };
+        let next = page.next;
+        match &mut whole {
+            None => whole = Some((page, via)),
+            Some((status, _)) => status.pods.extend(page.pods),
+        }
+        match next {
+            // Pages move forward by cgroup id: a reply that does not is not followed.
+            Some(after) if query.after.is_none_or(|before| after > before) => {
+                query.after = Some(after)
+            }
+            _ => break,
+        }
+    }
+    let (mut status, via) = whole.expect("one page at least");
+    status.next = None;
+    Ok((status, via))
+}
+
+/// One pod (by cgroup or CNI container), or None when it is not enrolled.
+pub fn pod(target: &Target, selector: PodSelector) -> Result<(Option<NodePod>, Via), ClientError> {
+    let request = Request::Pod(selector);
     match call(target, &request)? {
-        (Reply::Status(status), via) => Ok((status, via)),
+        (Reply::Pod(pod), via) => Ok((pod, via)),
         (other, _) => Err(unexpected(&request, &other)),
     }
 }

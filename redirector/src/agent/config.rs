@@ -11,9 +11,14 @@
 //! reconcile_interval_seconds = 60
 //! cgroup_root = "/sys/fs/cgroup"      # where kubelet's kubepods hierarchy lives
 //! cgroup_driver = "systemd"           # or "cgroupfs", as kubelet's cgroupDriver
-//! skip_namespaces = ["kube-system"]
+//! skip_namespaces = ["kube-system"]   # the default; [] captures pods of every namespace
+//! pod_selection = "istio"             # or "all": every pod, without reading annotations
 //! cni_bin_dir = "/opt/cni/bin"
 //! cni_conf_dir = "/etc/cni/net.d"
+//! chain_cni = false                   # watch cni_conf_dir and keep redirector-cni chained
+//! pod_cgroup_roots = []               # pod roots besides kubelet's (see pod_cgroup.rs)
+//! per_pod_metrics = 0                 # per-pod series for the N busiest pods (0: none)
+//! operation_deadline_seconds = 60     # /healthz fails while an operation runs longer
 //!
 //! [policy]                            # for pods enrolled without one
 //! proxy_port = 15001
@@ -29,10 +34,20 @@ use std::{
 use clap::ValueEnum;
 use serde::Deserialize;
 
-use super::{api::DEFAULT_SOCKET, client::Target, node::Node, store::DEFAULT_STATE_DIR};
+use super::{
+    api::DEFAULT_SOCKET,
+    client::Target,
+    node::{Node, PendingDeletes},
+    pod_cgroup::PodCgroups,
+    store::DEFAULT_STATE_DIR,
+};
 use crate::{
     cgroup::{self, CgroupError},
-    cni::cgroup::CgroupDriver,
+    cni::{
+        cgroup::CgroupDriver,
+        config::{default_skip_namespaces, PodSelection},
+    },
+    loader::LoadOptions,
     pins::{PinRoot, DEFAULT_ROOT},
     policy::Policy,
 };
@@ -41,6 +56,7 @@ pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:15099";
 pub const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_secs(60);
 pub const DEFAULT_CNI_BIN_DIR: &str = "/opt/cni/bin";
 pub const DEFAULT_CNI_CONF_DIR: &str = "/etc/cni/net.d";
+pub const DEFAULT_OPERATION_DEADLINE: Duration = Duration::from_secs(60);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -55,8 +71,8 @@ pub enum ConfigError {
         path: PathBuf,
         error: Box<toml::de::Error>,
     },
-    #[error("config file {path}: reconcile_interval_seconds must be at least 1")]
-    ReconcileInterval { path: PathBuf },
+    #[error("config file {path}: {key} must be at least 1")]
+    AtLeastOne { path: PathBuf, key: &'static str },
     #[error("cgroup_root: {0}")]
     CgroupRoot(#[source] CgroupError),
 }
@@ -83,8 +99,14 @@ pub struct ConfigFile {
     pub cgroup_root: Option<PathBuf>,
     pub cgroup_driver: Option<CgroupDriver>,
     pub skip_namespaces: Option<Vec<String>>,
+    pub pod_selection: Option<PodSelection>,
     pub cni_bin_dir: Option<PathBuf>,
     pub cni_conf_dir: Option<PathBuf>,
+    pub chain_cni: Option<bool>,
+    pub pod_cgroup_roots: Option<Vec<PathBuf>>,
+    pub per_pod_metrics: Option<usize>,
+    pub operation_deadline_seconds: Option<u64>,
+    pub max_connections: Option<u32>,
     pub policy: Option<Policy>,
 }
 
@@ -94,10 +116,22 @@ impl ConfigFile {
             path: path.to_owned(),
             error: Box::new(error),
         })?;
-        if file.reconcile_interval_seconds == Some(0) {
-            return Err(ConfigError::ReconcileInterval {
-                path: path.to_owned(),
-            });
+        for (key, value) in [
+            (
+                "reconcile_interval_seconds",
+                file.reconcile_interval_seconds,
+            ),
+            (
+                "operation_deadline_seconds",
+                file.operation_deadline_seconds,
+            ),
+        ] {
+            if value == Some(0) {
+                return Err(ConfigError::AtLeastOne {
+                    path: path.to_owned(),
+                    key,
+                });
+            }
         }
         Ok(file)
     }
@@ -128,18 +162,31 @@ pub struct NodeFlags {
     /// Directory of the pod state files [default: /run/redirector/pods].
     #[arg(long, global = true, env = "REDIRECTOR_STATE_DIR")]
     pub state_dir: Option<PathBuf>,
+    /// A cgroup whose children may be enrolled as pods, besides kubelet's hierarchies
+    /// (repeatable; for tests and unusual layouts).
+    #[arg(long, global = true)]
+    pub pod_cgroup_root: Vec<PathBuf>,
+    /// Captured connections that may be in the middle of their handshake at once, node-wide
+    /// (the handshake map's capacity; set when the maps are created) [default: 65536].
+    #[arg(long, global = true, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: Option<u32>,
 }
 
 impl NodeFlags {
     /// The agent if one runs, this node's state otherwise.
     pub fn target(&self) -> Target {
+        let socket = pick(&self.socket, &None, DEFAULT_SOCKET);
+        let mut node = Node::new(
+            PinRoot::new(pick(&self.bpffs, &None, DEFAULT_ROOT)),
+            pick(&self.state_dir, &None, DEFAULT_STATE_DIR),
+        );
+        node.pod_cgroups.extra = self.pod_cgroup_root.clone();
+        node.pending = Some(PendingDeletes::beside(&socket));
+        node.load = load_options(self.max_connections);
         Target {
-            socket: pick(&self.socket, &None, DEFAULT_SOCKET),
+            socket,
             bpffs: self.bpffs.clone(),
-            node: Node::new(
-                PinRoot::new(pick(&self.bpffs, &None, DEFAULT_ROOT)),
-                pick(&self.state_dir, &None, DEFAULT_STATE_DIR),
-            ),
+            node,
         }
     }
 }
@@ -176,6 +223,16 @@ pub struct AgentFlags {
     /// Seconds between checks for pods whose cgroup or netns is gone [default: 60].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub reconcile_interval_seconds: Option<u64>,
+    /// Export per-pod series for the N pods with the most connections [default: 0, none].
+    #[arg(long)]
+    pub per_pod_metrics: Option<usize>,
+    /// /healthz fails while a request or pass runs longer than this [default: 60].
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub operation_deadline_seconds: Option<u64>,
+    /// Watch the CNI conf dir and keep redirector-cni chained in the runtime's network config
+    /// (primary CNIs rewrite it on restart) [default: off].
+    #[arg(long)]
+    pub chain_cni: bool,
 }
 
 /// Settings shared by the agent and the CNI installer.
@@ -187,8 +244,11 @@ pub struct NodeConfig {
     pub cgroup_root: PathBuf,
     pub cgroup_driver: CgroupDriver,
     pub skip_namespaces: Vec<String>,
+    pub pod_selection: PodSelection,
     pub cni_bin_dir: PathBuf,
     pub cni_conf_dir: PathBuf,
+    pub pod_cgroup_roots: Vec<PathBuf>,
+    pub load: LoadOptions,
     pub default_policy: Policy,
 }
 
@@ -212,16 +272,40 @@ impl NodeConfig {
                 .cgroup_driver
                 .or(file.cgroup_driver)
                 .unwrap_or_default(),
-            skip_namespaces: file.skip_namespaces.clone().unwrap_or_default(),
+            skip_namespaces: file
+                .skip_namespaces
+                .clone()
+                .unwrap_or_else(default_skip_namespaces),
+            pod_selection: file.pod_selection.unwrap_or_default(),
             cni_bin_dir: pick(&None, &file.cni_bin_dir, DEFAULT_CNI_BIN_DIR),
             cni_conf_dir: pick(&None, &file.cni_conf_dir, DEFAULT_CNI_CONF_DIR),
+            pod_cgroup_roots: match node.pod_cgroup_root.as_slice() {
+                [] => file.pod_cgroup_roots.clone().unwrap_or_default(),
+                flags => flags.to_vec(),
+            },
+            load: load_options(node.max_connections.or(file.max_connections)),
             default_policy: file.policy.clone().unwrap_or_default(),
         })
     }
 
     pub fn node(&self) -> Node {
-        Node::new(PinRoot::new(&self.bpffs), &self.state_dir)
+        let mut node = Node::new(PinRoot::new(&self.bpffs), &self.state_dir);
+        node.pod_cgroups = PodCgroups {
+            cgroup_root: Some(self.cgroup_root.clone()),
+            extra: self.pod_cgroup_roots.clone(),
+        };
+        node.pending = Some(PendingDeletes::beside(&self.socket));
+        node.load = self.load;
+        node
     }
+}
+
+fn load_options(max_connections: Option<u32>) -> LoadOptions {
+    let mut options = LoadOptions::default();
+    if let Some(capacity) = max_connections {
+        options.handshake_capacity = capacity;
+    }
+    options
 }
 
 /// Everything the agent runs with.
@@ -232,6 +316,9 @@ pub struct AgentConfig {
     pub log_format: LogFormat,
     pub log_connections: bool,
     pub reconcile_interval: Duration,
+    pub per_pod_metrics: usize,
+    pub operation_deadline: Duration,
+    pub chain_cni: bool,
 }
 
 impl AgentConfig {
@@ -257,6 +344,12 @@ impl AgentConfig {
                 .reconcile_interval_seconds
                 .or(file.reconcile_interval_seconds)
                 .map_or(DEFAULT_RECONCILE_INTERVAL, Duration::from_secs),
+            per_pod_metrics: flags.per_pod_metrics.or(file.per_pod_metrics).unwrap_or(0),
+            operation_deadline: flags
+                .operation_deadline_seconds
+                .or(file.operation_deadline_seconds)
+                .map_or(DEFAULT_OPERATION_DEADLINE, Duration::from_secs),
+            chain_cni: flags.chain_cni || file.chain_cni.unwrap_or(false),
         })
     }
 }
@@ -286,6 +379,7 @@ mod tests {
         cgroup_root = "/sys/fs/cgroup"
         cgroup_driver = "cgroupfs"
         skip_namespaces = ["kube-system", "istio-system"]
+        pod_selection = "all"
         cni_bin_dir = "/host/opt/cni/bin"
         cni_conf_dir = "/host/etc/cni/net.d"
 
@@ -321,6 +415,7 @@ mod tests {
         assert_eq!(node.cgroup_driver, CgroupDriver::Systemd);
         assert_eq!(node.cgroup_root, Path::new("/sys/fs/cgroup"));
         assert_eq!(node.skip_namespaces, ["kube-system", "istio-system"]);
+        assert_eq!(node.pod_selection, PodSelection::All);
         assert_eq!(node.cni_conf_dir, Path::new("/host/etc/cni/net.d"));
         assert_eq!(
             node.default_policy,
@@ -348,6 +443,8 @@ mod tests {
         assert_eq!(config.node.state_dir, Path::new(DEFAULT_STATE_DIR));
         assert_eq!(config.node.cgroup_driver, CgroupDriver::Systemd);
         assert_eq!(config.node.default_policy, Policy::default());
+        assert_eq!(config.node.skip_namespaces, ["kube-system"]);
+        assert_eq!(config.node.pod_selection, PodSelection::Istio);
         assert_eq!(config.metrics_addr.to_string(), DEFAULT_METRICS_ADDR);
         assert_eq!(config.reconcile_interval, DEFAULT_RECONCILE_INTERVAL);
     }
@@ -357,7 +454,13 @@ mod tests {
         let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy/agent.toml");
         let file = ConfigFile::load(Some(&path)).unwrap();
         assert_eq!(file.cgroup_driver, Some(CgroupDriver::Systemd));
-        assert_eq!(file.policy, Some(Policy::default()));
+        assert_eq!(file.pod_selection, Some(PodSelection::Istio));
+        // What the sidecar injector's istio-iptables line gives (its dry-run golden file).
+        let injector = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src/testdata/dry-run/sidecar-injector.json");
+        let injector: Policy =
+            serde_json::from_str(&std::fs::read_to_string(injector).unwrap()).unwrap();
+        assert_eq!(file.policy, Some(injector));
     }
 
     #[test]
@@ -378,7 +481,13 @@ mod tests {
                 "reconcile_interval_seconds = -5",
                 "reconcile_interval_seconds",
             ),
+            (
+                "operation_deadline_seconds = 0",
+                "operation_deadline_seconds",
+            ),
+            ("pod_cgroup_roots = \"/x\"", "pod_cgroup_roots"),
             ("skip_namespaces = \"kube-system\"", "skip_namespaces"),
+            ("pod_selection = \"some\"", "pod_selection"),
             ("[policy]\nproxy_port = 0", "proxy_port"),
             ("[policy]\nproxy_uids = [\"a\"]", "proxy_uids"),
             ("bpffs = 3", "bpffs"),

@@ -15,10 +15,10 @@ use prometheus_client::{
     },
     registry::Registry,
 };
-use redirector_common::{MAX_PODS, MAX_TRACKED_CONNECTIONS};
+use redirector_common::MAX_PODS;
 
-use super::api::{NodePod, NodeStatus};
-use crate::pods::RecordCounts;
+use super::api::{CniCounts, NodePod, NodeStatus};
+use crate::{cni::select::Reason, loader::UpgradeReport, pods::RecordCounts};
 use redirector_common::PodStats as Counters;
 
 pub const CONTENT_TYPE: &str = prometheus_text::CONTENT_TYPE;
@@ -29,7 +29,11 @@ pub struct Metrics {
     enroll_seconds: Histogram,
     unenroll_seconds: Histogram,
     collected_pods: Counter,
+    reconcile_failures: Counter,
+    program_upgrades: Counter,
+    upgraded_links: Counter,
     totals: Mutex<Totals>,
+    cni: Mutex<CniCounts>,
 }
 
 /// Counts of pods that are gone, and the last counts seen of those still there.
@@ -50,7 +54,11 @@ impl Default for Metrics {
             enroll_seconds: latency_histogram(),
             unenroll_seconds: latency_histogram(),
             collected_pods: Counter::default(),
+            reconcile_failures: Counter::default(),
+            program_upgrades: Counter::default(),
+            upgraded_links: Counter::default(),
             totals: Mutex::default(),
+            cni: Mutex::default(),
         }
     }
 }
@@ -66,6 +74,26 @@ impl Metrics {
 
     pub fn count_collected(&self, pods: usize) {
         self.collected_pods.inc_by(pods as u64);
+    }
+
+    pub fn count_reconcile_failure(&self) {
+        self.reconcile_failures.inc();
+    }
+
+    pub fn count_upgrade(&self, upgrade: &UpgradeReport) {
+        self.program_upgrades.inc();
+        self.upgraded_links.inc_by(upgrade.links as u64);
+    }
+
+    pub fn count_cni_outcome(&self, reason: Reason) {
+        self.cni
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .count(reason);
+    }
+
+    pub fn cni_counts(&self) -> CniCounts {
+        self.cni.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 
     /// Node totals: the pods there now plus those that left.
@@ -90,8 +118,10 @@ impl Metrics {
         sum
     }
 
-    /// The scrape's text for `status` (taken just before).
-    pub fn render(&self, status: &NodeStatus, ready: bool) -> String {
+    /// The scrape's text for `status` (taken just before, with the agent's report). Per-pod
+    /// series only for the `per_pod` pods with the most connections: a node's series stay
+    /// bounded whatever its number of pods.
+    pub fn render(&self, status: &NodeStatus, per_pod: usize) -> String {
         let mut registry = Registry::with_prefix("redirector");
         registry.register(
             "enroll_duration_seconds",
@@ -108,11 +138,31 @@ impl Metrics {
             "Pods unenrolled because their cgroup, netns or attachment was gone",
             self.collected_pods.clone(),
         );
+        registry.register(
+            "reconcile_failures",
+            "Reconcile passes stopped because they could not tell whether pods are gone",
+            self.reconcile_failures.clone(),
+        );
+        registry.register(
+            "program_upgrades",
+            "Times the agent replaced pinned programs of another build with its own",
+            self.program_upgrades.clone(),
+        );
+        registry.register(
+            "program_upgraded_links",
+            "Pod links whose program the agent replaced (BPF_LINK_UPDATE)",
+            self.upgraded_links.clone(),
+        );
+        let agent = status.agent.clone().unwrap_or_default();
         registry.register_collector(Box::new(Snapshot {
             totals: self.totals(&status.pods),
-            pods: status.pods.clone(),
+            enrolled: status.pods.len(),
+            pods: busiest(&status.pods, per_pod),
             records: status.records,
-            ready,
+            ready: agent.ready,
+            quarantined: status.quarantined.len(),
+            stuck: agent.stuck.len(),
+            cni: self.cni_counts(),
         }));
         let mut text = String::new();
         prometheus_text::encode(&mut text, &registry).expect("writing to a String cannot fail");
@@ -120,19 +170,36 @@ impl Metrics {
     }
 }
 
+/// The `n` pods with the most connections.
+fn busiest(pods: &[NodePod], n: usize) -> Vec<NodePod> {
+    let connections = |pod: &NodePod| {
+        let c = &pod.status.counters;
+        c.redirected + c.exempted + c.inbound_captured + c.inbound_excluded
+    };
+    let mut pods = pods.to_vec();
+    pods.sort_by_key(|pod| std::cmp::Reverse(connections(pod)));
+    pods.truncate(n);
+    pods
+}
+
 /// The per-scrape values.
 #[derive(Debug)]
 struct Snapshot {
+    /// Those that get per-pod series.
     pods: Vec<NodePod>,
+    enrolled: usize,
     totals: Counters,
     records: RecordCounts,
     ready: bool,
+    quarantined: usize,
+    stuck: usize,
+    cni: CniCounts,
 }
 
 /// A counter's metric name (without prefix and `_total`), help, and value.
 type CounterMetric = (&'static str, &'static str, fn(&Counters) -> u64);
 
-const COUNTERS: [CounterMetric; 7] = [
+const COUNTERS: [CounterMetric; 12] = [
     (
         "redirected_connections",
         "Outbound connections redirected to the proxy",
@@ -168,6 +235,31 @@ const COUNTERS: [CounterMetric; 7] = [
         "SO_ORIGINAL_DST lookups that found no record",
         |c| c.orig_dst_misses,
     ),
+    (
+        "record_failures",
+        "Connects refused because their record could not be stored (out of memory)",
+        |c| c.record_failed,
+    ),
+    (
+        "handshake_failures",
+        "Captured connects whose record could not be handed to the proxy side",
+        |c| c.handshake_failed,
+    ),
+    (
+        "handoff_failures",
+        "Proxy-side sockets of captured connections that could not take their record over",
+        |c| c.handoff_failed,
+    ),
+    (
+        "listener_failures",
+        "Listening sockets on the inbound capture port that could not be registered",
+        |c| c.listener_failed,
+    ),
+    (
+        "dns_redirected",
+        "UDP DNS queries sent to the proxy's DNS port (datagrams, and connects of UDP sockets)",
+        |c| c.dns_redirected,
+    ),
 ];
 
 fn pod_labels(pod: &NodePod) -> [(&'static str, String); 4] {
@@ -198,11 +290,18 @@ impl Collector for Snapshot {
             "1 once programs are loaded and state reconciled",
             i64::from(self.ready),
         )?;
+        gauge(&mut encoder, "pods", "Enrolled pods", self.enrolled as i64)?;
         gauge(
             &mut encoder,
-            "pods",
-            "Enrolled pods",
-            self.pods.len() as i64,
+            "quarantined_state_files",
+            "Pod state files that could not be read or parsed, moved aside",
+            self.quarantined as i64,
+        )?;
+        gauge(
+            &mut encoder,
+            "stuck_operations",
+            "Requests or passes running longer than the deadline (/healthz fails meanwhile)",
+            self.stuck as i64,
         )?;
         gauge(
             &mut encoder,
@@ -210,24 +309,45 @@ impl Collector for Snapshot {
             "Most pods the per-pod maps hold",
             i64::from(MAX_PODS),
         )?;
-        let mut records = encoder.encode_descriptor(
-            "connection_records",
-            "Entries in the connection-record maps",
-            None,
-            MetricType::Gauge,
-        )?;
-        for (map, count) in [
-            ("by_cookie", self.records.by_cookie),
-            ("by_peer", self.records.by_peer),
-        ] {
-            ConstGauge::new(count as i64).encode(records.encode_family(&[("map", map)])?)?;
-        }
         gauge(
             &mut encoder,
-            "connection_records_capacity",
-            "Size of each connection-record map (LRU)",
-            i64::from(MAX_TRACKED_CONNECTIONS),
+            "handshakes_in_flight",
+            "Captured connections whose proxy side does not exist yet (open connections keep their records in socket storage)",
+            self.records.in_flight as i64,
         )?;
+        gauge(
+            &mut encoder,
+            "handshakes_capacity",
+            "Capacity of the handshake map",
+            i64::from(self.records.capacity),
+        )?;
+        gauge(
+            &mut encoder,
+            "handshakes_overflowed",
+            "Captured connections of the enrolled pods whose record could not be kept for their proxy (the handshake map was full)",
+            self.records.overflowed as i64,
+        )?;
+        for (name, help, failing, counts) in [
+            (
+                "cni_pods_skipped",
+                "Pods the CNI plugin passed through uncaptured, by reason",
+                false,
+                &self.cni.skipped,
+            ),
+            (
+                "cni_adds_failed",
+                "CNI ADDs failed before enrolling (no annotations from the runtime, an unsupported or malformed annotation), by reason",
+                true,
+                &self.cni.failed,
+            ),
+        ] {
+            let mut family = encoder.encode_descriptor(name, help, None, MetricType::Counter)?;
+            // Every reason from zero, so that rates and alerts need no absent-series handling.
+            for reason in Reason::ALL.into_iter().filter(|r| r.fails_add() == failing) {
+                ConstCounter::new(counts.get(&reason).copied().unwrap_or(0))
+                    .encode(family.encode_family(&[("reason", reason.name())])?)?;
+            }
+        }
         for (name, help, value) in COUNTERS {
             let total = ConstCounter::new(value(&self.totals));
             total.encode(encoder.encode_descriptor(name, help, None, MetricType::Counter)?)?;
@@ -260,6 +380,7 @@ mod tests {
             status: PodStatus {
                 cgroup: Some(format!("/sys/fs/cgroup/pod{cgroup_id}").into()),
                 cgroup_id,
+                generation: 1,
                 proxy_port: 15001,
                 inbound_capture_port: 15006,
                 inbound_tunnel_port: 15008,
@@ -273,6 +394,7 @@ mod tests {
                     redirected,
                     exempted: 1,
                     orig_dst_lookups: redirected,
+                    dns_redirected: redirected + 1,
                     ..Counters::default()
                 },
             },
@@ -284,6 +406,7 @@ mod tests {
                 }),
                 ..PodMeta::default()
             },
+            sandboxed: None,
         }
     }
 
@@ -291,10 +414,15 @@ mod tests {
         NodeStatus {
             pods,
             records: RecordCounts {
-                by_cookie: 2,
-                by_peer: 1,
+                in_flight: 2,
+                capacity: 65536,
+                overflowed: 0,
             },
-            agent: None,
+            agent: Some(crate::agent::api::AgentReport {
+                ready: true,
+                ..Default::default()
+            }),
+            ..NodeStatus::default()
         }
     }
 
@@ -302,16 +430,33 @@ mod tests {
     fn renders_pods_totals_and_occupancy() {
         let metrics = Metrics::default();
         metrics.observe_enroll(Duration::from_millis(3));
-        let text = metrics.render(&status(vec![pod(7, 5), pod(9, 2)]), true);
+        for reason in [
+            Reason::NotInjected,
+            Reason::NotInjected,
+            Reason::NoAnnotations,
+        ] {
+            metrics.count_cni_outcome(reason);
+        }
+        let counts = metrics.cni_counts();
+        assert_eq!(counts.skipped.get(&Reason::NotInjected), Some(&2));
+        assert_eq!(counts.failed.get(&Reason::NoAnnotations), Some(&1));
+        let text = metrics.render(&status(vec![pod(7, 5), pod(9, 2)]), 10);
         for line in [
             "redirector_ready 1",
             "redirector_pods 2",
-            r#"redirector_connection_records{map="by_cookie"} 2"#,
-            "redirector_connection_records_capacity 65536",
+            "redirector_handshakes_in_flight 2",
+            "redirector_handshakes_capacity 65536",
+            "redirector_handshakes_overflowed 0",
             "redirector_redirected_connections_total 7",
             r#"redirector_pod_redirected_connections_total{cgroup_id="7",pod_uid="uid-7",namespace="default",pod="web"} 5"#,
+            "redirector_dns_redirected_total 9",
+            r#"redirector_pod_dns_redirected_total{cgroup_id="7",pod_uid="uid-7",namespace="default",pod="web"} 6"#,
             "redirector_enroll_duration_seconds_count 1",
             "# TYPE redirector_pod_original_dst_misses_total counter",
+            r#"redirector_cni_pods_skipped_total{reason="not_injected"} 2"#,
+            r#"redirector_cni_pods_skipped_total{reason="istio_init"} 0"#,
+            r#"redirector_cni_adds_failed_total{reason="no_annotations"} 1"#,
+            r#"redirector_cni_adds_failed_total{reason="unsupported"} 0"#,
         ] {
             assert!(
                 text.lines().any(|l| l == line),
@@ -320,11 +465,31 @@ mod tests {
         }
     }
 
+    /// A node with many pods exports per-pod series for the busiest few only (none by default).
+    #[test]
+    fn per_pod_series_are_bounded() {
+        let pods: Vec<NodePod> = (1..=50).map(|id| pod(id, id)).collect();
+        let series = |text: &str| {
+            text.lines()
+                .filter(|l| l.starts_with("redirector_pod_redirected_connections_total{"))
+                .count()
+        };
+        let metrics = Metrics::default();
+        assert_eq!(series(&metrics.render(&status(pods.clone()), 0)), 0);
+        let text = metrics.render(&status(pods), 3);
+        assert_eq!(series(&text), 3, "{text}");
+        assert!(
+            text.contains(r#"cgroup_id="50""#),
+            "the busiest pod: {text}"
+        );
+        assert!(text.lines().any(|l| l == "redirector_pods 50"), "{text}");
+    }
+
     #[test]
     fn totals_keep_the_counts_of_pods_that_left() {
         let metrics = Metrics::default();
-        metrics.render(&status(vec![pod(7, 5), pod(9, 2)]), true);
-        let text = metrics.render(&status(vec![pod(9, 4)]), true);
+        metrics.render(&status(vec![pod(7, 5), pod(9, 2)]), 10);
+        let text = metrics.render(&status(vec![pod(9, 4)]), 10);
         assert!(
             text.lines()
                 .any(|l| l == "redirector_redirected_connections_total 9"),

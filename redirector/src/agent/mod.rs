@@ -4,13 +4,17 @@
 //! - [`node`]: carrying out requests on the pins and the state files (agent and CLI alike).
 //! - [`client`]: talking to the agent, or carrying out a request directly when none runs.
 //! - [`store`]: the pod state files.
-//! - [`reconcile`]: adopting and collecting pods when the agent starts, and periodically.
+//! - [`reconcile`]: adopting and collecting pods when the agent starts, and periodically, on
+//!   the [`evidence`] of a source of truth about which pods exist.
+//! - [`pod_cgroup`]: which cgroups are pods.
 //! - [`metrics`], [`server`], [`config`]: the agent process itself.
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod evidence;
 pub mod metrics;
 pub mod node;
+pub mod pod_cgroup;
 pub mod reconcile;
 pub mod server;
 pub mod store;

@@ -1,31 +1,94 @@
-//! Adopting what a previous agent (or the CLI) left: the pins under the bpffs root are the truth
-//! about which pods are enrolled; pods whose cgroup or network namespace is gone are
-//! unenrolled, state files without a pod are removed.
-use std::{collections::BTreeMap, path::Path};
-
-use nix::sys::statfs::{statfs, NSFS_MAGIC};
+//! Adopting what a previous agent (or the CLI) left, and collecting pods that are gone. The
+//! pins and maps under the bpffs root say which pods are enrolled; a [`PodSource`] says which
+//! still exist. A pod is only collected on positive proof that it is gone, seen in two passes
+//! in a row ([`Suspects`]); any doubt stops the whole pass before anything is collected.
+//!
+//! A pass reads the maps without the root's lock and the files without the agent's; only the
+//! unenrolls it decides take them.
+use std::collections::BTreeMap;
 
 use super::{
     api::{CollectReason, CollectedPod, PodRef, ReconcileReport},
+    evidence::{EvidenceError, PodSource, Presence},
     node::{Node, NodeError},
-    store::PodRecord,
+    store::{PodRecord, RecordedIdentity},
 };
-use crate::pods::{self, Redirector};
+use crate::{
+    cgroup,
+    loader::UpgradeReport,
+    pods::{self, RecordCounts, Redirector},
+};
+
+/// Pods found gone in the last pass, waiting for a second sighting.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Suspects(BTreeMap<u64, CollectReason>);
+
+impl Suspects {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    /// Splits this pass's `candidates` into those to collect now (seen gone, for the same
+    /// reason, in the previous pass too) and the next pass's suspects.
+    fn confirm(&mut self, candidates: Vec<(PodRef, CollectReason)>) -> Vec<CollectedPod> {
+        let previous = std::mem::take(&mut self.0);
+        let mut confirmed = Vec::new();
+        for (pod, reason) in candidates {
+            if previous.get(&pod.cgroup_id) == Some(&reason) {
+                confirmed.push(CollectedPod { pod, reason });
+            } else {
+                self.0.insert(pod.cgroup_id, reason);
+            }
+        }
+        confirmed
+    }
+}
+
+/// One pass's findings: what to adopt and what to collect.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub adopted: Vec<PodRef>,
+    pub collect: Vec<CollectedPod>,
+}
+
+/// How long after its connect a handshake no proxy took over is removed: well past the
+/// client's SYN retries (about two minutes by default).
+pub const HANDSHAKE_EXPIRY: std::time::Duration = std::time::Duration::from_secs(300);
 
 impl Node {
     /// Loads and pins the programs unless they are pinned already (then nothing is reloaded,
-    /// so traffic of enrolled pods never pauses).
-    pub fn install(&self) -> Result<(), NodeError> {
-        Redirector::install(self.root.clone())?;
-        Ok(())
+    /// so traffic of enrolled pods never pauses); pinned programs of another build are
+    /// replaced in every pod's links, which is reported.
+    pub fn install(&self) -> Result<Option<UpgradeReport>, NodeError> {
+        Ok(Redirector::install(self.root.clone(), &self.load)?.upgrade())
     }
 
-    /// Compares the pins, the maps and the state files with the cgroups and network namespaces
-    /// that exist, and unenrolls what is gone.
-    pub fn reconcile(&self) -> Result<ReconcileReport, NodeError> {
-        let (enrolled, pinned) = match Redirector::open(self.root.clone())? {
+    /// Removes handshakes no proxy took over within [`HANDSHAKE_EXPIRY`], and returns how many
+    /// went and how full the handshake map is.
+    pub fn maintain_records(&self) -> Result<(usize, RecordCounts), NodeError> {
+        let Some(mut redirector) = Redirector::open(self.root.clone())? else {
+            return Ok((0, RecordCounts::default()));
+        };
+        let expired = redirector.expire_handshakes(HANDSHAKE_EXPIRY)?;
+        Ok((expired, redirector.records()?))
+    }
+
+    /// Looks at every enrolled pod, pin and state file, and decides (with `suspects`, the
+    /// previous pass's sightings) what to collect. Changes nothing but `suspects` and the
+    /// records it rebuilds for enrolled pods that had none; an error means nothing is to be
+    /// collected.
+    pub fn reconcile_plan(
+        &self,
+        source: &dyn PodSource,
+        suspects: &mut Suspects,
+    ) -> Result<Plan, NodeError> {
+        let (enrolled, pinned) = match Redirector::read_only(self.root.clone())? {
             Some(redirector) => (
-                redirector.pods()?,
+                redirector.enrolled_ids()?,
                 self.root.pinned_pods().map_err(pods::Error::from)?,
             ),
             None => (Vec::new(), Vec::new()),
@@ -36,74 +99,193 @@ impl Node {
             .into_iter()
             .map(|record| (record.cgroup_id, record))
             .collect();
-        let mut report = ReconcileReport::default();
-        let mut collect = |pod: PodRef, reason| -> Result<(), NodeError> {
-            self.unenroll_id(pod.cgroup_id)?;
-            report.collected.push(CollectedPod { pod, reason });
-            Ok(())
-        };
+        source.check().map_err(NodeError::Evidence)?;
+        let mut candidates = Vec::new();
         let mut adopted = Vec::new();
-        for status in &enrolled {
-            let record = records.remove(&status.cgroup_id);
-            let pod = PodRef {
-                cgroup_id: status.cgroup_id,
-                cgroup: status.cgroup.clone(),
-                pod: record.as_ref().and_then(|r| r.meta.pod.clone()),
+        let mut unrecorded = Vec::new();
+        for &cgroup_id in &enrolled {
+            let Some(record) = records.remove(&cgroup_id) else {
+                unrecorded.push(cgroup_id);
+                continue;
             };
-            let netns = record.as_ref().and_then(|r| r.meta.netns.as_deref());
-            if status.cgroup.is_none() {
-                collect(pod, CollectReason::CgroupGone)?;
-            } else if netns.is_some_and(netns_is_gone) {
-                collect(pod, CollectReason::NetnsGone)?;
-            } else {
-                adopted.push(pod);
+            let pod = PodRef::from(&record);
+            match source.presence(&record).map_err(NodeError::Evidence)? {
+                Presence::Present => adopted.push(pod),
+                Presence::Gone(reason) => candidates.push((pod, reason)),
             }
         }
+        adopted.extend(self.rebuild_records(&unrecorded)?);
         for cgroup_id in pinned {
-            if !enrolled.iter().any(|status| status.cgroup_id == cgroup_id) {
-                let record = records.remove(&cgroup_id);
-                let pod = PodRef {
-                    cgroup_id,
-                    cgroup: record.as_ref().map(|r| r.cgroup.clone()),
-                    pod: record.and_then(|r| r.meta.pod),
+            if enrolled.binary_search(&cgroup_id).is_err() {
+                let pod = match records.remove(&cgroup_id) {
+                    Some(record) => PodRef::from(&record),
+                    None => PodRef {
+                        cgroup_id,
+                        cgroup: None,
+                        pod: None,
+                    },
                 };
-                collect(pod, CollectReason::Incomplete)?;
+                candidates.push((pod, CollectReason::Incomplete));
             }
         }
         for record in records.into_values() {
-            collect(PodRef::from(&record), CollectReason::NotEnrolled)?;
+            candidates.push((PodRef::from(&record), CollectReason::NotEnrolled));
         }
-        report.adopted = adopted;
-        Ok(report)
+        Ok(Plan {
+            adopted,
+            collect: suspects.confirm(candidates),
+        })
     }
-}
 
-/// A netns file the runtime has removed (or that is no longer a namespace mount). When its
-/// directory is not visible at all (say, /run/netns is not mounted into the agent's container)
-/// nothing can be told, and the pod is kept.
-fn netns_is_gone(path: &Path) -> bool {
-    let directory_visible = path.parent().is_some_and(Path::is_dir);
-    directory_visible && !statfs(path).is_ok_and(|fs| fs.filesystem_type() == NSFS_MAGIC)
+    /// Enrolled pods without a state file (it was quarantined, or they were enrolled by the
+    /// library): their cgroup is looked up by id, and a record is written so that a later pass
+    /// can prove them gone. Those not found are kept, and adopted without a path.
+    fn rebuild_records(&self, ids: &[u64]) -> Result<Vec<PodRef>, NodeError> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mount = cgroup::cgroup2_mount()
+            .map_err(|e| NodeError::Evidence(EvidenceError(e.to_string())))?;
+        let found = cgroup::paths_by_id(&mount, ids);
+        let mut adopted = Vec::new();
+        for &cgroup_id in ids {
+            let Some(path) = found.get(&cgroup_id) else {
+                tracing::warn!(
+                    cgroup_id,
+                    "an enrolled pod has no state file and its cgroup was not found; kept"
+                );
+                adopted.push(PodRef {
+                    cgroup_id,
+                    cgroup: None,
+                    pod: None,
+                });
+                continue;
+            };
+            let record = PodRecord {
+                cgroup_id,
+                cgroup: path.clone(),
+                identity: std::fs::metadata(path)
+                    .ok()
+                    .map(|metadata| RecordedIdentity {
+                        cgroup_dev: std::os::unix::fs::MetadataExt::dev(&metadata),
+                        ..RecordedIdentity::default()
+                    }),
+                meta: Default::default(),
+            };
+            self.store.put(&record)?;
+            tracing::info!(cgroup_id, cgroup = %path.display(), "rebuilt the state file of an enrolled pod");
+            adopted.push(PodRef::from(&record));
+        }
+        Ok(adopted)
+    }
+
+    /// Unenrolls what a plan collects; those that fail are left for the next pass.
+    pub fn collect(&self, plan: Plan) -> ReconcileReport {
+        let mut collected = Vec::new();
+        for pod in plan.collect {
+            match self.unenroll_id(pod.pod.cgroup_id) {
+                Ok(_) => collected.push(pod),
+                Err(error) => {
+                    tracing::warn!(cgroup_id = pod.pod.cgroup_id, %error, "collecting a gone pod")
+                }
+            }
+        }
+        ReconcileReport {
+            adopted: plan.adopted,
+            collected,
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::atomic::{AtomicBool, Ordering};
+
     use super::*;
+    use crate::{agent::store::PodMeta, pins::PinRoot};
+
+    fn pod(cgroup_id: u64) -> PodRef {
+        PodRef {
+            cgroup_id,
+            cgroup: None,
+            pod: None,
+        }
+    }
 
     #[test]
-    fn netns_files_are_checked_only_where_their_directory_is_visible() {
-        assert!(
-            !netns_is_gone(Path::new("/proc/self/ns/net")),
-            "a live netns"
+    fn pods_are_collected_when_seen_gone_twice_in_a_row_for_the_same_reason() {
+        let mut suspects = Suspects::default();
+        let first = suspects.confirm(vec![
+            (pod(1), CollectReason::CgroupGone),
+            (pod(2), CollectReason::NotEnrolled),
+        ]);
+        assert!(first.is_empty(), "{first:?}");
+        let second = suspects.confirm(vec![
+            (pod(1), CollectReason::CgroupGone),
+            (pod(2), CollectReason::NetnsGone),
+            (pod(3), CollectReason::CgroupGone),
+        ]);
+        assert_eq!(
+            second.iter().map(|c| c.pod.cgroup_id).collect::<Vec<_>>(),
+            [1]
         );
-        let scratch = std::env::temp_dir();
-        assert!(
-            netns_is_gone(&scratch.join("no-such-netns")),
-            "missing file"
+        // Pod 3 came back: it is no longer suspected.
+        let third = suspects.confirm(vec![(pod(2), CollectReason::NetnsGone)]);
+        assert_eq!(
+            third.iter().map(|c| c.pod.cgroup_id).collect::<Vec<_>>(),
+            [2]
         );
-        assert!(
-            !netns_is_gone(Path::new("/no-such-dir/netns/cni-1")),
-            "directory not mounted here"
-        );
+        assert!(suspects.is_empty());
+    }
+
+    /// A source that cannot tell (or says every pod is gone).
+    struct Doubtful(AtomicBool);
+
+    impl PodSource for Doubtful {
+        fn check(&self) -> Result<(), EvidenceError> {
+            if self.0.load(Ordering::Relaxed) {
+                Err(EvidenceError("mountinfo: EMFILE".into()))
+            } else {
+                Ok(())
+            }
+        }
+        fn presence(&self, _: &PodRecord) -> Result<Presence, EvidenceError> {
+            Ok(Presence::Gone(CollectReason::CgroupGone))
+        }
+    }
+
+    #[test]
+    fn a_pass_that_cannot_tell_collects_nothing_and_a_stale_record_goes_after_two_passes() {
+        let scratch =
+            std::env::temp_dir().join(format!("redirector-reconcile-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&scratch);
+        let node = Node::new(PinRoot::new(scratch.join("no-bpffs")), scratch.join("pods"));
+        node.store
+            .put(&PodRecord {
+                cgroup_id: 5,
+                cgroup: "/sys/fs/cgroup/kubepods/pod5".into(),
+                identity: None,
+                meta: PodMeta::default(),
+            })
+            .unwrap();
+        let source = Doubtful(AtomicBool::new(true));
+        let mut suspects = Suspects::default();
+        for _ in 0..3 {
+            let error = node.reconcile_plan(&source, &mut suspects).unwrap_err();
+            assert!(error.to_string().contains("EMFILE"), "{error}");
+        }
+        assert!(suspects.is_empty());
+        assert_eq!(node.store.all().unwrap().len(), 1);
+
+        source.0.store(false, Ordering::Relaxed);
+        let plan = node.reconcile_plan(&source, &mut suspects).unwrap();
+        assert!(plan.collect.is_empty());
+        assert_eq!(node.collect(plan).collected, vec![]);
+        let plan = node.reconcile_plan(&source, &mut suspects).unwrap();
+        let report = node.collect(plan);
+        assert_eq!(report.collected.len(), 1, "{report:?}");
+        assert_eq!(report.collected[0].reason, CollectReason::NotEnrolled);
+        assert_eq!(node.store.all().unwrap(), vec![]);
+        std::fs::remove_dir_all(&scratch).unwrap();
     }
 }

@@ -4,17 +4,19 @@
 //! Stopping leaves every pin in place, so enrolled pods stay captured while no agent runs and
 //! the next agent adopts them; only `redirector uninstall` removes them.
 use std::{
+    collections::BTreeMap,
     fs,
     future::IntoFuture as _,
     io,
     net::SocketAddr,
     os::unix::{
+        fs::OpenOptionsExt as _,
         fs::{DirBuilderExt as _, FileTypeExt as _, PermissionsExt as _},
-        net::{UnixListener as StdUnixListener, UnixStream as StdUnixStream},
+        net::UnixListener as StdUnixListener,
     },
     path::{Path, PathBuf},
     sync::{
-        atomic::{AtomicBool, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
         Arc, Mutex, MutexGuard,
     },
     time::{Duration, Instant},
@@ -27,7 +29,11 @@ use axum::{
     routing::get,
     Router,
 };
-use nix::sys::stat::{umask, Mode};
+use nix::{
+    errno::Errno,
+    fcntl::{Flock, FlockArg},
+    sys::stat::{umask, Mode},
+};
 use tokio::{
     io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
@@ -37,14 +43,19 @@ use tokio::{
 
 use super::{
     api::{
-        AgentReport, ApiError, CollectedPod, Envelope, ErrorKind, ReconcileReport, Reply, Request,
-        Response, MAX_REQUEST_BYTES,
+        beside, ready_marker, AgentReport, ApiError, CniOutcome, CollectedPod, Envelope, ErrorKind,
+        ReconcileReport, Reply, Request, Response, StatusQuery, MAX_REQUEST_BYTES,
     },
     config::{AgentConfig, AgentFlags, ConfigError, LogFormat, NodeFlags},
+    evidence::{Filesystem, PodSource},
     metrics::{self, Metrics},
     node::{Node, NodeError},
+    reconcile::Suspects,
 };
-use crate::loader::Programs;
+use crate::{
+    cni::install::{self, plugin_entry, Chained, Installation},
+    loader::{Programs, UpgradeReport},
+};
 
 /// How long stopping waits for requests in progress.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
@@ -57,8 +68,6 @@ pub enum AgentError {
     Config(#[from] ConfigError),
     #[error("API socket {path}: {source}")]
     Socket { path: PathBuf, source: io::Error },
-    #[error("another agent is already serving on {path}")]
-    AlreadyRunning { path: PathBuf },
     #[error("API socket {path} exists and is not a socket; refusing to replace it")]
     NotASocket { path: PathBuf },
     #[error("metrics address {addr}: {source}")]
@@ -86,17 +95,30 @@ pub fn main(node: &NodeFlags, flags: &AgentFlags) -> Result<(), AgentError> {
     run(config)
 }
 
-/// Logs go to stderr at the level RUST_LOG gives: info by default, plus the programs' own lines
-/// (at debug) when `kernel_lines`.
-pub fn init_logging(format: LogFormat, kernel_lines: bool) {
-    let mut default = String::from("info");
+/// The log filter: RUST_LOG's directives (info when unset), plus the programs' own lines at
+/// debug when `kernel_lines`, so that neither setting cancels the other.
+pub fn log_filter(rust_log: Option<&str>, kernel_lines: bool) -> String {
+    let mut filter = rust_log
+        .map(str::trim)
+        .filter(|directives| !directives.is_empty())
+        .unwrap_or("info")
+        .to_owned();
     if kernel_lines {
         KERNEL_LOG_TARGETS
             .iter()
-            .for_each(|target| default.push_str(&format!(",{target}=debug")));
+            .for_each(|target| filter.push_str(&format!(",{target}=debug")));
     }
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    filter
+}
+
+/// Logs go to stderr as [`log_filter`] says.
+pub fn init_logging(format: LogFormat, kernel_lines: bool) {
+    let rust_log = std::env::var("RUST_LOG").ok();
+    let directives = log_filter(rust_log.as_deref(), kernel_lines);
+    let filter = tracing_subscriber::EnvFilter::try_new(&directives).unwrap_or_else(|error| {
+        eprintln!("RUST_LOG={rust_log:?}: {error}; logging at info");
+        tracing_subscriber::EnvFilter::new(log_filter(None, kernel_lines))
+    });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(io::stderr);
@@ -107,6 +129,8 @@ pub fn init_logging(format: LogFormat, kernel_lines: bool) {
 }
 
 pub fn run(config: AgentConfig) -> Result<(), AgentError> {
+    // Held until this process exits: the socket is ours to bind and, at exit, to remove.
+    let _owner = own_socket(&config.node.socket)?;
     let socket = bind_socket(&config.node.socket)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -123,9 +147,10 @@ pub fn run(config: AgentConfig) -> Result<(), AgentError> {
     result
 }
 
-/// Binds the API socket, root-only (mode 0600 from the start), replacing a stale socket file
-/// but never a live agent's.
-fn bind_socket(path: &Path) -> Result<StdUnixListener, AgentError> {
+/// Takes the lock beside the socket (`<socket>.lock`), waiting while another agent holds it:
+/// during a rolling update the new agent starts while the old one still serves, and neither
+/// may remove the other's socket. Only the lock's holder binds or removes the socket.
+fn own_socket(path: &Path) -> Result<Flock<fs::File>, AgentError> {
     let io_error = |source| AgentError::Socket {
         path: path.to_owned(),
         source,
@@ -137,14 +162,34 @@ fn bind_socket(path: &Path) -> Result<StdUnixListener, AgentError> {
             .create(parent)
             .map_err(io_error)?;
     }
+    let lock_path = beside(path, ".lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&lock_path)
+        .map_err(io_error)?;
+    match Flock::lock(file, FlockArg::LockExclusiveNonblock) {
+        Ok(lock) => Ok(lock),
+        Err((file, Errno::EWOULDBLOCK)) => {
+            tracing::info!(lock = %lock_path.display(), "another agent serves on this socket; waiting for it to stop");
+            Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, errno)| io_error(errno.into()))
+        }
+        Err((_, errno)) => Err(io_error(errno.into())),
+    }
+}
+
+/// Binds the API socket, root-only (mode 0600 from the start), replacing a stale socket file
+/// (the caller holds the socket's lock, so no live agent serves there).
+fn bind_socket(path: &Path) -> Result<StdUnixListener, AgentError> {
+    let io_error = |source| AgentError::Socket {
+        path: path.to_owned(),
+        source,
+    };
     match fs::symlink_metadata(path) {
         Ok(metadata) if !metadata.file_type().is_socket() => {
             return Err(AgentError::NotASocket {
-                path: path.to_owned(),
-            })
-        }
-        Ok(_) if StdUnixStream::connect(path).is_ok() => {
-            return Err(AgentError::AlreadyRunning {
                 path: path.to_owned(),
             })
         }
@@ -166,12 +211,22 @@ fn bind_socket(path: &Path) -> Result<StdUnixListener, AgentError> {
 struct Agent {
     config: AgentConfig,
     node: Node,
-    /// Node operations run one at a time.
+    /// Changes to the node run one at a time (reads take no lock).
     operations: Mutex<()>,
     ready: AtomicBool,
     startup: Mutex<Option<ReconcileReport>>,
     collected_since: Mutex<Vec<CollectedPod>>,
+    /// Which pods exist (see [`PodSource`]).
+    source: Box<dyn PodSource>,
+    suspects: Mutex<Suspects>,
+    reconcile_error: Mutex<Option<String>>,
+    in_flight: InFlight,
     metrics: Metrics,
+    /// With `chain_cni`: whether redirector-cni is chained in the runtime's network config.
+    chained: AtomicBool,
+    /// Pinned programs of another build this agent replaced when it started.
+    upgrade: Mutex<Option<UpgradeReport>>,
+    expired_handshakes: AtomicU64,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -180,17 +235,74 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Requests and passes in progress, with when they started: /healthz fails while one has run
+/// longer than the deadline (a wedged agent, e.g. an open that never returns).
+#[derive(Default)]
+struct InFlight {
+    next: AtomicU64,
+    running: Mutex<BTreeMap<u64, (&'static str, Instant)>>,
+}
+
+struct Running<'a> {
+    in_flight: &'a InFlight,
+    id: u64,
+}
+
+impl InFlight {
+    fn track(&self, name: &'static str) -> Running<'_> {
+        let id = self.next.fetch_add(1, Ordering::Relaxed);
+        lock(&self.running).insert(id, (name, Instant::now()));
+        Running {
+            in_flight: self,
+            id,
+        }
+    }
+
+    /// Those running longer than `deadline`, described.
+    fn stuck(&self, deadline: Duration) -> Vec<String> {
+        lock(&self.running)
+            .values()
+            .filter(|(_, started)| started.elapsed() > deadline)
+            .map(|(name, started)| format!("{name} running for {}s", started.elapsed().as_secs()))
+            .collect()
+    }
+}
+
+impl Drop for Running<'_> {
+    fn drop(&mut self) {
+        lock(&self.in_flight.running).remove(&self.id);
+    }
+}
+
+/// How long the startup waits between its two reconcile passes (a pod is only collected when
+/// seen gone twice).
+const CONFIRM_DELAY: Duration = Duration::from_secs(2);
+
 impl Agent {
     fn new(config: AgentConfig) -> Self {
         Self {
             node: config.node.node(),
+            source: Box::new(Filesystem {
+                cgroup_root: config.node.cgroup_root.clone(),
+            }),
             config,
             operations: Mutex::new(()),
             ready: AtomicBool::new(false),
             startup: Mutex::new(None),
             collected_since: Mutex::new(Vec::new()),
+            upgrade: Mutex::new(None),
+            expired_handshakes: AtomicU64::new(0),
+            suspects: Mutex::default(),
+            reconcile_error: Mutex::new(None),
+            in_flight: InFlight::default(),
             metrics: Metrics::default(),
+            chained: AtomicBool::new(false),
         }
+    }
+
+    /// Ready for new pods: programs loaded, state reconciled, and (with `chain_cni`) chained.
+    fn serves_new_pods(&self) -> bool {
+        self.is_ready() && (!self.config.chain_cni || self.chained.load(Ordering::Acquire))
     }
 
     fn is_ready(&self) -> bool {
@@ -200,29 +312,73 @@ impl Agent {
     fn report(&self) -> AgentReport {
         AgentReport {
             ready: self.is_ready(),
+            reconcile_error: lock(&self.reconcile_error).clone(),
+            suspected: lock(&self.suspects).len(),
+            stuck: self.in_flight.stuck(self.config.operation_deadline),
             startup: lock(&self.startup).clone(),
             collected_since: lock(&self.collected_since).clone(),
+            cni: self.metrics.cni_counts(),
+            upgrade: *lock(&self.upgrade),
+            expired_handshakes: self.expired_handshakes.load(Ordering::Relaxed),
         }
     }
 
-    /// Loads the programs (unless pinned), adopts what is pinned, then reports ready.
-    fn start(&self) -> Result<(), NodeError> {
-        let _one_at_a_time = lock(&self.operations);
-        self.node.install()?;
-        if self.config.log_connections {
-            self.node.set_connection_logging(true)?;
+    /// A pod the CNI plugin did not enroll: logged here, where the operator looks, and counted.
+    fn note_cni_outcome(&self, outcome: &CniOutcome) {
+        let pod = outcome
+            .pod
+            .as_ref()
+            .map(|p| format!("{}/{}", p.namespace, p.name));
+        let reason = outcome.reason;
+        if reason.fails_add() {
+            tracing::warn!(
+                ?pod,
+                reason = reason.name(),
+                why = reason.describe(),
+                "CNI ADD failed"
+            );
+        } else {
+            tracing::info!(
+                ?pod,
+                reason = reason.name(),
+                why = reason.describe(),
+                "CNI passed a pod through uncaptured"
+            );
         }
-        let report = self.node.reconcile()?;
+        self.metrics.count_cni_outcome(reason);
+    }
+
+    /// Loads the programs (unless pinned), carries out pending CNI DELs, adopts what is pinned
+    /// (two reconcile passes apart), then reports ready, also to the CNI plugin's STATUS (a
+    /// marker beside the socket that lasts until reboot).
+    fn start(&self) -> Result<(), NodeError> {
+        let _running = self.in_flight.track("startup");
+        {
+            let _one_at_a_time = lock(&self.operations);
+            if let Some(upgrade) = self.node.install()? {
+                self.metrics.count_upgrade(&upgrade);
+                *lock(&self.upgrade) = Some(upgrade);
+            }
+            if self.config.log_connections {
+                self.node.set_connection_logging(true)?;
+            }
+        }
+        self.reconcile_pass();
+        std::thread::sleep(CONFIRM_DELAY);
+        let report = self.reconcile_pass().unwrap_or_default();
         for pod in &report.adopted {
             tracing::info!(cgroup_id = pod.cgroup_id, cgroup = ?pod.cgroup, pod = ?pod.pod, "adopted pod");
         }
-        self.note_collected(&report.collected);
         tracing::info!(
             adopted = report.adopted.len(),
             collected = report.collected.len(),
             "reconciled with the pinned state; ready"
         );
         *lock(&self.startup) = Some(report);
+        let marker = ready_marker(&self.config.node.socket);
+        if let Err(error) = fs::write(&marker, format!("{}\n", std::process::id())) {
+            tracing::warn!(marker = %marker.display(), %error, "writing the ready marker for the CNI plugin's STATUS");
+        }
         self.ready.store(true, Ordering::Release);
         Ok(())
     }
@@ -238,33 +394,110 @@ impl Agent {
         kept.drain(..excess);
     }
 
-    fn reconcile(&self) -> Result<(), NodeError> {
-        let _one_at_a_time = lock(&self.operations);
-        let report = self.node.reconcile()?;
+    /// One reconcile pass: pending CNI DELs, then the evidence (read without the agent's lock),
+    /// then the unenrolls it confirms (with it). A pass that cannot tell collects nothing and
+    /// is reported (log, status, metric); None then.
+    fn reconcile_pass(&self) -> Option<ReconcileReport> {
+        let _running = self.in_flight.track("reconcile");
+        let pending = {
+            let _one_at_a_time = lock(&self.operations);
+            self.node.run_pending_deletes()
+        };
+        if let Err(error) = pending {
+            tracing::warn!(%error, "carrying out pending CNI DELs");
+        }
+        let mut suspects = lock(&self.suspects).clone();
+        let plan = self
+            .node
+            .reconcile_plan(self.source.as_ref(), &mut suspects);
+        let plan = match plan {
+            Ok(plan) => plan,
+            Err(error) => {
+                tracing::warn!(%error, "reconcile pass stopped; nothing collected");
+                self.metrics.count_reconcile_failure();
+                *lock(&self.reconcile_error) = Some(error.to_string());
+                return None;
+            }
+        };
+        *lock(&self.suspects) = suspects;
+        *lock(&self.reconcile_error) = None;
+        let report = {
+            let _one_at_a_time = lock(&self.operations);
+            self.node.collect(plan)
+        };
         self.note_collected(&report.collected);
-        Ok(())
+        self.maintain_records();
+        Some(report)
     }
 
-    /// Carries out one API request (blocking: BPF syscalls and file I/O).
+    /// Removes handshakes no proxy took over, and warns while the handshake map is 80 % full.
+    fn maintain_records(&self) {
+        let maintained = {
+            let _one_at_a_time = lock(&self.operations);
+            self.node.maintain_records()
+        };
+        match maintained {
+            Ok((expired, records)) => {
+                if expired > 0 {
+                    tracing::warn!(
+                        expired,
+                        "removed handshakes no proxy took over (a proxy stuck with a full accept queue?)"
+                    );
+                    self.expired_handshakes
+                        .fetch_add(expired as u64, Ordering::Relaxed);
+                }
+                if records.capacity > 0 && records.in_flight * 5 >= records.capacity as usize * 4 {
+                    tracing::warn!(
+                        in_flight = records.in_flight,
+                        capacity = records.capacity,
+                        "the handshake map is 80 % full or more: raise max_connections (connections whose record cannot be kept fail at their proxy)"
+                    );
+                }
+            }
+            Err(error) => tracing::warn!(%error, "maintaining the connection records"),
+        }
+    }
+
+    /// Carries out one API request (blocking: BPF syscalls and file I/O). Reads (status, pod)
+    /// take no lock, so a slow one never delays an enroll.
     fn carry_out(&self, request: &Request) -> Result<Reply, NodeError> {
-        let _one_at_a_time = lock(&self.operations);
+        let _running = self.in_flight.track(request.name());
+        let _one_at_a_time = match request {
+            Request::Status(_) | Request::Pod(_) => None,
+            _ => Some(lock(&self.operations)),
+        };
         let started = Instant::now();
         let result = self.node.handle(request, &self.config.node.default_policy);
         let elapsed = started.elapsed();
         match request {
-            Request::Enroll(_) => self.metrics.observe_enroll(elapsed),
+            Request::Enroll(enroll) if !enroll.dry_run => self.metrics.observe_enroll(elapsed),
             Request::Unenroll(_) => self.metrics.observe_unenroll(elapsed),
-            Request::Status | Request::Gc(_) => {}
+            Request::Enroll(_)
+            | Request::Status(_)
+            | Request::Pod(_)
+            | Request::Gc(_)
+            | Request::CniOutcome(_) => {}
         }
         match &result {
             Ok(Reply::Enrolled(pod)) => {
-                tracing::info!(cgroup_id = pod.cgroup_id, cgroup = %pod.cgroup.display(), ?elapsed, "enrolled")
+                let done = match request {
+                    Request::Enroll(enroll) if enroll.dry_run => {
+                        "checked (dry run, nothing changed)"
+                    }
+                    _ => "enrolled",
+                };
+                tracing::info!(cgroup_id = pod.cgroup_id, cgroup = %pod.cgroup.display(), ?elapsed, "{done}")
             }
             Ok(Reply::Unenrolled(unenrolled)) => {
                 tracing::info!(cgroup_id = ?unenrolled.cgroup_id, ?elapsed, "unenrolled")
             }
-            Ok(Reply::Collected(collected)) => self.note_collected(collected),
-            Ok(Reply::Status(_)) => {}
+            Ok(Reply::Collected(report)) => {
+                self.note_collected(&report.collected);
+                for failed in &report.failed {
+                    tracing::warn!(cgroup_id = failed.pod.cgroup_id, error = %failed.error, "CNI GC could not collect a pod");
+                }
+            }
+            Ok(Reply::Status(_) | Reply::Pod(_) | Reply::Counted) => {}
             Err(error) => tracing::warn!(op = request.name(), %error, "request failed"),
         }
         result.map(|reply| match reply {
@@ -288,8 +521,14 @@ impl Agent {
                 ),
             });
         }
-        // Status works before ready (it says so); changes wait for the programs and reconcile.
-        if !self.is_ready() && request != Request::Status {
+        // Counting needs neither the node's state nor readiness.
+        if let Request::CniOutcome(outcome) = &request {
+            self.note_cni_outcome(outcome);
+            return Response::Ok(Box::new(Reply::Counted));
+        }
+        // Reads work before ready (status says so); changes wait for the programs and reconcile.
+        let read = matches!(request, Request::Status(_) | Request::Pod(_));
+        if !self.is_ready() && !read {
             return Response::Error(ApiError {
                 kind: ErrorKind::NotReady,
                 message: "the agent is loading programs and reconciling; try again shortly".into(),
@@ -331,6 +570,11 @@ async fn serve(config: AgentConfig, socket: StdUnixListener) -> Result<(), Agent
             .into_future(),
     );
     let api_task = tokio::spawn(serve_api(agent.clone(), socket, stopping.clone()));
+    let stop_chaining = Arc::new(AtomicBool::new(false));
+    let chaining = agent
+        .config
+        .chain_cni
+        .then(|| keep_chained(agent.clone(), stop_chaining.clone()));
 
     let signal = termination();
     tokio::pin!(signal);
@@ -368,6 +612,10 @@ async fn serve(config: AgentConfig, socket: StdUnixListener) -> Result<(), Agent
         tracing::warn!(%error, "metrics server");
     }
     let _ = api_task.await;
+    stop_chaining.store(true, Ordering::Relaxed);
+    if let Some(chaining) = chaining {
+        let _ = tokio::task::spawn_blocking(move || chaining.join()).await;
+    }
     result
 }
 
@@ -463,10 +711,8 @@ async fn reconcile_every(agent: Arc<Agent>, interval: Duration, stopping: watch:
             () = &mut stop => return,
         }
         let agent = agent.clone();
-        match tokio::task::spawn_blocking(move || agent.reconcile()).await {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => tracing::warn!(%error, "periodic reconcile"),
-            Err(error) => tracing::warn!(%error, "periodic reconcile task"),
+        if let Err(error) = tokio::task::spawn_blocking(move || agent.reconcile_pass()).await {
+            tracing::warn!(%error, "periodic reconcile task");
         }
     }
 }
@@ -510,15 +756,32 @@ async fn forward_kernel_log(node: Node, stopping: watch::Receiver<bool>) {
 
 fn router(agent: Arc<Agent>) -> Router {
     Router::new()
-        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(scrape))
         .with_state(agent)
 }
 
+async fn healthz(State(agent): State<Arc<Agent>>) -> impl IntoResponse {
+    let stuck = agent.in_flight.stuck(agent.config.operation_deadline);
+    if stuck.is_empty() {
+        (StatusCode::OK, "ok\n".to_owned())
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("stuck: {}\n", stuck.join("; ")),
+        )
+    }
+}
+
 async fn readyz(State(agent): State<Arc<Agent>>) -> impl IntoResponse {
-    if agent.is_ready() {
+    if agent.serves_new_pods() {
         (StatusCode::OK, "ready\n")
+    } else if agent.is_ready() {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            "redirector-cni is not chained in the runtime's network config yet\n",
+        )
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
@@ -527,17 +790,78 @@ async fn readyz(State(agent): State<Arc<Agent>>) -> impl IntoResponse {
     }
 }
 
+/// With `chain_cni`: keeps redirector-cni chained in the runtime's network config (a thread:
+/// inotify and file I/O), until stopping.
+fn keep_chained(agent: Arc<Agent>, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        let node = &agent.config.node;
+        let entry = plugin_entry(&Installation::plugin_config(node));
+        let result = install::watch(
+            &node.cni_conf_dir,
+            &entry,
+            CHAIN_RESYNC,
+            &stop,
+            &|outcome| match outcome {
+                Ok(chained) => {
+                    if !matches!(chained, Chained::Already(_)) {
+                        tracing::info!(
+                            ?chained,
+                            "chained redirector-cni in the runtime's network config"
+                        );
+                    }
+                    agent.chained.store(true, Ordering::Release);
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "chaining redirector-cni");
+                    agent.chained.store(false, Ordering::Release);
+                }
+            },
+        );
+        if let Err(error) = result {
+            tracing::error!(%error, dir = %node.cni_conf_dir.display(), "cannot watch the CNI conf dir; redirector-cni is not kept chained");
+            agent.chained.store(false, Ordering::Release);
+        }
+    })
+}
+
+/// How often the chain is checked even without a change seen in the conf dir.
+const CHAIN_RESYNC: Duration = Duration::from_secs(60);
+
 async fn scrape(State(agent): State<Arc<Agent>>) -> axum::response::Response {
     let rendered = tokio::task::spawn_blocking(move || {
-        agent
-            .node
-            .status()
-            .map(|status| agent.metrics.render(&status, agent.is_ready()))
+        let all = StatusQuery {
+            after: None,
+            limit: Some(u32::MAX),
+        };
+        agent.node.status(&all).map(|mut status| {
+            status.agent = Some(agent.report());
+            agent.metrics.render(&status, agent.config.per_pod_metrics)
+        })
     })
     .await;
     match rendered {
         Ok(Ok(text)) => ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response(),
         Ok(Err(error)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n")).into_response(),
         Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n")).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rust_log_and_connection_lines_do_not_cancel_each_other() {
+        assert_eq!(log_filter(None, false), "info");
+        assert_eq!(
+            log_filter(Some("warn,redirector=debug"), false),
+            "warn,redirector=debug"
+        );
+        let both = log_filter(Some("warn"), true);
+        assert!(both.starts_with("warn,"), "{both}");
+        for target in KERNEL_LOG_TARGETS {
+            assert!(both.contains(&format!("{target}=debug")), "{both}");
+        }
+        assert!(log_filter(Some(" "), true).starts_with("info,"));
     }
 }

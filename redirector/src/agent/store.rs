@@ -7,6 +7,11 @@
 //!
 //! Order makes crashes harmless: a record is written before a pod's pins and removed after
 //! them, so the worst leftover is a record without pins, which reconcile removes.
+//!
+//! A file that cannot be read or parsed (a truncated write, a downgrade after a field changed
+//! type) never stops the node: it is moved aside into `<state dir>/quarantine/` with a warning,
+//! and counted in status and metrics. Unknown fields are ignored, so an older agent reads what
+//! a newer one wrote (no `deny_unknown_fields` on anything stored here).
 use std::{
     fs, io,
     os::unix::fs::DirBuilderExt as _,
@@ -32,7 +37,6 @@ pub enum StoreError {
 
 /// The Kubernetes pod a cgroup belongs to (from the runtime's K8S_POD_* CNI arguments).
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct PodIdentity {
     pub uid: String,
     #[serde(default)]
@@ -43,7 +47,6 @@ pub struct PodIdentity {
 
 /// The CNI attachment that enrolled a pod: DEL and GC find the pod by it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub struct Attachment {
     pub network: String,
     pub container_id: String,
@@ -81,8 +84,33 @@ pub struct PodRecord {
     pub cgroup_id: u64,
     /// The cgroup's path when it was enrolled.
     pub cgroup: PathBuf,
+    /// What the pod's cgroup and netns were at enroll, so that reconcile's proof that a pod is
+    /// gone is about these very objects (None in records of older versions).
+    #[serde(default)]
+    pub identity: Option<RecordedIdentity>,
     #[serde(flatten)]
     pub meta: PodMeta,
+}
+
+/// Device numbers and inodes recorded at enroll.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RecordedIdentity {
+    /// `st_dev` of the cgroup2 filesystem the cgroup was on.
+    pub cgroup_dev: u64,
+    /// The netns file's nsfs inode (the namespace's inode number) and device.
+    #[serde(default)]
+    pub netns: Option<FileId>,
+    /// `st_dev` of the directory holding the netns file (e.g. the tmpfs of /run/netns): a
+    /// missing file only proves the namespace gone when seen in that same directory.
+    #[serde(default)]
+    pub netns_dir_dev: Option<u64>,
+}
+
+/// A file's identity: device and inode.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileId {
+    pub dev: u64,
+    pub ino: u64,
 }
 
 /// The state directory.
@@ -120,15 +148,72 @@ impl PodStore {
         atomic_file::replace(&path, &text, 0o600).map_err(io(&path))
     }
 
+    /// The record of a pod; None when there is none, or when its file was unreadable and has
+    /// been quarantined.
     pub fn get(&self, cgroup_id: u64) -> Result<Option<PodRecord>, StoreError> {
         let path = self.path(cgroup_id);
-        match fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes)
-                .map(Some)
-                .map_err(|source| StoreError::Corrupt { path, source }),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-            Err(source) => Err(StoreError::Io { path, source }),
-        }
+        let problem = match fs::read(&path) {
+            Ok(bytes) => match serde_json::from_slice::<PodRecord>(&bytes) {
+                Ok(record) if record.cgroup_id == cgroup_id => return Ok(Some(record)),
+                Ok(record) => format!("it names cgroup id {}", record.cgroup_id),
+                Err(source) => StoreError::Corrupt {
+                    path: path.clone(),
+                    source,
+                }
+                .to_string(),
+            },
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(source) => StoreError::Io {
+                path: path.clone(),
+                source,
+            }
+            .to_string(),
+        };
+        self.quarantine(&path, &problem)?;
+        Ok(None)
+    }
+
+    fn quarantine_dir(&self) -> PathBuf {
+        self.dir.join("quarantine")
+    }
+
+    /// Moves an unusable state file aside (keeping it for a human to look at).
+    fn quarantine(&self, path: &Path, problem: &str) -> Result<(), StoreError> {
+        let dir = self.quarantine_dir();
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| StoreError::Io { path, source }
+        };
+        fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&dir)
+            .map_err(io(&dir))?;
+        let stamp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        let name = path.file_name().unwrap_or_default().to_string_lossy();
+        let aside = dir.join(format!("{name}.{stamp}"));
+        fs::rename(path, &aside).map_err(io(path))?;
+        tracing::warn!(file = %path.display(), moved_to = %aside.display(), problem, "quarantined an unusable pod state file");
+        Ok(())
+    }
+
+    /// The files quarantined so far.
+    pub fn quarantined(&self) -> Result<Vec<PathBuf>, StoreError> {
+        let dir = self.quarantine_dir();
+        let entries = match fs::read_dir(&dir) {
+            Ok(entries) => entries,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(source) => return Err(StoreError::Io { path: dir, source }),
+        };
+        let mut paths = entries
+            .map(|entry| entry.map(|entry| entry.path()))
+            .collect::<io::Result<Vec<_>>>()
+            .map_err(|source| StoreError::Io { path: dir, source })?;
+        paths.sort();
+        Ok(paths)
     }
 
     /// Removes a record; a missing one is fine.
@@ -155,7 +240,11 @@ impl PodStore {
             }
         };
         let mut records = Vec::new();
-        for entry in entries.filter_map(Result::ok) {
+        for entry in entries {
+            let entry = entry.map_err(|source| StoreError::Io {
+                path: self.dir.clone(),
+                source,
+            })?;
             let name = entry.file_name();
             let Some(id) = name
                 .to_str()
@@ -197,6 +286,7 @@ mod tests {
         PodRecord {
             cgroup_id,
             cgroup: format!("/sys/fs/cgroup/kubepods/pod{cgroup_id}").into(),
+            identity: None,
             meta: PodMeta {
                 pod: Some(PodIdentity {
                     uid: format!("uid-{cgroup_id}"),
@@ -229,9 +319,50 @@ mod tests {
         store.remove(7).unwrap();
         store.remove(7).unwrap();
         assert_eq!(store.get(7).unwrap(), None);
+        fs::remove_dir_all(store.dir()).unwrap();
+    }
+
+    /// A truncated write, a file of a newer version's layout that fails to parse, or one that
+    /// cannot be read: each is set aside, and every other record is still served.
+    #[test]
+    fn a_bad_state_file_is_quarantined_and_the_others_served() {
+        let store = scratch("quarantine");
+        store.put(&record(3, "def")).unwrap();
         fs::write(store.dir().join("9.json"), "{").unwrap();
-        let message = store.all().unwrap_err().to_string();
-        assert!(message.contains("9.json"), "{message}");
+        fs::write(store.dir().join("10.json"), r#"{"cgroup_id":"ten"}"#).unwrap();
+        fs::create_dir(store.dir().join("11.json")).unwrap();
+        assert_eq!(store.all().unwrap(), vec![record(3, "def")]);
+        assert_eq!(store.get(9).unwrap(), None);
+        assert_eq!(store.find_container("def").unwrap(), Some(record(3, "def")));
+        let quarantined: Vec<String> = store
+            .quarantined()
+            .unwrap()
+            .iter()
+            .map(|path| path.file_name().unwrap().to_string_lossy().into_owned())
+            .collect();
+        assert_eq!(quarantined.len(), 3, "{quarantined:?}");
+        for name in ["9.json", "10.json", "11.json"] {
+            assert!(
+                quarantined.iter().any(|q| q.starts_with(name)),
+                "{name} not in {quarantined:?}"
+            );
+            assert!(!store.dir().join(name).exists(), "{name} left in place");
+        }
+        fs::remove_dir_all(store.dir()).unwrap();
+    }
+
+    /// A downgrade: a newer agent wrote fields this one does not know.
+    #[test]
+    fn state_files_with_unknown_fields_are_read() {
+        let store = scratch("unknown-fields");
+        let mut json = serde_json::to_value(record(5, "abc")).unwrap();
+        json["added_later"] = serde_json::json!({"x": 1});
+        json["pod"]["colour"] = "blue".into();
+        json["attachment"]["mtu"] = 1500.into();
+        fs::create_dir_all(store.dir()).unwrap();
+        fs::write(store.dir().join("5.json"), json.to_string()).unwrap();
+        assert_eq!(store.get(5).unwrap(), Some(record(5, "abc")));
+        assert_eq!(store.quarantined().unwrap(), Vec::<PathBuf>::new());
         fs::remove_dir_all(store.dir()).unwrap();
     }
 

@@ -9,11 +9,12 @@
 //! and `no_orig_dst` (lookup failed; the connection is closed).
 //!
 //! `--inbound` makes it an inbound listener as Istio's: it forwards from the passthrough
-//! source 127.0.0.6 (or ::6), which the pod's capture leaves alone.
+//! source 127.0.0.6 (or ::6), which the pod's capture leaves alone. `--fastopen` lets its
+//! listeners accept data in the SYN (TCP fast open, with `net.ipv4.tcp_fastopen` allowing it).
 use std::{
     io::{self, Write as _},
     net::{IpAddr, Ipv4Addr, Ipv6Addr, Shutdown, SocketAddr, TcpListener, TcpStream},
-    os::fd::{AsFd, OwnedFd},
+    os::fd::{AsFd, AsRawFd, OwnedFd},
     sync::{
         atomic::{AtomicUsize, Ordering},
         Arc,
@@ -61,6 +62,32 @@ struct Args {
     /// Inbound listener: connect upstream from istio's passthrough source (127.0.0.6 or ::6).
     #[arg(long)]
     inbound: bool,
+    /// Accept connections whose SYN carries data (server-side TCP fast open): such a
+    /// connection is accepted before the client has seen the handshake complete.
+    #[arg(long)]
+    fastopen: bool,
+}
+
+/// Fast-open requests a listener keeps pending at once (TCP_FASTOPEN's queue length).
+const FASTOPEN_QUEUE: libc::c_int = 64;
+
+/// setsockopt(TCP_FASTOPEN) on a listener: neither nix nor socket2 offers the server side of it.
+fn enable_fastopen(listener: &TcpListener) -> io::Result<()> {
+    // SAFETY: the option value is a c_int that lives through the call, and its size is passed.
+    let result = unsafe {
+        libc::setsockopt(
+            listener.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_FASTOPEN,
+            (&FASTOPEN_QUEUE as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 #[derive(Clone, Copy)]
@@ -81,6 +108,10 @@ fn main() -> anyhow::Result<()> {
     };
     for addr in &args.listen {
         let listener = TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
+        if args.fastopen {
+            enable_fastopen(&listener)
+                .with_context(|| format!("enabling TCP fast open on {addr}"))?;
+        }
         let workers = Arc::new(Workers {
             listener,
             settings,

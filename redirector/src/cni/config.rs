@@ -6,10 +6,12 @@
 //!   "cgroupRoot": "/sys/fs/cgroup",
 //!   "cgroupDriver": "systemd",
 //!   "skipNamespaces": ["kube-system"],
+//!   "podSelection": "istio",
 //!   "policy": { "proxy_port": 15001, "proxy_uids": [1337], "proxy_gids": [1337] },
 //!   "logFile": "/var/log/redirector-cni.log", "logLevel": "info", "timeoutSeconds": 10 }
 //! ```
-//! Every key is optional; `policy` left out means the agent's node default.
+//! Every key is optional; `policy` left out means the agent's node default. `skipNamespaces`
+//! left out means `kube-system` (an empty list skips none).
 use std::{collections::HashMap, path::PathBuf, time::Duration};
 
 use serde::{Deserialize, Serialize};
@@ -20,6 +22,26 @@ use crate::{agent::api::DEFAULT_SOCKET, policy::Policy};
 /// The CNI_ARGS key that skips one pod (`REDIRECTOR_SKIP=true`).
 pub const SKIP_ARG: &str = "REDIRECTOR_SKIP";
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Namespaces whose pods are never captured unless configured otherwise.
+pub const DEFAULT_SKIP_NAMESPACES: [&str; 1] = ["kube-system"];
+
+/// Which pods the plugin captures.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum PodSelection {
+    /// The pods Istio's sidecar injector prepared for a CNI, with their annotations' settings
+    /// (the runtime must pass the pod's annotations).
+    #[default]
+    Istio,
+    /// Every pod outside the skipped namespaces, with the node's policy.
+    All,
+}
+
+impl PodSelection {
+    fn is_default(&self) -> bool {
+        *self == Self::default()
+    }
+}
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -31,8 +53,10 @@ pub struct PluginConfig {
     pub cgroup_root: Option<PathBuf>,
     #[serde(default)]
     pub cgroup_driver: CgroupDriver,
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    #[serde(default = "default_skip_namespaces")]
     pub skip_namespaces: Vec<String>,
+    #[serde(default, skip_serializing_if = "PodSelection::is_default")]
+    pub pod_selection: PodSelection,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy: Option<Policy>,
     /// Log here (appended) instead of stderr.
@@ -47,6 +71,10 @@ pub struct PluginConfig {
 
 fn default_socket() -> PathBuf {
     DEFAULT_SOCKET.into()
+}
+
+pub fn default_skip_namespaces() -> Vec<String> {
+    DEFAULT_SKIP_NAMESPACES.map(String::from).to_vec()
 }
 
 impl PluginConfig {
@@ -133,6 +161,8 @@ mod tests {
         let empty = PluginConfig::from_keys(&HashMap::new()).unwrap();
         assert_eq!(empty.agent_socket, PathBuf::from(DEFAULT_SOCKET));
         assert_eq!(empty.cgroup_driver, CgroupDriver::Systemd);
+        assert_eq!(empty.skip_namespaces, ["kube-system"]);
+        assert_eq!(empty.pod_selection, PodSelection::Istio);
         assert_eq!(empty.policy, None);
         assert_eq!(empty.timeout(), DEFAULT_TIMEOUT);
 
@@ -140,7 +170,8 @@ mod tests {
             "agentSocket": "/run/x.sock",
             "cgroupRoot": "/sys/fs/cgroup",
             "cgroupDriver": "cgroupfs",
-            "skipNamespaces": ["kube-system"],
+            "skipNamespaces": [],
+            "podSelection": "all",
             "policy": {"proxy_port": 15006},
             "logFile": "/var/log/x.log",
             "logLevel": "debug",
@@ -148,6 +179,8 @@ mod tests {
         })))
         .unwrap();
         assert_eq!(full.cgroup_driver, CgroupDriver::Cgroupfs);
+        assert!(full.skip_namespaces.is_empty(), "an empty list skips none");
+        assert_eq!(full.pod_selection, PodSelection::All);
         assert_eq!(full.policy.as_ref().unwrap().proxy_port, 15006);
         assert_eq!(full.timeout(), Duration::from_secs(3));
     }
@@ -166,8 +199,13 @@ mod tests {
             .clone();
         let keys = entry.as_object_mut().unwrap();
         assert_eq!(keys.remove("type"), Some(json!(crate::cni::PLUGIN_NAME)));
+        assert_eq!(
+            keys.remove("capabilities"),
+            Some(json!({crate::cni::annotations::CAPABILITY: true}))
+        );
         let config = PluginConfig::from_keys(&keys.clone().into_iter().collect()).unwrap();
         assert_eq!(config.skip_namespaces, ["kube-system"]);
+        assert_eq!(config.pod_selection, PodSelection::Istio);
         assert_eq!(config.policy, Some(Policy::default()));
     }
 
@@ -178,6 +216,7 @@ mod tests {
             (json!({"cgroupDriver": "runc"}), "runc"),
             (json!({"policy": {"proxy_port": 0}}), "invalid port"),
             (json!({"skipNamespaces": "kube-system"}), "sequence"),
+            (json!({"podSelection": "injected"}), "injected"),
         ] {
             let message = PluginConfig::from_keys(&keys(bad.clone()))
                 .unwrap_err()

@@ -1,15 +1,28 @@
 //! `redirector-cni`: a chained CNI plugin that hands each new pod to the node agent.
 //!
-//! - ADD: finds the pod's cgroup from K8S_POD_UID, has the agent enroll it, and returns the
-//!   previous plugin's result unchanged. With no agent it fails with code 11 (try again later):
-//!   a pod never starts uncaptured.
-//! - DEL: unenrolls the pod by its container id; succeeds when the pod or the agent is gone.
-//! - CHECK: the agent holds the pod with every hook attached. STATUS: the agent is ready.
-//! - GC: unenrolls the pods of this network whose attachment the runtime no longer lists.
+//! - ADD: decides whether to capture the pod ([`super::select`]: by default, the pods Istio's
+//!   injector prepared, with their annotations' settings), finds its cgroup from K8S_POD_UID,
+//!   has the agent enroll it, and returns the previous plugin's result unchanged. With no agent
+//!   it fails with code 11 (try again later): a pod never starts uncaptured. Pods it passes
+//!   through or refuses are logged with the reason and reported to the agent, which counts them.
+//! - DEL: unenrolls the pod by its container id; succeeds when the pod is gone already. When the
+//!   agent is not there, not ready, slow or fails, the DEL is recorded beside its socket and
+//!   succeeds: the agent carries it out when it starts, at every reconcile pass, and before an
+//!   enroll that finds the pod's addresses still claimed. A pod never hangs in Terminating
+//!   for redirector.
+//! - CHECK: a pod the selection passes through has nothing to check; otherwise the agent holds
+//!   this pod (asked about it alone) with every hook attached, and the pod does not run in a
+//!   sandboxed runtime.
+//! - STATUS: success while an agent is ready, and also while it restarts once it has been ready
+//!   since boot (captured pods keep working; ADD answers "try again later" meanwhile): a failing
+//!   STATUS marks the node's network not ready, which evicts its pods after a few minutes.
+//!   Error 50 only before any agent was ready on the node.
+//! - GC: unenrolls the pods of this network whose attachment the runtime no longer lists; it
+//!   needs `cni.dev/valid-attachments`, goes on past a failure and reports every one.
 //!
 //! The protocol (environment, stdin, version negotiation, result layouts, error JSON) is
 //! rscni-plugin's.
-use std::{fs::OpenOptions, path::Path, process::ExitCode, sync::Mutex};
+use std::{fs::OpenOptions, path::Path, process::ExitCode, sync::Mutex, time::Duration};
 
 use rscni_plugin::{
     cni::{Cni, Plugin},
@@ -19,18 +32,28 @@ use rscni_plugin::{
 use tracing_subscriber::{fmt::writer::BoxMakeWriter, EnvFilter};
 
 use super::{
+    annotations,
     cgroup::find_pod_cgroup,
     config::{CniArgs, PluginConfig},
+    select::{self, Decision, Reason, Refusal},
 };
 use crate::{
     agent::{
-        api::{ApiError, EnrollRequest, ErrorKind, GcRequest, PodSelector, Reply, Request},
+        api::{
+            ready_marker, ApiError, CniOutcome, EnrollRequest, ErrorKind, GcRequest, NodePod,
+            PodSelector, Reply, Request, StatusQuery,
+        },
         client::{self, ClientError},
+        node::PendingDeletes,
         store::{Attachment, PodIdentity, PodMeta},
     },
     cgroup,
     link::Hook,
 };
+
+/// Longest wait for the agent to count a pod that is not enrolled (it does not hold the pod up
+/// for long when the agent is stuck).
+const REPORT_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Codes of this plugin's own errors (the spec leaves 100 and up to plugins).
 pub const CODE_AGENT_FAILED: u32 = 100;
@@ -61,10 +84,22 @@ impl Cni for RedirectorCni {
                 )
             })?;
             let cni_args = cni_args(&args)?;
-            if let Some(reason) = skip_reason(config, &cni_args) {
-                tracing::info!(reason, "pod skipped, not enrolled");
-                return Ok(previous);
-            }
+            let pod_settings = match decide(config, &args, &cni_args) {
+                Ok(Decision::Enroll(settings)) => settings,
+                Ok(Decision::Skip(reason)) => {
+                    tracing::info!(
+                        reason = reason.name(),
+                        why = reason.describe(),
+                        "pod passed through, not enrolled"
+                    );
+                    report(config, &cni_args, reason);
+                    return Ok(previous);
+                }
+                Err(refusal) => {
+                    report(config, &cni_args, refusal.reason());
+                    return Err(refused(refusal));
+                }
+            };
             let uid = cni_args.pod_uid.clone().ok_or_else(|| {
                 Error::InvalidEnvValue(
                     "CNI_ARGS has no K8S_POD_UID: the pod's cgroup cannot be found without it"
@@ -91,6 +126,8 @@ impl Cni for RedirectorCni {
                     attachment: Some(attachment(&args)),
                 },
                 policy: config.policy.clone(),
+                pod_settings,
+                dry_run: false,
             }));
             match ask_agent(config, &request)? {
                 Reply::Enrolled(pod) => {
@@ -104,45 +141,53 @@ impl Cni for RedirectorCni {
 
     fn del(&self, args: Args) -> Result<(), Error> {
         with_config(&args, "DEL", |config| {
+            let attachment = attachment(&args);
             let request =
-                Request::Unenroll(PodSelector::ContainerId(attachment(&args).container_id));
-            match client::send(&config.agent_socket, None, &request, config.timeout()) {
+                Request::Unenroll(PodSelector::ContainerId(attachment.container_id.clone()));
+            let why = match client::send(&config.agent_socket, None, &request, config.timeout()) {
                 Ok(Some(Reply::Unenrolled(unenrolled))) => {
                     tracing::info!(cgroup_id = ?unenrolled.cgroup_id, "pod unenrolled");
-                    Ok(())
+                    return Ok(());
                 }
-                Ok(Some(other)) => Err(unexpected(&request, &other)),
-                // Nothing to ask: a new agent unenrolls the pod once its cgroup is gone.
-                Ok(None) => {
-                    tracing::warn!(socket = %config.agent_socket.display(), "no agent running; nothing to unenroll now");
-                    Ok(())
-                }
-                Err(error) => Err(agent_error(&config.agent_socket, error)),
-            }
+                Ok(Some(other)) => unexpected(&request, &other).to_string(),
+                Ok(None) => format!("no agent listens on {}", config.agent_socket.display()),
+                Err(error) => error.to_string(),
+            };
+            let pending = PendingDeletes::beside(&config.agent_socket);
+            let recorded = pending.add(&attachment).map_err(|e| {
+                Error::TryAgainLater(format!(
+                    "{why}; and recording the DEL for later failed: {e}"
+                ))
+            })?;
+            tracing::warn!(reason = %why, recorded = %recorded.display(), "DEL recorded for the agent to carry out");
+            Ok(())
         })
     }
 
     fn check(&self, args: Args) -> Result<(), Error> {
         with_config(&args, "CHECK", |config| {
-            if let Some(reason) = skip_reason(config, &cni_args(&args)?) {
-                tracing::debug!(reason, "pod skipped, nothing to check");
+            if let Decision::Skip(reason) =
+                decide(config, &args, &cni_args(&args)?).map_err(refused)?
+            {
+                tracing::debug!(
+                    reason = reason.name(),
+                    "pod passed through, nothing to check"
+                );
                 return Ok(());
             }
             let container_id = attachment(&args).container_id;
-            let Reply::Status(status) = ask_agent(config, &Request::Status)? else {
-                return Err(Error::Custom(
-                    CODE_AGENT_FAILED,
-                    "unexpected agent reply".into(),
-                    "the agent did not answer a status request with a status".into(),
-                ));
+            let request = Request::Pod(PodSelector::ContainerId(container_id.clone()));
+            let held = match ask_agent(config, &request)? {
+                Reply::Pod(pod) => pod,
+                other => return Err(unexpected(&request, &other)),
             };
-            let held = status.pods.iter().find(|pod| {
-                pod.meta
-                    .attachment
-                    .as_ref()
-                    .is_some_and(|a| a.container_id == container_id)
-            });
             match held {
+                Some(NodePod {
+                    sandboxed: Some(runtime),
+                    ..
+                }) => Err(not_captured(format!(
+                    "the pod runs in a sandboxed runtime ({runtime}): its sockets are not in the host kernel"
+                ))),
                 Some(pod)
                     if Hook::CGROUP
                         .iter()
@@ -163,54 +208,82 @@ impl Cni for RedirectorCni {
 
     fn status(&self, args: Args) -> Result<(), Error> {
         with_config(&args, "STATUS", |config| {
-            let unavailable = |why: String| Error::PluginNotAvailable(why);
-            match client::send(
-                &config.agent_socket,
-                None,
-                &Request::Status,
-                config.timeout(),
-            ) {
-                Ok(Some(Reply::Status(status)))
-                    if status.agent.as_ref().is_some_and(|a| a.ready) =>
-                {
-                    Ok(())
-                }
-                Ok(Some(_)) => Err(unavailable("the redirector agent is not ready yet".into())),
-                Ok(None) => Err(unavailable(format!(
-                    "no redirector agent listens on {}",
-                    config.agent_socket.display()
-                ))),
-                Err(error) => Err(unavailable(error.to_string())),
+            let summary_only = Request::Status(StatusQuery {
+                after: None,
+                limit: Some(0),
+            });
+            let why =
+                match client::send(&config.agent_socket, None, &summary_only, config.timeout()) {
+                    Ok(Some(Reply::Status(status)))
+                        if status.agent.as_ref().is_some_and(|a| a.ready) =>
+                    {
+                        return Ok(())
+                    }
+                    Ok(Some(_)) => "the redirector agent is not ready".to_owned(),
+                    Ok(None) => format!(
+                        "no redirector agent listens on {}",
+                        config.agent_socket.display()
+                    ),
+                    Err(error) => error.to_string(),
+                };
+            let marker = ready_marker(&config.agent_socket);
+            if marker.exists() {
+                tracing::info!(reason = %why, "an agent was ready since boot; captured pods keep working, ADD retries until it is back");
+                Ok(())
+            } else {
+                Err(Error::PluginNotAvailable(format!(
+                    "{why}, and no agent has been ready on this node since boot ({} is missing)",
+                    marker.display()
+                )))
             }
         })
     }
 
     fn gc(&self, args: Args) -> Result<(), Error> {
         with_config(&args, "GC", |config| {
+            // Without the list every pod of the network would look stale.
+            let valid = args.config().valid_attachments.as_ref().ok_or_else(|| {
+                Error::InvalidNetworkConfig(
+                    "GC without cni.dev/valid-attachments: refusing to collect every pod of the network".into(),
+                )
+            })?;
             let request = Request::Gc(GcRequest {
                 network: args.config().name.clone(),
-                valid_container_ids: args
-                    .config()
-                    .valid_attachments
+                valid_container_ids: valid
                     .iter()
-                    .flatten()
                     .map(|attachment| attachment.container_id.clone())
                     .collect(),
             });
             match client::send(&config.agent_socket, None, &request, config.timeout()) {
-                Ok(Some(Reply::Collected(collected))) => {
+                Ok(Some(Reply::Collected(report))) if report.failed.is_empty() => {
                     tracing::info!(
-                        pods = collected.len(),
+                        pods = report.collected.len(),
                         "unenrolled pods the runtime no longer lists"
                     );
                     Ok(())
                 }
+                Ok(Some(Reply::Collected(report))) => Err(Error::Custom(
+                    CODE_AGENT_FAILED,
+                    format!(
+                        "GC could not collect {} pods ({} collected)",
+                        report.failed.len(),
+                        report.collected.len()
+                    ),
+                    report
+                        .failed
+                        .iter()
+                        .map(|failed| {
+                            format!("cgroup id {}: {}", failed.pod.cgroup_id, failed.error)
+                        })
+                        .collect::<Vec<_>>()
+                        .join("; "),
+                )),
                 Ok(Some(other)) => Err(unexpected(&request, &other)),
                 Ok(None) => {
                     tracing::warn!("no agent running; it collects gone pods when it starts");
                     Ok(())
                 }
-                Err(error) => Err(agent_error(&config.agent_socket, error)),
+                Err(error) => Err(agent_error(error)),
             }
         })
     }
@@ -269,16 +342,55 @@ fn cni_args(args: &Args) -> Result<CniArgs, Error> {
     CniArgs::parse(args.args()).map_err(|e| Error::InvalidEnvValue(e.to_string()))
 }
 
-fn skip_reason(config: &PluginConfig, args: &CniArgs) -> Option<&'static str> {
-    if args.skip {
-        return Some("REDIRECTOR_SKIP in CNI_ARGS");
+/// [`select::decide`] on what the runtime passed.
+fn decide(config: &PluginConfig, args: &Args, cni_args: &CniArgs) -> Result<Decision, Refusal> {
+    let net_conf = args.config();
+    let declared = net_conf
+        .capabilities
+        .as_ref()
+        .and_then(|capabilities| capabilities.get(annotations::CAPABILITY))
+        .is_some_and(|&on| on);
+    let passed = net_conf
+        .runtime_config
+        .as_ref()
+        .and_then(|runtime| runtime.custom.get(annotations::CAPABILITY));
+    select::decide(config, cni_args, declared, passed)
+}
+
+/// The CNI error of a refused pod: "try again later" while the runtime passes no annotations
+/// (a fixed runtime or conflist will), "unsupported field" for a setting redirector does not
+/// implement, "invalid network config" for a malformed annotation (they arrive in it).
+fn refused(refusal: Refusal) -> Error {
+    let message = refusal.to_string();
+    match refusal.reason() {
+        Reason::NoAnnotations => Error::TryAgainLater(message),
+        Reason::Unsupported => Error::UnsupportedNetworkConfiguration(message),
+        _ => Error::InvalidNetworkConfig(message),
     }
-    let namespace = args.pod_namespace.as_deref()?;
-    config
-        .skip_namespaces
-        .iter()
-        .any(|skipped| skipped == namespace)
-        .then_some("namespace in skipNamespaces")
+}
+
+/// Tells the agent about a pod that is not enrolled, so that its metrics and status count it.
+/// Best effort: without an agent the plugin's log line is the record.
+fn report(config: &PluginConfig, args: &CniArgs, reason: Reason) {
+    let outcome = CniOutcome {
+        pod: args.pod_uid.clone().map(|uid| PodIdentity {
+            uid,
+            namespace: args.pod_namespace.clone().unwrap_or_default(),
+            name: args.pod_name.clone().unwrap_or_default(),
+        }),
+        reason,
+    };
+    let timeout = config.timeout().min(REPORT_TIMEOUT);
+    match client::send(
+        &config.agent_socket,
+        None,
+        &Request::CniOutcome(outcome),
+        timeout,
+    ) {
+        Ok(Some(_)) => {}
+        Ok(None) => tracing::debug!("no agent to report to"),
+        Err(error) => tracing::warn!(%error, "reporting to the agent"),
+    }
 }
 
 /// The attachment the runtime names; rscni-plugin has checked that ADD, DEL and CHECK carry
@@ -305,20 +417,19 @@ fn ask_agent(config: &PluginConfig, request: &Request) -> Result<Reply, Error> {
             "no redirector agent listens on {}; the pod must not run uncaptured, so this fails until the agent is up",
             config.agent_socket.display()
         ))),
-        Err(error) => Err(agent_error(&config.agent_socket, error)),
+        Err(error) => Err(agent_error(error)),
     }
 }
 
-fn agent_error(socket: &Path, error: ClientError) -> Error {
+fn agent_error(error: ClientError) -> Error {
     match error {
         ClientError::Agent(ApiError {
             kind: ErrorKind::NotReady,
             message,
         }) => Error::TryAgainLater(format!("the redirector agent is not ready: {message}")),
-        ClientError::Io { .. } | ClientError::Protocol { .. } => Error::TryAgainLater(format!(
-            "the redirector agent on {} did not answer: {error}",
-            socket.display()
-        )),
+        ClientError::Io { .. } | ClientError::TimedOut { .. } | ClientError::Protocol { .. } => {
+            Error::TryAgainLater(format!("talking to the redirector agent: {error}"))
+        }
         other => Error::Custom(
             CODE_AGENT_FAILED,
             "the redirector agent failed".into(),

@@ -1,30 +1,14 @@
-//! What the lab records about the machine, and the kernel's memory counters it compares.
+//! The machine under the lab: what it is, how busy it is with other work, and the kernel's
+//! memory counters.
 
 use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use serde::{Deserialize, Serialize};
 
-use crate::rig::CpuPlan;
-
-#[derive(Clone, Debug, Serialize)]
-pub struct SystemInfo {
-    /// `uname -r`.
-    pub kernel: String,
-    /// The first `model name` of /proc/cpuinfo.
-    pub cpu: String,
-    pub cpus: usize,
-    pub pinning: String,
-    /// `iptables -V` (it names the backend: nf_tables or legacy).
-    pub iptables: String,
-    /// `haproxy -v`, first line.
-    pub haproxy: Option<String>,
-    /// CPUs' worth of time spent by anything (stolen time included) in the second before the
-    /// lab started: other work on the machine makes the figures noisy.
-    pub busy_cpus_before_start: Option<f64>,
-}
+use crate::records::SystemInfo;
+use crate::rig::cpus::CpuPlan;
 
 pub fn system_info(cpus: &CpuPlan) -> SystemInfo {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
@@ -119,7 +103,7 @@ fn first_line_of(program: &str, args: &[&str]) -> Option<String> {
 }
 
 /// Kernel memory counters from /proc/meminfo, in KiB.
-#[derive(Clone, Copy, Debug, Default, Serialize)]
+#[derive(Clone, Copy, Debug, Default)]
 pub struct KernelMemory {
     pub slab_kib: i64,
     pub percpu_kib: i64,
@@ -149,39 +133,6 @@ impl KernelMemory {
             vmalloc_kib: self.vmalloc_kib - earlier.vmalloc_kib,
         }
     }
-}
-
-#[derive(Deserialize)]
-struct BpftoolMap {
-    bytes_memlock: u64,
-}
-
-/// Memory the kernel accounts to the maps pinned under `<root>/maps` (bpftool's
-/// `bytes_memlock`); 0 when nothing is installed there.
-pub fn map_memory_bytes(pin_root: &Path) -> Result<u64> {
-    let dir = pin_root.join("maps");
-    let Ok(entries) = std::fs::read_dir(&dir) else {
-        return Ok(0);
-    };
-    let mut total = 0;
-    for entry in entries {
-        let path = entry?.path();
-        let output = Command::new("bpftool")
-            .args(["-j", "map", "show", "pinned"])
-            .arg(&path)
-            .output()
-            .context("running bpftool (is it installed?)")?;
-        anyhow::ensure!(
-            output.status.success(),
-            "bpftool map show pinned {} failed: {}",
-            path.display(),
-            String::from_utf8_lossy(&output.stderr).trim()
-        );
-        let map: BpftoolMap = serde_json::from_slice(&output.stdout)
-            .with_context(|| format!("parsing bpftool's answer for {}", path.display()))?;
-        total += map.bytes_memlock;
-    }
-    Ok(total)
 }
 
 /// Network namespaces the kernel still holds (dying ones included), from the `net_namespace`

@@ -1,44 +1,49 @@
 //! `chart.svg`: latency percentiles per variant (connection rate and 1-byte request/response)
-//! and setup time against the number of pods.
+//! and the per-pod setup time (p99) against the number of pods.
 
 use anyhow::{anyhow, Result};
 use plotters::prelude::*;
 
-use crate::measure::Workload;
-use crate::report::{Metric, Results};
-use crate::setup_cost::Method;
+use crate::analysis::goals::SETUP_GOAL_P99_MS;
+use crate::analysis::traffic::Metric;
+use crate::analysis::Results;
+use crate::records::{SetupMethod, SetupMode};
+use crate::variant::Workload;
 
-const SIZE: (u32, u32) = (1500, 480);
+const SIZE: (u32, u32) = (1840, 480);
+/// Widths of the CRR and RR panels (the setup panel takes the rest): about 75 px per variant,
+/// enough for a label such as `EBPF/haproxy`.
+const CRR_PANEL_WIDTH: u32 = 860;
+const RR_PANEL_WIDTH: u32 = 560;
 const PERCENTILE_COLOURS: [RGBColor; 3] = [
     RGBColor(0x4c, 0x72, 0xb0),
     RGBColor(0xdd, 0x84, 0x52),
     RGBColor(0xc4, 0x4e, 0x52),
 ];
-const METHOD_COLOURS: [RGBColor; 3] = [
-    RGBColor(0xc4, 0x4e, 0x52),
-    RGBColor(0x4c, 0x72, 0xb0),
-    RGBColor(0x55, 0xa8, 0x68),
-];
+/// IPT, EBPF; parallel lines are lighter.
+const METHOD_COLOURS: [RGBColor; 2] = [RGBColor(0xc4, 0x4e, 0x52), RGBColor(0x4c, 0x72, 0xb0)];
+const GOAL_COLOUR: RGBColor = RGBColor(0x55, 0xa8, 0x68);
 
 pub fn render(results: &Results) -> Result<String> {
     let mut svg = String::new();
     {
         let root = SVGBackend::with_string(&mut svg, SIZE).into_drawing_area();
         root.fill(&WHITE).map_err(plot_error)?;
-        let panels = root.split_evenly((1, 3));
+        let (crr, rest) = root.split_horizontally(CRR_PANEL_WIDTH);
+        let (rr, setup) = rest.split_horizontally(RR_PANEL_WIDTH);
         latency_panel(
-            &panels[0],
+            &crr,
             results,
             Workload::Crr,
             "Connection rate (CRR) latency, µs",
         )?;
         latency_panel(
-            &panels[1],
+            &rr,
             results,
             Workload::Rr1,
             "Request/response 1 B latency, µs",
         )?;
-        setup_panel(&panels[2], results)?;
+        setup_panel(&setup, results)?;
         root.present().map_err(plot_error)?;
     }
     Ok(svg)
@@ -68,7 +73,7 @@ fn latency_panel(
     workload: Workload,
     title: &str,
 ) -> Result<()> {
-    let variants = &results.config.variants;
+    let variants = &results.variants_with(workload);
     let percentiles = [
         ("p50", Metric::P50Us),
         ("p99", Metric::P99Us),
@@ -138,22 +143,29 @@ fn variant_label(names: &[&str], x: f64) -> String {
         .map_or(String::new(), |name| (*name).to_owned())
 }
 
-/// Setup time against N, log-log, one line per method.
+/// Per-pod setup p99 against N, log-log, one line per method and mode, and the goal.
 fn setup_panel(
     area: &DrawingArea<SVGBackend<'_>, plotters::coord::Shift>,
     results: &Results,
 ) -> Result<()> {
-    let points = |method| -> Vec<(f64, f64)> {
+    let points = |method, mode| -> Vec<(f64, f64)> {
         let mut points: Vec<(f64, f64)> = results
             .setup
             .iter()
-            .filter(|row| row.method == method)
-            .map(|row| (row.pods as f64, row.millis.median.max(1e-3)))
+            .filter(|row| row.method == method && row.mode == mode)
+            .map(|row| (row.pods as f64, row.p99_ms.max(1e-3)))
             .collect();
         points.sort_by(|a, b| a.0.total_cmp(&b.0));
         points
     };
-    let all: Vec<(f64, f64)> = Method::ALL.iter().flat_map(|&m| points(m)).collect();
+    let lines: Vec<(SetupMethod, SetupMode)> = SetupMethod::ALL
+        .iter()
+        .flat_map(|&method| SetupMode::ALL.map(|mode| (method, mode)))
+        .collect();
+    let all: Vec<(f64, f64)> = lines
+        .iter()
+        .flat_map(|&(m, mode)| points(m, mode))
+        .collect();
     let max_pods = all.iter().map(|p| p.0).fold(1.0, f64::max) * 2.0;
     let min_ms = all
         .iter()
@@ -161,9 +173,9 @@ fn setup_panel(
         .fold(f64::INFINITY, f64::min)
         .min(1.0)
         / 2.0;
-    let max_ms = all.iter().map(|p| p.1).fold(1.0, f64::max) * 2.0;
+    let max_ms = all.iter().map(|p| p.1).fold(SETUP_GOAL_P99_MS, f64::max) * 2.0;
     let mut chart = ChartBuilder::on(area)
-        .caption("Setup time for N pods, ms", ("sans-serif", 18))
+        .caption("Setup per pod, p99, ms", ("sans-serif", 18))
         .margin(12)
         .x_label_area_size(40)
         .y_label_area_size(55)
@@ -176,17 +188,33 @@ fn setup_panel(
         .y_label_formatter(&|y| short_number(*y))
         .draw()
         .map_err(plot_error)?;
-    for (method, colour) in Method::ALL.into_iter().zip(METHOD_COLOURS) {
-        let line = points(method);
+    for (method, mode) in lines {
+        let base = METHOD_COLOURS[SetupMethod::ALL
+            .iter()
+            .position(|&m| m == method)
+            .unwrap_or(0)];
+        let colour = match mode {
+            SetupMode::Sequential => base.to_rgba(),
+            SetupMode::Parallel => base.mix(0.45),
+        };
+        let line = points(method, mode);
         chart
             .draw_series(LineSeries::new(line.clone(), colour.stroke_width(2)))
             .map_err(plot_error)?
-            .label(method.name())
+            .label(format!("{} {}", method.name(), mode.name()))
             .legend(move |(x, y)| PathElement::new([(x, y), (x + 16, y)], colour.stroke_width(2)));
         chart
             .draw_series(line.into_iter().map(|p| Circle::new(p, 3, colour.filled())))
             .map_err(plot_error)?;
     }
+    chart
+        .draw_series(LineSeries::new(
+            [(0.5, SETUP_GOAL_P99_MS), (max_pods, SETUP_GOAL_P99_MS)],
+            GOAL_COLOUR.stroke_width(1),
+        ))
+        .map_err(plot_error)?
+        .label(format!("goal {SETUP_GOAL_P99_MS} ms"))
+        .legend(|(x, y)| PathElement::new([(x, y), (x + 16, y)], GOAL_COLOUR.stroke_width(1)));
     draw_legend(&mut chart)
 }
 

@@ -9,33 +9,17 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use redirector_tests::{run, Child};
-use serde::Serialize;
 
-use crate::measure::Workload;
-use crate::rig::{Rig, Variant};
-use crate::system::{wait_until_quiet, OtherWork};
+use crate::measure::machine::{wait_until_quiet, OtherWork};
+use crate::records::PerfProfile;
+use crate::rig::Rig;
+use crate::variant::{Variant, Workload};
 
 const TOP_SYMBOLS: usize = 12;
 /// perf stops this long after the load has finished its run.
 const PERF_SLACK: Duration = Duration::from_millis(500);
 const REPORT_TIMEOUT: Duration = Duration::from_secs(120);
 const QUIET_TIMEOUT: Duration = Duration::from_secs(30);
-
-#[derive(Clone, Debug, Serialize)]
-pub struct PerfProfile {
-    pub variant: Variant,
-    pub samples: u64,
-    /// Percent of the samples that were not idle.
-    pub busy_pct: f64,
-    /// Percent of the busy samples in netfilter, nftables, conntrack and NAT code.
-    pub netfilter_pct_of_busy: f64,
-    /// Percent of the busy samples in BPF programs, their helpers and the cgroup-BPF glue.
-    pub bpf_pct_of_busy: f64,
-    /// (percent of all samples, symbol), largest first, idle excluded.
-    pub top: Vec<(f64, String)>,
-    /// CPUs' worth of work outside the lab during the run: it shows up in the samples too.
-    pub other_cpus: Option<f64>,
-}
 
 /// Whether `perf` can be run here.
 pub fn available() -> bool {
@@ -67,7 +51,7 @@ pub fn profile(
                 (warmup + duration + PERF_SLACK).as_secs_f64()
             ));
         wait_until_quiet(QUIET_TIMEOUT);
-        let other_work = OtherWork::start(rig.sandbox.cgroups.path());
+        let other_work = OtherWork::start(rig.lab_cgroup());
         let recorder = Child::spawn("perf record", record)?;
         rig.run_load(variant, Workload::Crr, warmup, duration)?;
         recorder

@@ -1,0 +1,126 @@
+//! The end-to-end suites (`tests/tests/*.rs`, one test executable each) and where each one runs:
+//! on the host, in a VM with `--kernel`, in CI's VM run. Every suite left out of a run is named
+//! in its output with the reason; none is counted as passed.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, Result};
+use serde_json::Value;
+
+/// The kernel CI's VM run boots: 5.10 is the oldest kernel Debian's archive still serves
+/// (bullseye) and redirector's intended floor.
+pub const CI_KERNEL: &str = "5.10";
+
+/// Suites the host run leaves out.
+pub const NOT_ON_HOST: &[(&str, &str)] = &[];
+
+/// Suites no VM run can carry.
+pub const NOT_IN_VM: &[(&str, &str)] = &[];
+
+/// Suites CI's VM run leaves out to stay within CI's time (they run with `--kernel`).
+pub const NOT_IN_CI_VM: &[(&str, &str)] = &[];
+
+/// A test executable of the tests crate.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Suite {
+    pub name: String,
+    pub executable: PathBuf,
+}
+
+/// The integration test executables in the messages of `cargo test --no-run
+/// --message-format=json`.
+pub fn from_cargo_messages(messages: &[Value]) -> Result<Vec<Suite>> {
+    let mut suites = Vec::new();
+    for message in artifacts(messages, "test") {
+        let name = message["target"]["name"]
+            .as_str()
+            .context("a test artifact without a target name")?;
+        let executable = message["executable"]
+            .as_str()
+            .with_context(|| format!("test {name} has no executable"))?;
+        suites.push(Suite {
+            name: name.to_owned(),
+            executable: executable.into(),
+        });
+    }
+    suites.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(suites)
+}
+
+/// The executables of the binary targets in the messages of `cargo build --message-format=json`.
+pub fn binaries_in_cargo_messages(messages: &[Value]) -> Vec<PathBuf> {
+    artifacts(messages, "bin")
+        .filter(|message| message["profile"]["test"] == false)
+        .filter_map(|message| message["executable"].as_str().map(PathBuf::from))
+        .collect()
+}
+
+fn artifacts<'a>(messages: &'a [Value], kind: &'a str) -> impl Iterator<Item = &'a Value> + 'a {
+    messages.iter().filter(move |message| {
+        message["reason"] == "compiler-artifact"
+            && message["target"]["kind"]
+                .as_array()
+                .is_some_and(|kinds| kinds.len() == 1 && kinds[0] == kind)
+    })
+}
+
+/// `suites` without those in any of the `left_out` lists, each of which is printed with its
+/// reason as `<run>: left out: NAME (reason)`.
+pub fn select<'a>(run: &str, suites: &'a [Suite], left_out: &[&[(&str, &str)]]) -> Vec<&'a Suite> {
+    suites
+        .iter()
+        .filter(|suite| {
+            let reason = left_out
+                .iter()
+                .flat_map(|list| list.iter())
+                .find(|(name, _)| *name == suite.name);
+            if let Some((name, why)) = reason {
+                eprintln!("{run}: left out: {name} ({why})");
+            }
+            reason.is_none()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn reads_cargo_artifacts() {
+        let messages = [
+            json!({"reason": "compiler-artifact", "target": {"kind": ["test"], "name": "outbound"},
+                   "profile": {"test": true}, "executable": "/t/debug/deps/outbound-1"}),
+            json!({"reason": "compiler-artifact", "target": {"kind": ["lib"], "name": "redirector_tests"},
+                   "profile": {"test": true}, "executable": "/t/debug/deps/redirector_tests-2"}),
+            json!({"reason": "compiler-artifact", "target": {"kind": ["bin"], "name": "e2e-helper"},
+                   "profile": {"test": true}, "executable": "/t/debug/deps/e2e_helper-3"}),
+            json!({"reason": "compiler-artifact", "target": {"kind": ["bin"], "name": "e2e-helper"},
+                   "profile": {"test": false}, "executable": "/t/debug/e2e-helper"}),
+            json!({"reason": "build-finished", "success": true}),
+        ];
+        assert_eq!(
+            from_cargo_messages(&messages).unwrap(),
+            [Suite {
+                name: "outbound".into(),
+                executable: "/t/debug/deps/outbound-1".into()
+            }]
+        );
+        assert_eq!(
+            binaries_in_cargo_messages(&messages),
+            [PathBuf::from("/t/debug/e2e-helper")]
+        );
+    }
+
+    #[test]
+    fn selects_what_is_not_left_out() {
+        let suite = |name: &str| Suite {
+            name: name.into(),
+            executable: name.into(),
+        };
+        let suites = [suite("inbound"), suite("outbound")];
+        let kept = select("host", &suites, &[NOT_ON_HOST, &[("inbound", "why")]]);
+        assert_eq!(kept, [&suites[1]]);
+    }
+}
