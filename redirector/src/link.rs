@@ -4,10 +4,23 @@
 //! `FdLink` conversion for `CgroupSockoptLink`); one path serves all hooks so that every
 //! link is created, pinned and removed the same way. Links are multi-attach by nature, so
 //! they coexist with programs other software attached to the same or parent cgroups.
+//!
+//! Order matters where another program rewrites the same thing: a socket load balancer's
+//! connect4 (Cilium's, kube-proxy replacement) that turns a service VIP into a backend must
+//! run after redirector's, so that the application's connect reaches the proxy with the VIP as
+//! its original destination and only the proxy's own connect is load-balanced, as with
+//! istio-iptables in the pod's netns and kube-proxy on the node. The kernel runs a cgroup's
+//! programs before its ancestors' (the effective array is built from the cgroup up), so a
+//! program at a parent cgroup (Cilium attaches at the root) runs after redirector's unless it
+//! was attached with `BPF_F_PREORDER`. Within the pod's own cgroup the kernel runs programs in
+//! list order, appended at attach time, so redirector's links ask to go first
+//! ([`sys::BPF_F_BEFORE`], Linux 6.17); an older kernel refuses the flag and the link is
+//! appended, after any program attached there earlier.
 use std::{
     io,
     os::fd::{AsFd, BorrowedFd, OwnedFd},
     path::Path,
+    sync::Once,
 };
 
 use crate::sys;
@@ -125,8 +138,36 @@ pub fn attach_pinned(
     hook: Hook,
     pin: &Path,
 ) -> io::Result<()> {
-    let link = sys::link_create(program, target, hook.attach_type())?;
+    let link = match hook {
+        // A netns takes no link flags; sk_lookup programs all run, in attach order.
+        Hook::Inbound => sys::link_create(program, target, hook.attach_type(), 0)?,
+        _ => link_create_first(program, target, hook)?,
+    };
     sys::pin(link.as_fd(), pin)
+}
+
+/// A cgroup link placed before the programs already attached to the cgroup for `hook` (see the
+/// module's documentation), or appended after them on a kernel that cannot place links.
+fn link_create_first(
+    program: BorrowedFd<'_>,
+    cgroup: BorrowedFd<'_>,
+    hook: Hook,
+) -> io::Result<OwnedFd> {
+    match sys::link_create(program, cgroup, hook.attach_type(), sys::BPF_F_BEFORE) {
+        // Any other cause of EINVAL fails again without the flag, and that error is returned.
+        Err(error) if error.raw_os_error() == Some(libc::EINVAL) => {
+            static APPENDED: Once = Once::new();
+            APPENDED.call_once(|| {
+                tracing::info!(
+                    "this kernel cannot order a cgroup's programs (BPF_F_BEFORE on cgroup links \
+                     came with Linux 6.17): redirector's links are appended, so a program attached \
+                     to a pod's own cgroup before enroll runs before redirector's"
+                );
+            });
+            sys::link_create(program, cgroup, hook.attach_type(), 0)
+        }
+        result => result,
+    }
 }
 
 /// Detaches the link pinned at `pin` and removes the pin. Removing the pin alone would detach

@@ -89,17 +89,26 @@ struct LinkCreateAttr {
     flags: u32,
 }
 
-/// Attaches `program` to `target` (a cgroup directory or a netns) as a bpf_link.
+/// `BPF_F_BEFORE` for `BPF_LINK_CREATE` on a cgroup: with no relative program or link (the
+/// `link_create.cgroup.relative_fd` that follows `flags` stays 0), the new link goes before
+/// every program already in the cgroup's own list for its attach type. The cgroup mprog API,
+/// Linux 6.17 (commit 1209339844601 "bpf: Implement mprog API on top of existing cgroup progs");
+/// earlier kernels refuse any flag on a cgroup link with EINVAL.
+pub const BPF_F_BEFORE: u32 = 1 << 3;
+
+/// Attaches `program` to `target` (a cgroup directory or a netns) as a bpf_link, with
+/// `BPF_LINK_CREATE` flags (0, or [`BPF_F_BEFORE`] on a cgroup).
 pub fn link_create(
     program: BorrowedFd<'_>,
     target: BorrowedFd<'_>,
     attach_type: u32,
+    flags: u32,
 ) -> io::Result<OwnedFd> {
     let mut attr = LinkCreateAttr {
         prog_fd: program.as_raw_fd() as u32,
         target_fd: target.as_raw_fd() as u32,
         attach_type,
-        flags: 0,
+        flags,
     };
     bpf(BPF_LINK_CREATE, &mut attr).map(owned_fd)
 }

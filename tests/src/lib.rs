@@ -23,6 +23,7 @@ pub mod parity;
 pub mod pod;
 pub mod process;
 pub mod protocol;
+pub mod socklb;
 pub mod tools;
 
 pub use agent::{http_get, Agent, AgentSetup};
@@ -49,6 +50,7 @@ pub use protocol::{
     PlannedConnect, PodIdentity, PodRef, PodStatus, ProxyEvent, Reached, ReconcileReport,
     RecordCounts, Sample, ServerReply, Status, Transport,
 };
+pub use socklb::{AttachedLb, SockLb};
 pub use tools::{
     attached_programs, nat_rules, netstat_counters, redirector, redirector_processes_mentioning,
     redirector_with_env, status_json, tcp_sockets, tcp_state, udp_sockets, wait_for_tcp_listener,
