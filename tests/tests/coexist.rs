@@ -211,6 +211,8 @@ fn lb_in_the_pod_cgroup_before_enroll_composes_as_the_kernel_allows() -> Result<
     let scratch = setup.sandbox.cgroup("scratch")?;
     let ordered = setup.lb.kernel_orders_cgroup_links(&scratch)?;
     let original_dst = if ordered { VIP } else { setup.lb.backend };
+    // Which of the two behaviours this run checked, for the record of each kernel's run.
+    eprintln!("this kernel places cgroup links: {ordered}; the proxy must be told {original_dst}");
     setup.check_application(original_dst).with_context(|| {
         format!("the kernel orders cgroup links: {ordered}; expected {original_dst}")
     })?;
