@@ -139,7 +139,7 @@ pub fn attach_pinned(
     pin: &Path,
 ) -> io::Result<()> {
     let link = match hook {
-        // A netns takes no link flags; sk_lookup programs all run, in attach order.
+        // A network namespace's links take no flags.
         Hook::Inbound => sys::link_create(program, target, hook.attach_type(), 0)?,
         _ => link_create_first(program, target, hook)?,
     };

@@ -92,8 +92,9 @@ struct LinkCreateAttr {
 /// `BPF_F_BEFORE` for `BPF_LINK_CREATE` on a cgroup: with no relative program or link (the
 /// `link_create.cgroup.relative_fd` that follows `flags` stays 0), the new link goes before
 /// every program already in the cgroup's own list for its attach type. The cgroup mprog API,
-/// Linux 6.17 (commit 1209339844601 "bpf: Implement mprog API on top of existing cgroup progs");
-/// earlier kernels refuse any flag on a cgroup link with EINVAL.
+/// Linux 6.17 (commit 1209339844601 "bpf: Implement mprog API on top of existing cgroup progs"),
+/// also in some stable series (Debian's 6.12.117 has it); other kernels refuse any flag on a
+/// cgroup link with EINVAL.
 pub const BPF_F_BEFORE: u32 = 1 << 3;
 
 /// Attaches `program` to `target` (a cgroup directory or a netns) as a bpf_link, with
