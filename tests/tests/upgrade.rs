@@ -302,17 +302,31 @@ fn set_pinned_settings(pin: &Path, value: &[u8]) -> Result<()> {
     run("bpftool", command, WAIT)?.ensure_success().map(drop)
 }
 
-/// What an enroll could change: every pin, the pod's links and programs, the pods as status
-/// shows them (policy, counters) with the programs build, and the node-wide settings.
+/// Where standalone commands keep the pods' state files: redirector's default (the sandbox
+/// passes no `--state-dir`).
+const STATE_DIR: &str = "/run/redirector/pods";
+
+/// What an enroll could change: every pin, the pods' links and programs, the pods as status
+/// shows them (policy, counters) with the programs build, the node-wide settings, and the
+/// pods' state files.
 #[derive(Debug, PartialEq)]
 struct NodeState {
     pins: Vec<std::path::PathBuf>,
     links: Vec<(u64, u64)>,
     status: redirector_tests::Status,
     settings: Vec<u8>,
+    state_files: Vec<Option<String>>,
 }
 
 fn node_state(sandbox: &Sandbox, pods: &[&Pod]) -> Result<NodeState> {
+    let state_file = |pod: &&Pod| -> Result<Option<String>> {
+        let path = Path::new(STATE_DIR).join(format!("{}.json", pod.cgroup.id()?));
+        match std::fs::read_to_string(&path) {
+            Ok(text) => Ok(Some(text)),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(error) => Err(error).with_context(|| format!("reading {}", path.display())),
+        }
+    };
     Ok(NodeState {
         pins: files_below(sandbox.root())?,
         links: pods
@@ -322,6 +336,7 @@ fn node_state(sandbox: &Sandbox, pods: &[&Pod]) -> Result<NodeState> {
             .concat(),
         status: sandbox.status()?,
         settings: pinned_settings(&sandbox.root().join("maps/SETTINGS"))?,
+        state_files: pods.iter().map(state_file).collect::<Result<_>>()?,
     })
 }
 
@@ -350,6 +365,11 @@ fn a_map_layout_mismatch_is_refused_and_changes_nothing() -> Result<()> {
     settings[LAYOUT_VERSION_BYTES].copy_from_slice(&other_version.to_le_bytes());
     set_pinned_settings(&settings_pin, &settings)?;
     let before = node_state(&sandbox, &[&pod, &newcomer])?;
+    ensure!(
+        before.state_files[0].is_some() && before.state_files[1].is_none(),
+        "state files before the attempts: {:?}",
+        before.state_files
+    );
 
     let attempts: [(&Pod, &[&str]); 2] = [(&pod, &["-x", "10.0.0.0/8"]), (&newcomer, &[])];
     for (target, flags) in attempts {
