@@ -407,3 +407,98 @@ fn a_map_layout_mismatch_is_refused_and_changes_nothing() -> Result<()> {
     proxy.check_redirected(pod.server.addr, &report)?;
     Ok(())
 }
+
+/// `bpftool map show` of a pinned map: (type, key size, value size, entries).
+fn pinned_map_shape(pin: &Path) -> Result<(String, u64, u64, u64)> {
+    let mut command = Command::new("bpftool");
+    command.args(["-j", "map", "show", "pinned"]).arg(pin);
+    let output = run("bpftool", command, WAIT)?.ensure_success()?;
+    let map: serde_json::Value = serde_json::from_str(&output.stdout)
+        .with_context(|| format!("bpftool's map show: {}", output.stdout))?;
+    let number = |field: &str| {
+        map[field]
+            .as_u64()
+            .with_context(|| format!("no {field} in {map}"))
+    };
+    Ok((
+        map["type"]
+            .as_str()
+            .with_context(|| format!("no type in {map}"))?
+            .to_owned(),
+        number("bytes_key")?,
+        number("bytes_value")?,
+        number("max_entries")?,
+    ))
+}
+
+/// One pinned map is another shape than this build's (here: its key is 8 bytes longer, a map
+/// of the same name made by bpftool stands at its pin): a build with other programs refuses to
+/// take the maps over, names the map and says what to do, and changes nothing.
+#[test]
+fn a_pinned_map_of_another_shape_is_refused_naming_it() -> Result<()> {
+    let sandbox = Sandbox::new("map-shape")?;
+    let pod = sandbox.pod("shape", SERVER_PORT)?;
+    let proxy = pod.start_proxy()?;
+    enroll_as(&sandbox, &pod, None)?.ensure_success()?;
+    let before = node_state(&sandbox, &[&pod])?;
+    // What can be read while a map of another shape is pinned (status cannot read it).
+    let pins_and_links = || -> Result<_> {
+        Ok((
+            files_below(sandbox.root())?,
+            links(&pod)?,
+            pinned_settings(&sandbox.root().join("maps/SETTINGS"))?,
+        ))
+    };
+    let mut refusals = Vec::new();
+    for map in ["LISTENERS", "PORTS"] {
+        let pin = sandbox.root().join("maps").join(map);
+        // Set aside (bpffs renames pins) and put back after: the programs keep the real map.
+        let aside = sandbox.root().join("maps").join(format!("{map}-aside"));
+        let (kind, key, value, entries) = pinned_map_shape(&pin)?;
+        std::fs::rename(&pin, &aside)?;
+        let mut create = Command::new("bpftool");
+        create
+            .args(["map", "create"])
+            .arg(&pin)
+            .args(["type", &kind, "key", &(key + 8).to_string()])
+            .args(["value", &value.to_string(), "entries", &entries.to_string()])
+            .args(["name", map]);
+        let created = run("bpftool", create, WAIT)?.ensure_success();
+        let attempt = created.and_then(|_| {
+            let tampered = pins_and_links()?;
+            let output = enroll_as(&sandbox, &pod, Some(OTHER_REVISION))?;
+            Ok((output, pins_and_links()? == tampered))
+        });
+        let _ = std::fs::remove_file(&pin);
+        std::fs::rename(&aside, &pin)?;
+        let (output, unchanged) = attempt?;
+        ensure!(
+            !output.success() && unchanged,
+            "with a {map} of another shape, enroll succeeded ({}) or changed the node ({}): {}",
+            output.success(),
+            !unchanged,
+            output.stderr
+        );
+        refusals.push((map, output.stderr));
+    }
+    let unhelpful: Vec<_> = refusals
+        .iter()
+        .filter(|(map, stderr)| {
+            !stderr.contains(&format!("pinned map {map} has another layout"))
+                || !stderr.contains("redirector uninstall")
+        })
+        .collect();
+    ensure!(
+        unhelpful.is_empty(),
+        "refusals that do not name the map and what to do: {unhelpful:#?}"
+    );
+    let after = node_state(&sandbox, &[&pod])?;
+    ensure!(
+        after == before,
+        "the refused enrolls changed the node: {before:#?} -> {after:#?}"
+    );
+
+    let report = pod.connect(Identity::APP, &ConnectOptions::to(pod.server.addr))?;
+    proxy.check_redirected(pod.server.addr, &report)?;
+    Ok(())
+}
