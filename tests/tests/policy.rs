@@ -218,14 +218,16 @@ fn a_policy_change_applies_to_new_connections_without_reattaching() -> Result<()
 /// (checked: with the sets rewritten in place, map by map, connections reach the proxy).
 #[test]
 fn policy_flips_under_load_never_decide_by_a_mix_of_two_policies() -> Result<()> {
+    use redirector_tests::{client_result, wait_for, ConnectSummary, Identity, TempDir};
+    use std::time::{Duration, Instant};
     const FLIPS: usize = 40;
     const CLIENTS: usize = 2;
     /// Bound of each client's loop; the clients stop at the stop file, after the flips.
     const LOOP_BOUND: u32 = 200_000;
     /// Connections answered before the flips start: the clients are running.
     const WARM_UP: usize = 50;
-    const WAIT: std::time::Duration = std::time::Duration::from_secs(60);
-    let started = std::time::Instant::now();
+    const WAIT: Duration = Duration::from_secs(60);
+    let started = Instant::now();
     let sandbox = Sandbox::new("policy-flips")?;
     let pod = sandbox.pod("flips", 8080)?;
     let proxy = pod.start_proxy()?;
@@ -246,15 +248,15 @@ fn policy_flips_under_load_never_decide_by_a_mix_of_two_policies() -> Result<()>
     enroll(&by_address)?;
     let counters_before = sandbox.counters(&pod.cgroup)?;
 
-    let files = redirector_tests::TempDir::create("policy-flips")?;
+    let files = TempDir::create("policy-flips")?;
     let stop_file = files.path().join("stop");
     let loop_options = ConnectOptions::to(server)
         .count(LOOP_BOUND)
         .stop_file(&stop_file);
     let clients = (0..CLIENTS)
-        .map(|_| pod.spawn_client(&pod.cgroup, redirector_tests::Identity::APP, &loop_options))
+        .map(|_| pod.spawn_client(&pod.cgroup, Identity::APP, &loop_options))
         .collect::<Result<Vec<_>>>()?;
-    redirector_tests::wait_for("the clients' first connections", WAIT, || {
+    wait_for("the clients' first connections", WAIT, || {
         Ok((pod.server.answered().len() >= WARM_UP).then_some(()))
     })?;
     let answered_before = pod.server.answered().len();
@@ -264,8 +266,7 @@ fn policy_flips_under_load_never_decide_by_a_mix_of_two_policies() -> Result<()>
     let answered_during = pod.server.answered().len() - answered_before;
     std::fs::write(&stop_file, "")?;
     for client in &clients {
-        let summary: redirector_tests::ConnectSummary =
-            redirector_tests::client_result(client, WAIT)?;
+        let summary: ConnectSummary = client_result(client, WAIT)?;
         ensure!(summary.failed == 0, "connections failed: {summary:?}");
     }
 

@@ -18,7 +18,7 @@ use anyhow::{ensure, Context, Result};
 use redirector_tests::{
     attached_programs, binary, client_result, files_below, run, spawn_in_pod, wait_for, Child,
     ConnectOptions, ConnectSummary, Counters, HoldOpened, HoldOptions, HoldReport, Identity,
-    Output, Pod, Proxy, Sandbox, TempDir,
+    Output, Pod, Proxy, ProxyEvent, Sandbox, Status, TempDir,
 };
 
 /// The variable that makes this build's programs another build's (see the module comment).
@@ -229,7 +229,7 @@ fn programs_swap_and_back_under_live_traffic() -> Result<()> {
             .events()
             .into_iter()
             .filter_map(|event| match event {
-                redirector_tests::ProxyEvent::Done(done) => Some(done),
+                ProxyEvent::Done(done) => Some(done),
                 _ => None,
             })
             .collect();
@@ -317,7 +317,7 @@ const STATE_DIR: &str = "/run/redirector/pods";
 struct NodeState {
     pins: Vec<std::path::PathBuf>,
     links: Vec<(u64, u64)>,
-    status: redirector_tests::Status,
+    status: Status,
     settings: Vec<u8>,
     state_files: Vec<Option<String>>,
 }
