@@ -251,7 +251,7 @@ pub fn upgrade_programs(root: &PinRoot, options: &LoadOptions) -> Result<Upgrade
 /// The pinned maps have this build's layout: type, key and value sizes and flags (capacities
 /// may differ: the handshake map's is a setting). Without this a program would read a map of
 /// another layout; aya reuses pinned maps by name without looking.
-fn check_map_layouts(root: &PinRoot) -> Result<(), LoadError> {
+pub(crate) fn check_map_layouts(root: &PinRoot) -> Result<(), LoadError> {
     let object = aya_obj::Object::parse(EBPF_OBJECT)?;
     for (name, map) in &object.maps {
         let pin = root.map(name);

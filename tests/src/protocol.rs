@@ -490,6 +490,9 @@ pub struct DoneEvent {
     pub peer: SocketAddr,
     pub bytes_up: u64,
     pub bytes_down: u64,
+    /// The proxy's SO_ORIGINAL_DST asked again once both directions finished: an address, or
+    /// the error's text.
+    pub orig_dst_at_end: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -503,6 +506,8 @@ pub struct NoOrigDstEvent {
 pub struct Status {
     pub pods: Vec<PodStatus>,
     pub records: RecordCounts,
+    /// The build whose programs are pinned (a digest of their object, in hex).
+    pub programs_build: Option<String>,
     /// What the agent reports about itself; None when no agent answered.
     pub agent: Option<AgentReport>,
 }

@@ -209,3 +209,82 @@ fn a_policy_change_applies_to_new_connections_without_reattaching() -> Result<()
     );
     Ok(())
 }
+
+/// Two policies under which the server is reached directly, one by its address (`-x`), the other
+/// by its port (`-o`), swapped 40 times while clients connect in a loop: a connection decided by
+/// the old address set with the new port set (or the reverse) would go to the proxy. None may.
+/// Both policies also exclude 200 decoy CIDRs that sort before the server's address, so that
+/// writing an address set takes long enough for a mixed moment to be seen if there were one
+/// (checked: with the sets rewritten in place, map by map, connections reach the proxy).
+#[test]
+fn policy_flips_under_load_never_decide_by_a_mix_of_two_policies() -> Result<()> {
+    use redirector_tests::{client_result, wait_for, ConnectSummary, Identity, TempDir};
+    use std::time::{Duration, Instant};
+    const FLIPS: usize = 40;
+    const CLIENTS: usize = 2;
+    /// Bound of each client's loop; the clients stop at the stop file, after the flips.
+    const LOOP_BOUND: u32 = 200_000;
+    /// Connections answered before the flips start: the clients are running.
+    const WARM_UP: usize = 50;
+    const WAIT: Duration = Duration::from_secs(60);
+    let started = Instant::now();
+    let sandbox = Sandbox::new("policy-flips")?;
+    let pod = sandbox.pod("flips", 8080)?;
+    let proxy = pod.start_proxy()?;
+    let server = pod.server.addr;
+    let decoys: Vec<String> = (0..200).map(|i| format!("10.100.{i}.0/24")).collect();
+    let decoys = decoys.join(",");
+    let by_address = ["-x".to_owned(), format!("{decoys},{}/32", server.ip())];
+    let by_port = [
+        "-x".to_owned(),
+        decoys,
+        "-o".to_owned(),
+        server.port().to_string(),
+    ];
+    let enroll = |flags: &[String]| {
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        sandbox.enroll_with(&pod.cgroup, &flags)
+    };
+    enroll(&by_address)?;
+    let counters_before = sandbox.counters(&pod.cgroup)?;
+
+    let files = TempDir::create("policy-flips")?;
+    let stop_file = files.path().join("stop");
+    let loop_options = ConnectOptions::to(server)
+        .count(LOOP_BOUND)
+        .stop_file(&stop_file);
+    let clients = (0..CLIENTS)
+        .map(|_| pod.spawn_client(&pod.cgroup, Identity::APP, &loop_options))
+        .collect::<Result<Vec<_>>>()?;
+    wait_for("the clients' first connections", WAIT, || {
+        Ok((pod.server.answered().len() >= WARM_UP).then_some(()))
+    })?;
+    let answered_before = pod.server.answered().len();
+    for flip in 0..FLIPS {
+        enroll(if flip % 2 == 0 { &by_port } else { &by_address })?;
+    }
+    let answered_during = pod.server.answered().len() - answered_before;
+    std::fs::write(&stop_file, "")?;
+    for client in &clients {
+        let summary: ConnectSummary = client_result(client, WAIT)?;
+        ensure!(summary.failed == 0, "connections failed: {summary:?}");
+    }
+
+    let forwarded = proxy.forward_events();
+    ensure!(
+        forwarded.is_empty(),
+        "{} connections reached the proxy during the flips: {:?}",
+        forwarded.len(),
+        &forwarded[..forwarded.len().min(5)]
+    );
+    let counters_after = sandbox.counters(&pod.cgroup)?;
+    ensure!(
+        counters_after.redirected == counters_before.redirected,
+        "connections were redirected: {counters_before:?} -> {counters_after:?}"
+    );
+    eprintln!(
+        "  {FLIPS} flips, {answered_during} connections answered during them, the test {:?}",
+        started.elapsed()
+    );
+    Ok(())
+}

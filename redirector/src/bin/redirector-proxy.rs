@@ -5,8 +5,9 @@
 //! the proxy UID (1337) so its own connects are exempt.
 //!
 //! A pool of worker threads per listener, one per open connection. One JSON line per event on
-//! stdout, unless `--quiet`: `forward` (upstream connected), `done` (both directions finished)
-//! and `no_orig_dst` (lookup failed; the connection is closed).
+//! stdout, unless `--quiet`: `forward` (upstream connected), `done` (both directions finished,
+//! with the original destination asked again then) and `no_orig_dst` (lookup failed; the
+//! connection is closed).
 //!
 //! `--inbound` makes it an inbound listener as Istio's: it forwards from the passthrough
 //! source 127.0.0.6 (or ::6), which the pod's capture leaves alone. `--fastopen` lets its
@@ -211,9 +212,17 @@ fn proxy(client: TcpStream, peer: SocketAddr, settings: Settings) {
         }));
     }
     match relay(&client, &upstream) {
-        Ok((bytes_up, bytes_down)) if settings.events => emit(
-            json!({ "event": "done", "peer": peer, "bytes_up": bytes_up, "bytes_down": bytes_down }),
-        ),
+        Ok((bytes_up, bytes_down)) if settings.events => {
+            // Asked again at the end: the answer must not change while the socket lives, even
+            // across an upgrade of the programs that answer it.
+            let orig_dst_at_end = settings.fixed_upstream.is_none().then(|| {
+                so_original_dst(client.as_fd()).map_or_else(|e| e.to_string(), |a| a.to_string())
+            });
+            emit(json!({
+                "event": "done", "peer": peer, "bytes_up": bytes_up, "bytes_down": bytes_down,
+                "orig_dst_at_end": orig_dst_at_end
+            }))
+        }
         Ok(_) => {}
         Err(e) => emit(json!({ "event": "relay_error", "peer": peer, "error": e.to_string() })),
     }

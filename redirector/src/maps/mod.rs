@@ -15,7 +15,10 @@ pub mod switches;
 
 use aya::maps::{Map, MapData, MapError};
 
-use crate::{loader::LoadError, pins::PinRoot};
+use crate::{
+    loader::{self, LoadError},
+    pins::PinRoot,
+};
 
 /// A map write or read failed.
 #[derive(Debug, thiserror::Error)]
@@ -65,7 +68,16 @@ pub struct Maps {
 }
 
 impl Maps {
+    /// A pinned map that does not open as this build's type is, as a rule, another build's
+    /// layout: then the error is the layout check's, which names the map and what to do.
     pub fn open(root: &PinRoot) -> Result<Self, LoadError> {
+        Self::open_typed(root).map_err(|error| match loader::check_map_layouts(root) {
+            Err(mismatch @ LoadError::LayoutMismatch { .. }) => mismatch,
+            _ => error,
+        })
+    }
+
+    fn open_typed(root: &PinRoot) -> Result<Self, LoadError> {
         Ok(Self {
             settings: settings::PodSettings::open(root)?,
             policy_sets: policy_sets::PolicySets::open(root)?,
