@@ -49,7 +49,7 @@ const UDP_SOURCE_PORTS: std::ops::Range<u16> = 20_000..65_000;
 const ROOT: Identity = Identity { uid: 0, gid: 0 };
 const LISTENER_STARTUP: Duration = Duration::from_secs(10);
 /// e2e-helper connect-batch's worst case per connect (connect and reply timeouts).
-const PER_CONNECT_LIMIT: Duration = Duration::from_secs(1);
+const PER_CONNECT_LIMIT: Duration = Duration::from_secs(4);
 const BATCH_SLACK: Duration = Duration::from_secs(10);
 const RESTORE_TIMEOUT: Duration = Duration::from_secs(20);
 
