@@ -400,7 +400,11 @@ mod tests {
         let path = dir.join("tool.oci.tar");
         write_archive(&path, &files, &config).unwrap();
         let bytes = fs::read(&path).unwrap();
+        // Nothing of the moment or the machine goes in: the same files give the same archive.
+        write_archive(&path, &files, &config).unwrap();
+        let again = fs::read(&path).unwrap();
         fs::remove_dir_all(&dir).unwrap();
+        assert!(bytes == again, "two archives of the same files differ");
 
         let archive = entries(&bytes);
         let read_json = |name: &str| -> Value { serde_json::from_slice(&archive[name].0).unwrap() };
