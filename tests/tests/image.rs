@@ -39,7 +39,7 @@ fn containerd_imports_the_image_and_runs_both_binaries_in_it() -> Result<()> {
     let containerd = Containerd::start()?;
     let images = containerd.import(&archive)?;
     ensure!(
-        images.iter().any(|image| *image == name),
+        images.contains(&name),
         "importing {} gave {images:?}, not {name}",
         archive.display()
     );
