@@ -1,5 +1,6 @@
 //! `redirector`: the command line over the library.
 use std::{
+    io::IsTerminal as _,
     os::fd::AsFd,
     path::PathBuf,
     sync::atomic::{AtomicBool, Ordering},
@@ -101,6 +102,8 @@ fn main() -> anyhow::Result<()> {
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter)),
         )
         .with_writer(std::io::stderr)
+        // Colours only for a person at a terminal: `kubectl logs` and files show escapes raw.
+        .with_ansi(std::io::stderr().is_terminal())
         .init();
     let target = cli.node.target();
     match cli.command {

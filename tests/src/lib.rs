@@ -13,6 +13,7 @@ pub mod agent;
 pub mod bpffs;
 pub mod cgroup;
 pub mod cni;
+pub mod containerd;
 pub mod dns;
 pub mod golden;
 pub mod haproxy;

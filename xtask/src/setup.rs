@@ -30,6 +30,9 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("bind9-dnsutils", "tests"),
     // The reference bridge, host-local and loopback CNI plugins, in /usr/lib/cni.
     ("containernetworking-plugins", "tests"),
+    // The image suite imports and runs `cargo xtask image`'s archive in a private containerd.
+    ("containerd", "tests"),
+    ("runc", "tests"),
     // The VM runs (xtask/src/vm): depmod on the host and modprobe in the guest, the guest's
     // shell and utilities, packing the initramfs, stripping debug info from what it carries.
     ("kmod", "VM tests"),

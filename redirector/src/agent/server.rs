@@ -7,7 +7,7 @@ use std::{
     collections::BTreeMap,
     fs,
     future::IntoFuture as _,
-    io,
+    io::{self, IsTerminal as _},
     net::SocketAddr,
     os::unix::{
         fs::OpenOptionsExt as _,
@@ -121,7 +121,9 @@ pub fn init_logging(format: LogFormat, kernel_lines: bool) {
     });
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(io::stderr);
+        .with_writer(io::stderr)
+        // Colours only for a person at a terminal: `kubectl logs` and files show escapes raw.
+        .with_ansi(io::stderr().is_terminal());
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),

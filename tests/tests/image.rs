@@ -1,0 +1,102 @@
+//! The image `cargo xtask image` writes, under a real runtime: a private containerd (Debian's, with
+//! runc) imports the archive under the name the DaemonSet uses, and both binaries start in the
+//! image's otherwise empty root filesystem (no base image: they are statically linked).
+//!
+//! `cargo xtask test` builds the image and names it in `REDIRECTOR_IMAGE`. Host only: the VM
+//! carries no containerd.
+
+use std::path::PathBuf;
+
+use anyhow::{ensure, Context, Result};
+use redirector_tests::{containerd::Containerd, redirector};
+
+/// The archive's path, set by `cargo xtask test`.
+const IMAGE_VARIABLE: &str = "REDIRECTOR_IMAGE";
+
+/// `redirector --version` of the `redirector` built with these tests (`redirector 0.1.0`) and
+/// the name the image of that version carries.
+fn version_and_image_name() -> Result<(String, String)> {
+    let line = redirector(["--version"])?.ensure_success()?.stdout;
+    let line = line.trim().to_owned();
+    let version = line
+        .strip_prefix("redirector ")
+        .with_context(|| format!("`redirector --version` printed {line:?}"))?;
+    let name = format!("localhost/redirector:{version}");
+    Ok((line, name))
+}
+
+fn archive() -> Result<PathBuf> {
+    let path = std::env::var_os(IMAGE_VARIABLE).with_context(|| {
+        format!("{IMAGE_VARIABLE} is not set: run this suite through `cargo xtask test`, which builds the image")
+    })?;
+    Ok(path.into())
+}
+
+#[test]
+fn containerd_imports_the_image_and_runs_both_binaries_in_it() -> Result<()> {
+    let archive = archive()?;
+    let (version_line, name) = version_and_image_name()?;
+    let containerd = Containerd::start()?;
+    let images = containerd.import(&archive)?;
+    ensure!(
+        images.contains(&name),
+        "importing {} gave {images:?}, not {name}",
+        archive.display()
+    );
+
+    let version = containerd
+        .run(
+            &name,
+            "redirector-version",
+            &[],
+            &["redirector", "--version"],
+        )?
+        .ensure_success()?;
+    ensure!(
+        version.stdout.trim() == version_line,
+        "`redirector --version` in the image printed {:?}, the host's build {version_line:?}",
+        version.stdout
+    );
+
+    // The CNI plugin answers the runtime's VERSION query as it would on a node.
+    let cni = containerd
+        .run(
+            &name,
+            "redirector-cni-version",
+            &["CNI_COMMAND=VERSION"],
+            &["redirector-cni"],
+        )?
+        .ensure_success()?;
+    let answer: serde_json::Value = serde_json::from_str(&cni.stdout)
+        .with_context(|| format!("redirector-cni VERSION printed {:?}", cni.stdout))?;
+    ensure!(
+        answer["supportedVersions"].is_array(),
+        "redirector-cni VERSION answered {answer}"
+    );
+
+    // The image holds nothing but the binaries: there is no shell to run.
+    let shell = containerd.run(&name, "no-shell", &[], &["/bin/sh"])?;
+    ensure!(
+        !shell.success() && shell.stderr.contains("/bin/sh"),
+        "/bin/sh in the image: {shell:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn the_daemonset_runs_the_image_the_archive_carries() -> Result<()> {
+    let (_, name) = version_and_image_name()?;
+    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/daemonset.yaml");
+    let daemonset =
+        std::fs::read_to_string(manifest).with_context(|| format!("reading {manifest}"))?;
+    let images: Vec<&str> = daemonset
+        .lines()
+        .filter_map(|line| line.trim().strip_prefix("image:"))
+        .map(|image| image.split('#').next().unwrap_or_default().trim())
+        .collect();
+    ensure!(
+        !images.is_empty() && images.iter().all(|image| *image == name),
+        "{manifest} runs {images:?}, the archive carries {name}"
+    );
+    Ok(())
+}
