@@ -76,7 +76,7 @@ impl Node {
             let status = self.agent.setup.status()?;
             Ok(status.pod(cgroup_id).filter(|pod| done(pod)).cloned())
         })
-        .with_context(|| format!("{}", self.agent.process.diagnostics()))
+        .with_context(|| self.agent.process.diagnostics().to_string())
     }
 }
 
@@ -190,6 +190,26 @@ fn a_removed_address_leaves_the_pod_and_can_go_to_another_pod() -> Result<()> {
     assert_captured(&proxy, &second.connect(app)?, app, PASSTHROUGH)
         .context("inbound to the address the first pod gave up")?;
 
+    let table = node
+        .agent
+        .setup
+        .redirector(&["status"])?
+        .ensure_success()?
+        .stdout;
+    let first_cgroup = first.pod.cgroup.path().display().to_string();
+    let row = table
+        .lines()
+        .find(|line| line.contains(&first_cgroup))
+        .with_context(|| format!("no row for {first_cgroup} in:\n{table}"))?;
+    ensure!(
+        table
+            .lines()
+            .next()
+            .is_some_and(|header| header.ends_with("ADDR-CHG"))
+            && row.split_whitespace().last() == Some("2"),
+        "addresses followed in the status table:\n{table}"
+    );
+
     let first_id = first.pod.cgroup.id()?.to_string();
     let metrics = node.agent.metrics()?;
     let followed = metrics.value(
@@ -222,4 +242,64 @@ fn an_address_added_while_no_agent_runs_is_followed_at_adoption() -> Result<()> 
     let _app = serve_in_pod(&pod.pod, app)?;
     assert_captured(&proxy, &pod.connect(app)?, app, PASSTHROUGH)
         .context("inbound to the address added while no agent ran")
+}
+
+/// An address another pod holds cannot be followed (pod addresses are unique on a node): the
+/// failure is logged with the pod named and counted, the pod keeps its previous addresses,
+/// and the agent goes on following (the address, once freed, is taken at the next change, or
+/// at the next reconcile pass, which the test's agent does not run).
+#[test]
+fn an_address_another_pod_holds_is_refused_counted_and_followed_once_freed() -> Result<()> {
+    let node = Node::start("addr-claim")?;
+    let holder = InboundPod::create(&node.sandbox, "addrhold", &[])?;
+    let taker = InboundPod::create(&node.sandbox, "addrtake", &[])?;
+    node.enroll(&holder, &["-b", "*"])?;
+    node.enroll(&taker, &["-b", "*"])?;
+    let held = extra_v4(&holder, 54);
+    let cidr = format!("{held}/32");
+    change_address(&holder, "add", &cidr)?;
+    node.wait_until(&holder, "the holder's address to be followed", |status| {
+        status.has_local_address(held.into())
+    })?;
+
+    change_address(&taker, "add", &cidr)?;
+    let taker_cgroup = taker.pod.cgroup.path().display().to_string();
+    let logged = node.agent.process.wait_for_stderr_line(
+        |line| {
+            line.contains("following the pod's address change failed")
+                && line.contains(&taker_cgroup)
+        },
+        FOLLOW_TIMEOUT,
+    )?;
+    ensure!(
+        logged.contains("already has inbound capture for another pod"),
+        "{logged}"
+    );
+    let status = node.agent.setup.status()?;
+    let failures = status
+        .agent
+        .as_ref()
+        .map(|agent| agent.address_follow_failures);
+    ensure!(failures >= Some(1), "failures in status: {failures:?}");
+    let taker_status = status
+        .pod(taker.pod.cgroup.id()?)
+        .context("the taker left status")?;
+    ensure!(
+        !taker_status.has_local_address(held.into())
+            && taker_status.has_local_address(taker.pod.addr().into())
+            && taker_status.addresses_followed == 0,
+        "the taker's sets changed: {taker_status:?}"
+    );
+
+    // The holder gives the address up; the taker's next change takes it.
+    change_address(&holder, "del", &cidr)?;
+    node.wait_until(&holder, "the holder to give the address up", |status| {
+        !status.has_local_address(held.into())
+    })?;
+    let other = extra_v4(&taker, 55);
+    change_address(&taker, "add", &format!("{other}/32"))?;
+    node.wait_until(&taker, "the taker to take both addresses", |status| {
+        status.has_local_address(held.into()) && status.has_local_address(other.into())
+    })?;
+    Ok(())
 }

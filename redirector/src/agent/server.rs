@@ -489,20 +489,15 @@ impl Agent {
             .map(|watch| (cgroup_id, watch))
     }
 
-    /// Follows the addresses of adopted pods that are not followed (at startup, every pod
-    /// with a netns; later, those whose watch could not start or stopped), catching up with
-    /// changes made while nothing followed them.
+    /// Follows the addresses of the adopted pods: starts the watch of those not watched (at
+    /// startup, every pod with a netns; later, those whose watch could not start or stopped),
+    /// and enrolls again those whose addresses differ from their last enroll (changed while
+    /// nothing followed them, or a follow that failed).
     fn follow_adopted(self: &Arc<Self>, adopted: &[PodRef]) {
         for adopted in adopted {
             let cgroup_id = adopted.cgroup_id;
             let pod = {
                 let _one_at_a_time = lock(&self.operations);
-                if lock(&self.watches)
-                    .get(&cgroup_id)
-                    .is_some_and(AddressWatch::is_running)
-                {
-                    continue;
-                }
                 let Ok(Some(record)) = self.node.store.get(cgroup_id) else {
                     continue;
                 };
@@ -514,10 +509,16 @@ impl Agent {
                     continue;
                 }
                 let pod = pod_label(&record.meta, &record.cgroup);
-                let Some(watch) = self.watch(cgroup_id, netns, pod.clone()) else {
-                    continue;
-                };
-                lock(&self.watches).insert(cgroup_id, watch);
+                let mut watches = lock(&self.watches);
+                if !watches
+                    .get(&cgroup_id)
+                    .is_some_and(AddressWatch::is_running)
+                {
+                    let Some(watch) = self.watch(cgroup_id, netns, pod.clone()) else {
+                        continue;
+                    };
+                    watches.insert(cgroup_id, watch);
+                }
                 pod
             };
             self.follow(cgroup_id, &pod);
@@ -549,7 +550,7 @@ impl Agent {
             }
             Ok(Followed::Unchanged | Followed::NotFollowed) => {}
             Err(error) => {
-                tracing::warn!(%pod, cgroup_id, %error, "following the pod's address change failed; it keeps its previous addresses");
+                tracing::warn!(%pod, cgroup_id, %error, "following the pod's address change failed; it keeps its previous addresses until the next change or reconcile pass");
                 self.metrics.count_address_follow_failure();
             }
         }
