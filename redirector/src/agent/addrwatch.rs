@@ -307,4 +307,36 @@ mod tests {
         truncated.extend(message(libc::RTM_NEWADDR, 0));
         assert!(!has_address_change(&truncated));
     }
+
+    /// Several changes waiting together (an interface brought up with its addresses) are
+    /// reported once; closing the stop stream ends the thread. A datagram socket pair stands
+    /// in for the kernel's netlink socket.
+    #[test]
+    fn a_burst_is_reported_once_and_the_stop_stream_ends_the_thread() {
+        use std::os::unix::net::UnixDatagram;
+        let (kernel, socket) = UnixDatagram::pair().unwrap();
+        socket.set_nonblocking(true).unwrap();
+        for kind in [
+            libc::RTM_NEWADDR,
+            libc::RTM_NEWLINK,
+            libc::RTM_DELADDR,
+            libc::RTM_NEWADDR,
+        ] {
+            kernel.send(&message(kind, 8)).unwrap();
+        }
+        let (stop, stopped) = UnixStream::pair().unwrap();
+        let (events, reported) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            follow(&OwnedFd::from(socket), &stopped, &|event| {
+                events.send(format!("{event:?}")).unwrap()
+            })
+        });
+        assert_eq!(reported.recv().unwrap(), "Changed");
+        drop(stop);
+        thread.join().unwrap();
+        assert_eq!(
+            reported.try_iter().collect::<Vec<_>>(),
+            Vec::<String>::new()
+        );
+    }
 }
