@@ -536,7 +536,8 @@ impl Agent {
     }
 
     /// Enrolls the pod again if its addresses changed. A pod unenrolled meanwhile (its watch
-    /// gone) is left alone.
+    /// gone) is left alone. The enroll may carry out pending CNI DELs (an address still
+    /// claimed), whose pods' watches then stop.
     fn follow(&self, cgroup_id: u64, pod: &str) {
         let _running = self.in_flight.track("follow addresses");
         let _one_at_a_time = lock(&self.operations);
@@ -554,6 +555,7 @@ impl Agent {
                 self.metrics.count_address_follow_failure();
             }
         }
+        self.forget_departed();
     }
 
     /// Removes handshakes no proxy took over, and warns while the handshake map is 80 % full.
