@@ -303,3 +303,42 @@ fn an_address_another_pod_holds_is_refused_counted_and_followed_once_freed() -> 
     })?;
     Ok(())
 }
+
+/// The agent's threads that follow a pod's addresses (named `addrwatch`).
+fn watch_threads(agent: &Agent) -> Result<usize> {
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", agent.process.pid()))?;
+    let mut count = 0;
+    for task in tasks {
+        let comm = std::fs::read_to_string(task?.path().join("comm")).unwrap_or_default();
+        count += usize::from(comm.trim() == "addrwatch");
+    }
+    Ok(count)
+}
+
+/// Unenrolling stops the pod's watch (its thread ends), so a later change cannot enroll the
+/// pod again; enrolling again starts one watch, not a second.
+#[test]
+fn unenroll_stops_following_the_pod() -> Result<()> {
+    let node = Node::start("addr-stop")?;
+    let pod = InboundPod::create(&node.sandbox, "addrstop", &[])?;
+    node.enroll(&pod, &["-b", "*"])?;
+    node.enroll(&pod, &["-b", "9080"])?;
+    let threads = |wanted: usize| {
+        wait_for(
+            &format!("{wanted} address watch thread(s) in the agent"),
+            FOLLOW_TIMEOUT,
+            || Ok((watch_threads(&node.agent)? == wanted).then_some(())),
+        )
+    };
+    threads(1)?;
+    let cgroup = pod.pod.cgroup.path().display().to_string();
+    node.agent
+        .setup
+        .redirector(&["unenroll", "--cgroup", &cgroup])?
+        .ensure_success()?;
+    threads(0)?;
+    change_address(&pod, "add", &format!("{}/24", extra_v4(&pod, 56)))?;
+    let status = node.agent.setup.status()?;
+    ensure!(status.pods.is_empty(), "enrolled again: {status:?}");
+    Ok(())
+}
