@@ -78,6 +78,8 @@ struct EnrollArgs {
     cgroup: PathBuf,
     /// The pod's network namespace (e.g. /run/netns/NAME or /proc/PID/ns/net): its addresses
     /// are the pod's local ones, and decide whether IPv6 is captured, as in istio-iptables.
+    /// Through an agent, later address changes are followed (the pod is enrolled again);
+    /// without one, the addresses are read once: run enroll again after a change.
     #[arg(long, visible_alias = "network-namespace")]
     netns: Option<PathBuf>,
     #[command(flatten)]
@@ -179,7 +181,7 @@ fn enroll(target: &client::Target, args: EnrollArgs) -> anyhow::Result<()> {
 
 fn print_table(status: &NodeStatus) {
     println!(
-        "{:<30} {:<50} {:>10} {:>11} {:<12} {:<12} {:>10} {:>9} {:>8} {:>7} {:>9} {:>9} {:>9} {:>9}",
+        "{:<30} {:<50} {:>10} {:>11} {:<12} {:<12} {:>10} {:>9} {:>8} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
         "POD",
         "CGROUP",
         "ID",
@@ -193,11 +195,15 @@ fn print_table(status: &NodeStatus) {
         "IN-CAPT",
         "IN-EXCL",
         "IN-NOPRX",
-        "DNS"
+        "DNS",
+        "ADDR-CHG"
     );
     let list = |ids: &[u32]| ids.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
     for NodePod {
-        status: pod, meta, ..
+        status: pod,
+        meta,
+        addresses_followed,
+        ..
     } in &status.pods
     {
         let cgroup = pod
@@ -211,7 +217,7 @@ fn print_table(status: &NodeStatus) {
         let ports = format!("{}/{}", pod.proxy_port, pod.inbound_capture_port);
         let c = pod.counters;
         println!(
-            "{:<30} {:<50} {:>10} {:>11} {:<12} {:<12} {:>10} {:>9} {:>8} {:>7} {:>9} {:>9} {:>9} {:>9}",
+            "{:<30} {:<50} {:>10} {:>11} {:<12} {:<12} {:>10} {:>9} {:>8} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
             name,
             cgroup,
             pod.cgroup_id,
@@ -225,7 +231,8 @@ fn print_table(status: &NodeStatus) {
             c.inbound_captured,
             c.inbound_excluded,
             c.inbound_no_proxy,
-            c.dns_redirected
+            c.dns_redirected,
+            addresses_followed
         );
     }
     let RecordCounts {
@@ -252,6 +259,10 @@ fn print_table(status: &NodeStatus) {
             "CNI, pods not enrolled since the agent started: passed through: {}; ADD failed: {}",
             counts(&agent.cni.skipped),
             counts(&agent.cni.failed)
+        );
+        println!(
+            "pods' address changes the agent failed to follow since it started: {}",
+            agent.address_follow_failures
         );
     }
 }

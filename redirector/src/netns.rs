@@ -51,37 +51,51 @@ impl PodNetns {
                 source,
             })?
             .ino();
-        std::thread::scope(|scope| {
-            scope
-                .spawn(|| {
-                    setns(file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| {
-                        NetnsError::NotNetns {
-                            path: owned_path.clone(),
-                            source,
-                        }
-                    })?;
-                    let read_error = |source| NetnsError::Read {
-                        path: owned_path.clone(),
-                        source,
-                    };
-                    let addresses = nix::ifaddrs::getifaddrs()
-                        .map_err(|e| read_error(e.into()))?
-                        .filter_map(|interface| interface.address)
-                        .filter_map(|address| {
-                            address
-                                .as_sockaddr_in()
-                                .map(|v4| IpAddr::V4(v4.ip()))
-                                .or_else(|| address.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
-                        })
-                        .collect();
-                    Ok(Self {
-                        path: owned_path.clone(),
-                        inode,
-                        network: PodNetwork { addresses },
+        let addresses = within(&file, path, || {
+            nix::ifaddrs::getifaddrs().map(|interfaces| {
+                interfaces
+                    .filter_map(|interface| interface.address)
+                    .filter_map(|address| {
+                        address
+                            .as_sockaddr_in()
+                            .map(|v4| IpAddr::V4(v4.ip()))
+                            .or_else(|| address.as_sockaddr_in6().map(|v6| IpAddr::V6(v6.ip())))
                     })
-                })
-                .join()
-                .expect("netns reader thread does not panic")
+                    .collect()
+            })
+        })?
+        .map_err(|e| NetnsError::Read {
+            path: path.to_owned(),
+            source: e.into(),
+        })?;
+        Ok(Self {
+            path: owned_path,
+            inode,
+            network: PodNetwork { addresses },
         })
     }
+}
+
+/// Runs `work` on a thread of its own that has entered the network namespace `file` (opened
+/// from `path`): what it creates there (a socket) belongs to that namespace, and the caller's
+/// thread never changes namespace.
+pub fn within<T: Send>(
+    file: &File,
+    path: &Path,
+    work: impl FnOnce() -> T + Send,
+) -> Result<T, NetnsError> {
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                setns(file.as_fd(), CloneFlags::CLONE_NEWNET).map_err(|source| {
+                    NetnsError::NotNetns {
+                        path: path.to_owned(),
+                        source,
+                    }
+                })?;
+                Ok(work())
+            })
+            .join()
+            .expect("a thread in a pod's netns does not panic")
+    })
 }

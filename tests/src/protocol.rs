@@ -546,6 +546,22 @@ pub struct PodStatus {
     pub pod: Option<PodIdentity>,
     pub netns: Option<String>,
     pub attachment: Option<CniAttachment>,
+    /// Times the agent enrolled the pod again because its addresses changed.
+    #[serde(default)]
+    pub addresses_followed: u64,
+}
+
+impl PodStatus {
+    /// Whether `addr` is one of the pod's local addresses in its policy.
+    pub fn has_local_address(&self, addr: std::net::IpAddr) -> bool {
+        let host = match addr {
+            std::net::IpAddr::V4(_) => format!("{addr}/32"),
+            std::net::IpAddr::V6(_) => format!("{addr}/128"),
+        };
+        self.prefixes
+            .iter()
+            .any(|prefix| prefix.value == host && prefix.sets.iter().any(|set| set == "local"))
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
@@ -569,6 +585,9 @@ pub struct AgentReport {
     pub collected_since: Vec<CollectedPod>,
     /// Pods the CNI plugin did not enroll, by reason.
     pub cni: CniCounts,
+    /// Failures to follow a pod's address changes.
+    #[serde(default)]
+    pub address_follow_failures: u64,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]

@@ -264,6 +264,9 @@ pub struct NodePod {
     pub status: PodStatus,
     #[serde(flatten)]
     pub meta: PodMeta,
+    /// Times the agent enrolled the pod again because its addresses changed.
+    #[serde(default)]
+    pub addresses_followed: u64,
     /// The sandboxed runtime (gVisor, Kata) found running the pod: its sockets are not in
     /// this kernel, so it is not captured whatever the maps say.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -297,6 +300,10 @@ pub struct AgentReport {
     /// Handshakes no proxy took over, removed since the agent started.
     #[serde(default)]
     pub expired_handshakes: u64,
+    /// Failures to follow a pod's address changes since the agent started (each is logged
+    /// with the pod).
+    #[serde(default)]
+    pub address_follow_failures: u64,
 }
 
 /// Pods the CNI plugin did not enroll since the agent started, by reason.

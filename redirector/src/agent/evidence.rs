@@ -225,6 +225,7 @@ mod tests {
             cgroup: "/sys/fs/cgroup/kubepods/podu".into(),
             identity: None,
             meta: PodMeta::default(),
+            follow: Default::default(),
         }
     }
 

@@ -32,6 +32,8 @@ pub struct Metrics {
     reconcile_failures: Counter,
     program_upgrades: Counter,
     upgraded_links: Counter,
+    addresses_followed: Counter,
+    address_follow_failures: Counter,
     totals: Mutex<Totals>,
     cni: Mutex<CniCounts>,
 }
@@ -57,6 +59,8 @@ impl Default for Metrics {
             reconcile_failures: Counter::default(),
             program_upgrades: Counter::default(),
             upgraded_links: Counter::default(),
+            addresses_followed: Counter::default(),
+            address_follow_failures: Counter::default(),
             totals: Mutex::default(),
             cni: Mutex::default(),
         }
@@ -83,6 +87,18 @@ impl Metrics {
     pub fn count_upgrade(&self, upgrade: &UpgradeReport) {
         self.program_upgrades.inc();
         self.upgraded_links.inc_by(upgrade.links as u64);
+    }
+
+    pub fn count_addresses_followed(&self) {
+        self.addresses_followed.inc();
+    }
+
+    pub fn count_address_follow_failure(&self) {
+        self.address_follow_failures.inc();
+    }
+
+    pub fn address_follow_failures(&self) -> u64 {
+        self.address_follow_failures.get()
     }
 
     pub fn count_cni_outcome(&self, reason: Reason) {
@@ -152,6 +168,16 @@ impl Metrics {
             "program_upgraded_links",
             "Pod links whose program the agent replaced (BPF_LINK_UPDATE)",
             self.upgraded_links.clone(),
+        );
+        registry.register(
+            "addresses_followed",
+            "Times a pod was enrolled again because its addresses changed",
+            self.addresses_followed.clone(),
+        );
+        registry.register(
+            "address_follow_failures",
+            "Failures to follow a pod's address changes (each is logged with the pod)",
+            self.address_follow_failures.clone(),
         );
         let agent = status.agent.clone().unwrap_or_default();
         registry.register_collector(Box::new(Snapshot {
@@ -363,6 +389,16 @@ impl Collector for Snapshot {
                     .encode(family.encode_family(&pod_labels(pod))?)?;
             }
         }
+        let mut family = encoder.encode_descriptor(
+            "pod_addresses_followed",
+            "Times the pod was enrolled again because its addresses changed",
+            None,
+            MetricType::Counter,
+        )?;
+        for pod in &self.pods {
+            ConstCounter::new(pod.addresses_followed)
+                .encode(family.encode_family(&pod_labels(pod))?)?;
+        }
         Ok(())
     }
 }
@@ -406,6 +442,7 @@ mod tests {
                 }),
                 ..PodMeta::default()
             },
+            addresses_followed: cgroup_id,
             sandboxed: None,
         }
     }
@@ -430,6 +467,7 @@ mod tests {
     fn renders_pods_totals_and_occupancy() {
         let metrics = Metrics::default();
         metrics.observe_enroll(Duration::from_millis(3));
+        metrics.count_addresses_followed();
         for reason in [
             Reason::NotInjected,
             Reason::NotInjected,
@@ -452,6 +490,9 @@ mod tests {
             "redirector_dns_redirected_total 9",
             r#"redirector_pod_dns_redirected_total{cgroup_id="7",pod_uid="uid-7",namespace="default",pod="web"} 6"#,
             "redirector_enroll_duration_seconds_count 1",
+            "redirector_addresses_followed_total 1",
+            "redirector_address_follow_failures_total 0",
+            r#"redirector_pod_addresses_followed_total{cgroup_id="9",pod_uid="uid-9",namespace="default",pod="web"} 9"#,
             "# TYPE redirector_pod_original_dst_misses_total counter",
             r#"redirector_cni_pods_skipped_total{reason="not_injected"} 2"#,
             r#"redirector_cni_pods_skipped_total{reason="istio_init"} 0"#,

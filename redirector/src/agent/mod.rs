@@ -7,7 +7,9 @@
 //! - [`reconcile`]: adopting and collecting pods when the agent starts, and periodically, on
 //!   the [`evidence`] of a source of truth about which pods exist.
 //! - [`pod_cgroup`]: which cgroups are pods.
+//! - [`addrwatch`]: following each pod's address changes.
 //! - [`metrics`], [`server`], [`config`]: the agent process itself.
+pub mod addrwatch;
 pub mod api;
 pub mod client;
 pub mod config;

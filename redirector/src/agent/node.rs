@@ -17,7 +17,7 @@ use super::{
     },
     evidence::EvidenceError,
     pod_cgroup::{self, PodCgroups},
-    store::{Attachment, FileId, PodRecord, PodStore, RecordedIdentity, StoreError},
+    store::{Attachment, FileId, Follow, PodRecord, PodStore, RecordedIdentity, StoreError},
 };
 use crate::{
     cgroup::{self, Cgroup, CgroupError},
@@ -103,11 +103,22 @@ impl Node {
         request: &EnrollRequest,
         default_policy: &Policy,
     ) -> Result<EnrolledPod, NodeError> {
-        match self.enroll_once(request, default_policy) {
+        self.enroll_counting(request, default_policy, false)
+    }
+
+    /// [`Node::enroll`]; `address_change` counts it in the pod's record as one made because
+    /// the pod's addresses changed.
+    pub(super) fn enroll_counting(
+        &self,
+        request: &EnrollRequest,
+        default_policy: &Policy,
+        address_change: bool,
+    ) -> Result<EnrolledPod, NodeError> {
+        match self.enroll_once(request, default_policy, address_change) {
             Err(NodeError::Redirector(pods::Error::AddressClaimed { .. }))
                 if !request.dry_run && self.run_pending_deletes()? > 0 =>
             {
-                self.enroll_once(request, default_policy)
+                self.enroll_once(request, default_policy, address_change)
             }
             result => result,
         }
@@ -117,6 +128,7 @@ impl Node {
         &self,
         request: &EnrollRequest,
         default_policy: &Policy,
+        address_change: bool,
     ) -> Result<EnrolledPod, NodeError> {
         let cgroup = Cgroup::open(&request.cgroup)?;
         self.pod_cgroups.check(&cgroup.path)?;
@@ -143,12 +155,21 @@ impl Node {
             let pod = pods::check_enroll(&self.root, &cgroup.path, policy, meta.netns.as_deref())?;
             return Ok(EnrolledPod::new(&pod, policy.clone()));
         }
-        self.store.put(&PodRecord {
+        let before = previous
+            .as_ref()
+            .map(|record| record.follow.clone())
+            .unwrap_or_default();
+        let mut record = PodRecord {
             cgroup_id: cgroup.id,
             cgroup: cgroup.path.clone(),
             identity: Some(identity(&cgroup, meta.netns.as_deref())?),
             meta: meta.clone(),
-        })?;
+            follow: Follow {
+                policy: Some(policy.clone()),
+                ..before.clone()
+            },
+        };
+        self.store.put(&record)?;
         match pods::enroll(
             &self.root,
             &self.load,
@@ -156,7 +177,21 @@ impl Node {
             policy,
             meta.netns.as_deref(),
         ) {
-            Ok(pod) => Ok(EnrolledPod::new(&pod, policy.clone())),
+            Ok(pod) => {
+                // The addresses are known once read, after the record had to be written.
+                let enrolled = EnrolledPod::new(&pod, policy.clone());
+                let follow = &mut record.follow;
+                follow.count += u64::from(address_change);
+                if enrolled.addresses != before.addresses || address_change {
+                    follow.addresses.clone_from(&enrolled.addresses);
+                    if let Err(error) = self.store.put(&record) {
+                        // The pod is enrolled; a stale list only means one more enroll when
+                        // its addresses are next looked at.
+                        tracing::warn!(cgroup_id = cgroup.id, %error, "recording the pod's addresses");
+                    }
+                }
+                Ok(enrolled)
+            }
             Err(error) => {
                 let restored = match &previous {
                     Some(record) => self.store.put(record),
@@ -267,9 +302,13 @@ impl Node {
                 .cgroup
                 .as_deref()
                 .and_then(pod_cgroup::sandboxed_runtime);
+            let (meta, follow) = record
+                .map(|record| (record.meta, record.follow))
+                .unwrap_or_default();
             out.push(NodePod {
                 status,
-                meta: record.map(|record| record.meta).unwrap_or_default(),
+                meta,
+                addresses_followed: follow.count,
                 sandboxed,
             });
         }
@@ -519,6 +558,7 @@ mod tests {
                 }),
                 ..PodMeta::default()
             },
+            follow: Default::default(),
         }
     }
 

@@ -171,6 +171,7 @@ impl Node {
                         ..RecordedIdentity::default()
                     }),
                 meta: Default::default(),
+                follow: Default::default(),
             };
             self.store.put(&record)?;
             tracing::info!(cgroup_id, cgroup = %path.display(), "rebuilt the state file of an enrolled pod");
@@ -266,6 +267,7 @@ mod tests {
                 cgroup: "/sys/fs/cgroup/kubepods/pod5".into(),
                 identity: None,
                 meta: PodMeta::default(),
+                follow: Default::default(),
             })
             .unwrap();
         let source = Doubtful(AtomicBool::new(true));

@@ -4,20 +4,20 @@
 //! Stopping leaves every pin in place, so enrolled pods stay captured while no agent runs and
 //! the next agent adopts them; only `redirector uninstall` removes them.
 use std::{
-    collections::BTreeMap,
+    collections::{BTreeMap, HashMap},
     fs,
     future::IntoFuture as _,
     io::{self, IsTerminal as _},
     net::SocketAddr,
     os::unix::{
         fs::OpenOptionsExt as _,
-        fs::{DirBuilderExt as _, FileTypeExt as _, PermissionsExt as _},
+        fs::{DirBuilderExt as _, FileTypeExt as _, MetadataExt as _, PermissionsExt as _},
         net::UnixListener as StdUnixListener,
     },
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicBool, AtomicU64, Ordering},
-        Arc, Mutex, MutexGuard,
+        Arc, Mutex, MutexGuard, Weak,
     },
     time::{Duration, Instant},
 };
@@ -42,15 +42,18 @@ use tokio::{
 };
 
 use super::{
+    addrwatch::{AddressWatch, Event, Followed},
     api::{
-        beside, ready_marker, AgentReport, ApiError, CniOutcome, CollectedPod, Envelope, ErrorKind,
-        ReconcileReport, Reply, Request, Response, StatusQuery, MAX_REQUEST_BYTES,
+        beside, ready_marker, AgentReport, ApiError, CniOutcome, CollectedPod, EnrollRequest,
+        Envelope, ErrorKind, PodRef, ReconcileReport, Reply, Request, Response, StatusQuery,
+        MAX_REQUEST_BYTES,
     },
     config::{AgentConfig, AgentFlags, ConfigError, LogFormat, NodeFlags},
     evidence::{Filesystem, PodSource},
     metrics::{self, Metrics},
     node::{Node, NodeError},
     reconcile::Suspects,
+    store::PodMeta,
 };
 use crate::{
     cni::install::{self, plugin_entry, Chained, Installation},
@@ -229,6 +232,9 @@ struct Agent {
     /// Pinned programs of another build this agent replaced when it started.
     upgrade: Mutex<Option<UpgradeReport>>,
     expired_handshakes: AtomicU64,
+    /// The address watch of each enrolled pod with a netns, by cgroup id. Changed with
+    /// `operations` held (taken first), as are the pods.
+    watches: Mutex<HashMap<u64, AddressWatch>>,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -299,6 +305,7 @@ impl Agent {
             in_flight: InFlight::default(),
             metrics: Metrics::default(),
             chained: AtomicBool::new(false),
+            watches: Mutex::default(),
         }
     }
 
@@ -322,6 +329,7 @@ impl Agent {
             cni: self.metrics.cni_counts(),
             upgrade: *lock(&self.upgrade),
             expired_handshakes: self.expired_handshakes.load(Ordering::Relaxed),
+            address_follow_failures: self.metrics.address_follow_failures(),
         }
     }
 
@@ -353,7 +361,7 @@ impl Agent {
     /// Loads the programs (unless pinned), carries out pending CNI DELs, adopts what is pinned
     /// (two reconcile passes apart), then reports ready, also to the CNI plugin's STATUS (a
     /// marker beside the socket that lasts until reboot).
-    fn start(&self) -> Result<(), NodeError> {
+    fn start(self: &Arc<Self>) -> Result<(), NodeError> {
         let _running = self.in_flight.track("startup");
         {
             let _one_at_a_time = lock(&self.operations);
@@ -399,7 +407,7 @@ impl Agent {
     /// One reconcile pass: pending CNI DELs, then the evidence (read without the agent's lock),
     /// then the unenrolls it confirms (with it). A pass that cannot tell collects nothing and
     /// is reported (log, status, metric); None then.
-    fn reconcile_pass(&self) -> Option<ReconcileReport> {
+    fn reconcile_pass(self: &Arc<Self>) -> Option<ReconcileReport> {
         let _running = self.in_flight.track("reconcile");
         let pending = {
             let _one_at_a_time = lock(&self.operations);
@@ -425,11 +433,131 @@ impl Agent {
         *lock(&self.reconcile_error) = None;
         let report = {
             let _one_at_a_time = lock(&self.operations);
-            self.node.collect(plan)
+            let report = self.node.collect(plan);
+            self.forget_departed();
+            report
         };
         self.note_collected(&report.collected);
+        self.follow_adopted(&report.adopted);
         self.maintain_records();
         Some(report)
+    }
+
+    /// Stops the address watches of pods that are no longer enrolled (unenrolled, collected,
+    /// a pending DEL carried out). Called with `operations` held.
+    fn forget_departed(&self) {
+        lock(&self.watches).retain(|&cgroup_id, _| self.node.store.contains(cgroup_id));
+    }
+
+    /// Starts the address watch of an enrolled pod: its changes enroll it again. None when
+    /// the watch cannot start, which is logged and counted (the pod stays enrolled as it is).
+    fn watch(self: &Arc<Self>, cgroup_id: u64, netns: &Path, pod: String) -> Option<AddressWatch> {
+        let agent = Arc::downgrade(self);
+        let label = pod.clone();
+        let started = AddressWatch::start(netns, move |event| {
+            if let Some(agent) = Weak::upgrade(&agent) {
+                agent.on_address_event(cgroup_id, &label, event);
+            }
+        });
+        match started {
+            Ok(watch) => Some(watch),
+            Err(error) => {
+                tracing::warn!(%pod, cgroup_id, %error, "cannot follow the pod's address changes");
+                self.metrics.count_address_follow_failure();
+                None
+            }
+        }
+    }
+
+    /// The watch for the pod an enroll request names, started before the enroll reads the
+    /// pod's addresses so that no change in between is missed.
+    fn watch_before_enroll(
+        self: &Arc<Self>,
+        request: &EnrollRequest,
+    ) -> Option<(u64, AddressWatch)> {
+        let cgroup_id = fs::metadata(&request.cgroup).ok()?.ino();
+        let recorded = match request.meta.netns {
+            Some(_) => None,
+            None => self.node.store.get(cgroup_id).ok().flatten(),
+        };
+        let netns = request.meta.netns.as_ref().or(recorded
+            .as_ref()
+            .and_then(|record| record.meta.netns.as_ref()))?;
+        let meta = recorded
+            .as_ref()
+            .map_or(&request.meta, |record| &record.meta);
+        let pod = pod_label(meta, &request.cgroup);
+        self.watch(cgroup_id, netns, pod)
+            .map(|watch| (cgroup_id, watch))
+    }
+
+    /// Follows the addresses of the adopted pods: starts the watch of those not watched (at
+    /// startup, every pod with a netns; later, those whose watch could not start or stopped),
+    /// and enrolls again those whose addresses differ from their last enroll (changed while
+    /// nothing followed them, or a follow that failed).
+    fn follow_adopted(self: &Arc<Self>, adopted: &[PodRef]) {
+        for adopted in adopted {
+            let cgroup_id = adopted.cgroup_id;
+            let pod = {
+                let _one_at_a_time = lock(&self.operations);
+                let Ok(Some(record)) = self.node.store.get(cgroup_id) else {
+                    continue;
+                };
+                let Some(netns) = &record.meta.netns else {
+                    continue;
+                };
+                if record.follow.policy.is_none() {
+                    tracing::debug!(cgroup_id, "enrolled by a version that did not record its policy; its addresses are followed after its next enroll");
+                    continue;
+                }
+                let pod = pod_label(&record.meta, &record.cgroup);
+                let mut watches = lock(&self.watches);
+                if !watches
+                    .get(&cgroup_id)
+                    .is_some_and(AddressWatch::is_running)
+                {
+                    let Some(watch) = self.watch(cgroup_id, netns, pod.clone()) else {
+                        continue;
+                    };
+                    watches.insert(cgroup_id, watch);
+                }
+                pod
+            };
+            self.follow(cgroup_id, &pod);
+        }
+    }
+
+    fn on_address_event(&self, cgroup_id: u64, pod: &str, event: Event) {
+        match event {
+            Event::Changed => self.follow(cgroup_id, pod),
+            Event::Failed(error) => {
+                tracing::warn!(%pod, cgroup_id, %error, "stopped following the pod's address changes; the next reconcile pass starts again");
+                self.metrics.count_address_follow_failure();
+            }
+        }
+    }
+
+    /// Enrolls the pod again if its addresses changed. A pod unenrolled meanwhile (its watch
+    /// gone) is left alone. The enroll may carry out pending CNI DELs (an address still
+    /// claimed), whose pods' watches then stop.
+    fn follow(&self, cgroup_id: u64, pod: &str) {
+        let _running = self.in_flight.track("follow addresses");
+        let _one_at_a_time = lock(&self.operations);
+        if !lock(&self.watches).contains_key(&cgroup_id) {
+            return;
+        }
+        match self.node.follow_addresses(cgroup_id) {
+            Ok(Followed::Changed { from, to }) => {
+                tracing::info!(%pod, cgroup_id, ?from, ?to, "the pod's addresses changed; enrolled it again");
+                self.metrics.count_addresses_followed();
+            }
+            Ok(Followed::Unchanged | Followed::NotFollowed) => {}
+            Err(error) => {
+                tracing::warn!(%pod, cgroup_id, %error, "following the pod's address change failed; it keeps its previous addresses until the next change or reconcile pass");
+                self.metrics.count_address_follow_failure();
+            }
+        }
+        self.forget_departed();
     }
 
     /// Removes handshakes no proxy took over, and warns while the handshake map is 80 % full.
@@ -462,15 +590,25 @@ impl Agent {
 
     /// Carries out one API request (blocking: BPF syscalls and file I/O). Reads (status, pod)
     /// take no lock, so a slow one never delays an enroll.
-    fn carry_out(&self, request: &Request) -> Result<Reply, NodeError> {
+    fn carry_out(self: &Arc<Self>, request: &Request) -> Result<Reply, NodeError> {
         let _running = self.in_flight.track(request.name());
-        let _one_at_a_time = match request {
+        let one_at_a_time = match request {
             Request::Status(_) | Request::Pod(_) => None,
             _ => Some(lock(&self.operations)),
+        };
+        let watch = match request {
+            Request::Enroll(enroll) if !enroll.dry_run => self.watch_before_enroll(enroll),
+            _ => None,
         };
         let started = Instant::now();
         let result = self.node.handle(request, &self.config.node.default_policy);
         let elapsed = started.elapsed();
+        if let (Some((cgroup_id, watch)), Ok(Reply::Enrolled(_))) = (watch, &result) {
+            lock(&self.watches).insert(cgroup_id, watch);
+        }
+        if one_at_a_time.is_some() {
+            self.forget_departed();
+        }
         match request {
             Request::Enroll(enroll) if !enroll.dry_run => self.metrics.observe_enroll(elapsed),
             Request::Unenroll(_) => self.metrics.observe_unenroll(elapsed),
@@ -824,6 +962,14 @@ fn keep_chained(agent: Arc<Agent>, stop: Arc<AtomicBool>) -> std::thread::JoinHa
             agent.chained.store(false, Ordering::Release);
         }
     })
+}
+
+/// A pod as logs name it: namespace/name when known, else its cgroup.
+fn pod_label(meta: &PodMeta, cgroup: &Path) -> String {
+    meta.pod.as_ref().map_or_else(
+        || cgroup.display().to_string(),
+        |pod| format!("{}/{}", pod.namespace, pod.name),
+    )
 }
 
 /// How often the chain is checked even without a change seen in the conf dir.

@@ -14,13 +14,14 @@
 //! a newer one wrote (no `deny_unknown_fields` on anything stored here).
 use std::{
     fs, io,
+    net::IpAddr,
     os::unix::fs::DirBuilderExt as _,
     path::{Path, PathBuf},
 };
 
 use serde::{Deserialize, Serialize};
 
-use crate::atomic_file;
+use crate::{atomic_file, policy::Policy};
 
 pub const DEFAULT_STATE_DIR: &str = "/run/redirector/pods";
 
@@ -90,6 +91,23 @@ pub struct PodRecord {
     pub identity: Option<RecordedIdentity>,
     #[serde(flatten)]
     pub meta: PodMeta,
+    #[serde(default)]
+    pub follow: Follow,
+}
+
+/// What the agent needs to follow the pod's addresses (see [`super::addrwatch`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Follow {
+    /// The policy of the last enroll, the pod's annotations applied: an address change
+    /// enrolls the pod again with it. None in records of older versions.
+    #[serde(default)]
+    pub policy: Option<Policy>,
+    /// The pod's addresses as the last enroll read them.
+    #[serde(default)]
+    pub addresses: Vec<IpAddr>,
+    /// Times the pod was enrolled again because its addresses changed.
+    #[serde(default)]
+    pub count: u64,
 }
 
 /// Device numbers and inodes recorded at enroll.
@@ -130,6 +148,11 @@ impl PodStore {
 
     fn path(&self, cgroup_id: u64) -> PathBuf {
         self.dir.join(format!("{cgroup_id}.json"))
+    }
+
+    /// Whether the pod has a record (its file exists; it is not read).
+    pub fn contains(&self, cgroup_id: u64) -> bool {
+        self.path(cgroup_id).exists()
     }
 
     /// Writes the record atomically (a reader sees the old file or the new one, never half).
@@ -299,6 +322,13 @@ mod tests {
                     container_id: container_id.into(),
                     ifname: "eth0".into(),
                 }),
+            },
+            // The policy and addresses round-trip, so that the agent can enroll the pod
+            // again with the same settings.
+            follow: Follow {
+                policy: Some(Policy::default()),
+                addresses: vec!["10.0.0.1".parse().unwrap(), "fd00::1".parse().unwrap()],
+                count: 2,
             },
         }
     }
