@@ -7,9 +7,11 @@
 //! The agent therefore subscribes to the address changes of each enrolled pod's network
 //! namespace (netlink `RTM_NEWADDR`/`RTM_DELADDR`) before the enroll reads the addresses, so
 //! that no change between the read and the subscription is missed, and after each burst of
-//! changes enrolls the pod again with the policy it was enrolled with. Enrolling again stages
-//! the new sets under a new generation and switches to them in one write, so capture has no
-//! gap and no mixed moment. The standalone `redirector enroll` (no agent) does not follow.
+//! changes enrolls the pod again with the policy it was enrolled with (at once for the first
+//! change of a burst, and once more when the burst goes quiet). Enrolling again stages
+//! the new sets under a new generation and switches to them in one write, so the switch has
+//! no gap and no mixed moment; a new address itself is without inbound capture from the
+//! moment the kernel adds it until that enroll ends (netlink delivery plus one enroll). The standalone `redirector enroll` (no agent) does not follow.
 use std::{
     fs::{self, File},
     io,
@@ -40,9 +42,9 @@ use crate::{
     pods,
 };
 
-/// How long (ms) a burst of changes may go quiet before the pod is enrolled again: an
-/// interface coming up, or a runtime configuring several addresses, makes them within
-/// milliseconds, and they are followed with one enroll.
+/// How long (ms) a burst of changes may go quiet before the pod is enrolled again for the
+/// rest of the burst: an interface coming up, or a runtime configuring several addresses,
+/// makes them within milliseconds, and they are followed with one more enroll.
 const SETTLE_MS: u16 = 100;
 
 /// The multicast groups of IPv4 and IPv6 address changes.
@@ -157,7 +159,13 @@ fn follow(socket: &OwnedFd, stopped: &UnixStream, report: &impl Fn(Event)) {
                 Wake::Quiet => continue,
                 Wake::Messages => {}
             }
-            let mut changed = drain(socket, &mut buffer)?;
+            // The first change is followed at once, so that a new address goes without
+            // capture only for the time an enroll takes; what follows it within the burst is
+            // followed with one more enroll once the burst goes quiet.
+            if drain(socket, &mut buffer)? {
+                report(Event::Changed);
+            }
+            let mut changed = false;
             loop {
                 match wait(socket, stopped, PollTimeout::from(SETTLE_MS))? {
                     Wake::Stop => return Ok(()),
