@@ -20,7 +20,7 @@
 //! | `traffic.sidecar.istio.io/excludeOutboundPorts` | `-o` | 15020 |
 //! | `istio.io/reroute-virtual-interfaces`, else `traffic.sidecar.istio.io/kubevirtInterfaces` | `-k` | none (any value refused) |
 //! | `traffic.sidecar.istio.io/excludeInterfaces` | `-c` | none (any value refused) |
-//! | `proxy.istio.io/config` `proxyMetadata.ISTIO_META_DNS_CAPTURE` | `--redirect-dns` | the node's setting |
+//! | `proxy.istio.io/config` `proxyMetadata.ISTIO_META_DNS_CAPTURE` | `--redirect-dns --capture-all-dns` | the node's settings |
 use std::collections::BTreeMap;
 
 use ipnet::IpNet;
@@ -185,6 +185,13 @@ pub struct PodSettings {
 impl PodSettings {
     /// The pod's policy: `node`'s, with what the annotations carry in place of its values.
     pub fn apply(&self, node: &Policy) -> Policy {
+        // A pod that switches DNS capture itself gets what istio-cni gives it: capture of every
+        // DNS server (istio-cni sets CaptureAllDNS to the pod's DNS capture), since the
+        // plugin does not know the pod's resolv.conf.
+        let (redirect_dns, capture_all_dns) = match self.redirect_dns {
+            Some(on) => (on, on),
+            None => (node.redirect_dns, node.capture_all_dns),
+        };
         Policy {
             outbound_cidrs_include: self.outbound_cidrs_include.clone(),
             outbound_cidrs_exclude: self.outbound_cidrs_exclude.clone(),
@@ -192,7 +199,8 @@ impl PodSettings {
             inbound_ports_exclude: self.inbound_ports_exclude.clone(),
             outbound_ports_include: self.outbound_ports_include.clone(),
             outbound_ports_exclude: self.outbound_ports_exclude.clone(),
-            redirect_dns: self.redirect_dns.unwrap_or(node.redirect_dns),
+            redirect_dns,
+            capture_all_dns,
             ..node.clone()
         }
     }
@@ -598,9 +606,22 @@ mod tests {
                 r#"{"proxyMetadata": {"ISTIO_META_DNS_CAPTURE": "false"}, "holdApplicationUntilProxyStarts": true}"#,
             ),
         )]));
-        assert!(!dns_off.apply(&node).redirect_dns, "the pod's setting wins");
+        let off = dns_off.apply(&node);
+        assert!(!off.redirect_dns, "the pod's setting wins");
+        assert!(!off.capture_all_dns, "and takes capture-all with it");
         let silent = captured(&with(&[(keys::PROXY_CONFIG, Some("concurrency: 2\n"))]));
         assert!(silent.apply(&node).redirect_dns, "the node's setting stays");
+        assert!(silent.apply(&node).capture_all_dns);
+        let dns_on = captured(&with(&[(
+            keys::PROXY_CONFIG,
+            Some("proxyMetadata:\n  ISTIO_META_DNS_CAPTURE: \"true\"\n"),
+        )]));
+        let quiet_node = Policy::default();
+        let on = dns_on.apply(&quiet_node);
+        assert!(
+            on.redirect_dns && on.capture_all_dns,
+            "a pod's own DNS capture captures every DNS server, as istio-cni does"
+        );
     }
 
     #[test]
