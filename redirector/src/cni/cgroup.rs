@@ -4,7 +4,9 @@
 //! cgroupfs  <root>/kubepods[/burstable|/besteffort]/pod<uid>
 //! systemd   <root>/kubepods.slice[/kubepods-<qos>.slice]/kubepods[-<qos>]-pod<uid with _ for ->.slice
 //! ```
-//! Guaranteed pods sit directly under kubepods, the other QoS classes one level lower.
+//! Guaranteed pods sit directly under kubepods, the other QoS classes one level lower. kind's
+//! nodes run kubelet with `--cgroup-root=/kubelet`, which puts `kubelet/` (cgroupfs) or
+//! `kubelet.slice/kubelet-` (systemd) in front of every level.
 use std::{
     fmt,
     path::{Path, PathBuf},
@@ -46,8 +48,13 @@ pub enum PodCgroupError {
 /// QoS classes, in the order kubelet is most likely to use them.
 const QOS_CLASSES: [Option<&str>; 3] = [Some("burstable"), Some("besteffort"), None];
 
-/// The directories, relative to the cgroup root, where the pod's cgroup may be (one per QoS
-/// class). Refuses a UID that could leave the root.
+/// kubelet's `--cgroup-root`s: the default (the cgroup root), then kind's `/kubelet`, below
+/// which kubelet's `kubepods` becomes `kubelet/kubepods` (cgroupfs) or
+/// `kubelet.slice/kubelet-kubepods.slice` (systemd).
+const KUBELET_CGROUP_ROOTS: [Option<&str>; 2] = [None, Some("kubelet")];
+
+/// The directories, relative to the cgroup root, where the pod's cgroup may be (one per
+/// kubelet cgroup root and QoS class). Refuses a UID that could leave the root.
 pub fn pod_cgroup_candidates(
     driver: CgroupDriver,
     uid: &str,
@@ -57,21 +64,43 @@ pub fn pod_cgroup_candidates(
             uid: uid.to_owned(),
         });
     }
-    Ok(QOS_CLASSES
+    let pod = match driver {
+        CgroupDriver::Cgroupfs => format!("pod{uid}"),
+        CgroupDriver::Systemd => format!("pod{}", uid.replace('-', "_")),
+    };
+    Ok(KUBELET_CGROUP_ROOTS
         .iter()
-        .map(|qos| match (driver, qos) {
-            (CgroupDriver::Cgroupfs, Some(qos)) => format!("kubepods/{qos}/pod{uid}"),
-            (CgroupDriver::Cgroupfs, None) => format!("kubepods/pod{uid}"),
-            (CgroupDriver::Systemd, Some(qos)) => format!(
-                "kubepods.slice/kubepods-{qos}.slice/kubepods-{qos}-pod{}.slice",
-                uid.replace('-', "_")
-            ),
-            (CgroupDriver::Systemd, None) => {
-                format!("kubepods.slice/kubepods-pod{}.slice", uid.replace('-', "_"))
-            }
+        .flat_map(|root| QOS_CLASSES.iter().map(move |qos| (root, qos)))
+        .map(|(root, qos)| {
+            let levels = root
+                .iter()
+                .chain(&Some("kubepods"))
+                .chain(qos)
+                .copied()
+                .chain(std::iter::once(pod.as_str()));
+            nested(driver, levels)
         })
-        .map(PathBuf::from)
         .collect())
+}
+
+/// The path of nested cgroup levels: plain directories with cgroupfs; with systemd, slices
+/// named after their whole ancestry (`a.slice/a-b.slice/a-b-c.slice`).
+fn nested<'a>(driver: CgroupDriver, levels: impl Iterator<Item = &'a str>) -> PathBuf {
+    let mut path = PathBuf::new();
+    let mut slice = String::new();
+    for level in levels {
+        match driver {
+            CgroupDriver::Cgroupfs => path.push(level),
+            CgroupDriver::Systemd => {
+                if !slice.is_empty() {
+                    slice.push('-');
+                }
+                slice.push_str(level);
+                path.push(format!("{slice}.slice"));
+            }
+        }
+    }
+    path
 }
 
 /// The pod's cgroup directory under `root`.
@@ -112,6 +141,9 @@ mod tests {
                 format!("kubepods/burstable/pod{UID}"),
                 format!("kubepods/besteffort/pod{UID}"),
                 format!("kubepods/pod{UID}"),
+                format!("kubelet/kubepods/burstable/pod{UID}"),
+                format!("kubelet/kubepods/besteffort/pod{UID}"),
+                format!("kubelet/kubepods/pod{UID}"),
             ]
             .map(PathBuf::from)
         );
@@ -127,6 +159,9 @@ mod tests {
                 format!("kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod{escaped}.slice"),
                 format!("kubepods.slice/kubepods-besteffort.slice/kubepods-besteffort-pod{escaped}.slice"),
                 format!("kubepods.slice/kubepods-pod{escaped}.slice"),
+                format!("kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-burstable.slice/kubelet-kubepods-burstable-pod{escaped}.slice"),
+                format!("kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-besteffort.slice/kubelet-kubepods-besteffort-pod{escaped}.slice"),
+                format!("kubelet.slice/kubelet-kubepods.slice/kubelet-kubepods-pod{escaped}.slice"),
             ]
             .map(PathBuf::from)
         );
