@@ -30,6 +30,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("bind9-dnsutils", "tests"),
     // The reference bridge, host-local and loopback CNI plugins, in /usr/lib/cni.
     ("containernetworking-plugins", "tests"),
+    // The container-runtime suite starts its own containerd (its CRI plugin) with runc; the
+    // packaged service is never used (the suite's containerd has its own socket and state).
+    ("containerd", "tests"),
+    ("runc", "tests"),
     // The VM runs (xtask/src/vm): depmod on the host and modprobe in the guest, the guest's
     // shell and utilities, packing the initramfs, stripping debug info from what it carries.
     ("kmod", "VM tests"),
