@@ -20,6 +20,8 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("libpolly-22-dev", "bpf-linker build"),
     ("zlib1g-dev", "bpf-linker build"),
     ("libzstd-dev", "bpf-linker build"),
+    // k8s-cri's build script compiles the CRI protobufs with protoc.
+    ("protobuf-compiler", "redirector build (CRI client)"),
     ("iptables", "tests"),
     ("bpftool", "tests"),
     ("iproute2", "tests"),
