@@ -2,6 +2,7 @@
 
 mod cmd;
 mod debian;
+mod image;
 mod setup;
 mod suites;
 mod vm;
@@ -70,6 +71,10 @@ enum Task {
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
+    /// Set up, build `redirector` and `redirector-cni` statically linked and write an OCI image
+    /// archive of them (`localhost/redirector:<version>`, no base image) to target/image; its
+    /// path is the last line printed
+    Image,
     /// Set up, build in release mode and run target/release/redirector-demo (needs root)
     Demo,
     /// Set up, build in release mode and run the lab, redirector against iptables REDIRECT side
@@ -128,6 +133,13 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Task::Image => {
+            setup()?;
+            step("image");
+            let archive = image::redirector_image(root, &target_dir(root))?;
+            println!("{}", archive.display());
+            Ok(())
+        }
         Task::Demo => {
             require_root("the demo")?;
             exec_release_binary(root, "redirector-demo", &[])
@@ -161,10 +173,12 @@ fn test(root: &Path, kernel: Option<&str>, host_only: bool, args: &[String]) -> 
     let built = build_for_tests(root)?;
     let mut parts: Vec<(String, Duration, Result<()>)> = Vec::new();
     if kernel.is_none() {
+        step("image");
+        let image = image::redirector_image(root, &target_dir(root))?;
         let name = "end-to-end tests on the host".to_owned();
         step(&name);
         let started = Instant::now();
-        let outcome = host_suites(root, &built.suites, args);
+        let outcome = host_suites(root, &built.suites, &image, args);
         parts.push((name, started.elapsed(), outcome));
     }
     // Without --kernel, the VM run is CI's: its kernel, its suites.
@@ -226,9 +240,11 @@ fn build_for_tests(root: &Path) -> Result<Built> {
     Ok(Built { binaries, suites })
 }
 
-/// The end-to-end suites on the host, through cargo, one test thread.
-fn host_suites(root: &Path, suites: &[Suite], args: &[String]) -> Result<()> {
+/// The end-to-end suites on the host, through cargo, one test thread; the image suite imports
+/// `image`.
+fn host_suites(root: &Path, suites: &[Suite], image: &Path, args: &[String]) -> Result<()> {
     let mut test = cargo(root, "test");
+    test.env("REDIRECTOR_IMAGE", image);
     test.args(["-p", "redirector-tests", "--lib", "--bins"]);
     for suite in suites::select("host", suites, &[suites::NOT_ON_HOST]) {
         test.args(["--test", &suite.name]);

@@ -32,8 +32,9 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("bind9-dnsutils", "tests"),
     // The reference bridge, host-local and loopback CNI plugins, in /usr/lib/cni.
     ("containernetworking-plugins", "tests"),
-    // The container-runtime suite starts its own containerd (its CRI plugin) with runc; the
-    // packaged service is never used (the suite's containerd has its own socket and state).
+    // Private containerds (their CRI plugin) with runc: the containerd suite runs pods in them,
+    // the image suite imports and runs `cargo xtask image`'s archive. The packaged service is
+    // never used.
     ("containerd", "tests"),
     ("runc", "tests"),
     // The VM runs (xtask/src/vm): depmod on the host and modprobe in the guest, the guest's
