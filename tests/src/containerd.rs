@@ -185,6 +185,14 @@ impl Containerd {
         self.cri.as_ref().expect("connected until drop")
     }
 
+    /// containerd's command line and the tail of its log, for errors.
+    pub fn diagnostics(&self) -> String {
+        self.process
+            .as_ref()
+            .map(|process| format!("containerd:{}", process.diagnostics()))
+            .unwrap_or_default()
+    }
+
     /// `ctr images import` of an OCI archive into the CRI plugin's namespace.
     pub fn import(&self, archive: &Path) -> Result<()> {
         let mut command = Command::new(CTR);
@@ -279,6 +287,9 @@ disabled_plugins = [
 
 [{cri}]
   sandbox_image = "{sandbox_image}"
+  # Sandboxes ask for an oom_score_adj of -998, which needs CAP_SYS_RESOURCE: machines whose
+  # root lacks it (CI's does) would fail every pod. No lower than containerd's own instead.
+  restrict_oom_score_adj = true
   [{cri}.containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"
@@ -413,6 +424,7 @@ fn pod_namespaces() -> api::NamespaceOption {
 /// A pod sandbox run through CRI, with its cgroup; stopped and removed on drop, as kubelet
 /// removes a deleted pod (its cgroup last).
 pub struct CriPod<'a> {
+    containerd: &'a Containerd,
     cri: &'a Cri,
     pub id: String,
     pub spec: PodSpec,
@@ -435,8 +447,11 @@ impl<'a> CriPod<'a> {
         let config = spec.sandbox_config(&CgroupV1Mirror::cgroup_parent(cgroup.path())?);
         let cri = containerd.cri();
         let sent = config.clone();
-        let id = cri.call(async |client| client.run_pod_sandbox(sent, "").await)?;
+        let id = cri
+            .call(async |client| client.run_pod_sandbox(sent, "").await)
+            .with_context(|| containerd.diagnostics())?;
         Ok(CriPod {
+            containerd,
             cri,
             id,
             spec,
@@ -451,9 +466,11 @@ impl<'a> CriPod<'a> {
         let sandbox = self.config.clone();
         let id = self
             .cri
-            .call(async |client| client.create_container(&self.id, config, sandbox).await)?;
+            .call(async |client| client.create_container(&self.id, config, sandbox).await)
+            .with_context(|| self.containerd.diagnostics())?;
         self.cri
-            .call(async |client| client.start_container(&id).await)?;
+            .call(async |client| client.start_container(&id).await)
+            .with_context(|| self.containerd.diagnostics())?;
         Ok(id)
     }
 

@@ -117,7 +117,8 @@ impl Node {
             namespace: "default".into(),
             uid: format!("5e1f0c2a-7d3b-4e6f-{n:04x}-{:012x}", std::process::id()),
             annotations,
-            log_directory: self.scratch.path().join("pods").join(name),
+            // Not below the agent's state directory (scratch/pods).
+            log_directory: self.scratch.path().join("logs").join(name),
         };
         CriPod::run(&self.containerd, &self.sandbox.cgroups, spec)
     }
@@ -384,7 +385,11 @@ fn injected_pod_goes_through_its_proxy_and_removal_leaves_nothing() -> Result<()
     // stays until kubelet removes it, when the pod is dropped.
     let netns = pod.netns_path()?;
     pod.remove()?;
-    ensure!(!netns.exists(), "the pod's netns {} is left", netns.display());
+    ensure!(
+        !netns.exists(),
+        "the pod's netns {} is left",
+        netns.display()
+    );
     let (cgroup, uid) = (pod.cgroup.path(), &pod.spec.uid);
     let status = node.agent.setup.status()?;
     ensure!(
