@@ -152,6 +152,8 @@ fn write_bridge_network(
             "ipam": {
                 "type": "host-local",
                 "subnet": format!("10.202.{subnet}.0/24"),
+                // A default route through the bridge: the node's other addresses are off-link.
+                "routes": [{"dst": "0.0.0.0/0"}],
                 "dataDir": scratch.join("ipam"),
             }
         }]
