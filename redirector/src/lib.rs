@@ -7,10 +7,12 @@
 //! - [`cgroup`], [`kernel`], [`policy`], [`flags`], [`netns`]: input, validated.
 //! - [`agent`]: the node agent, its API, and the CLI's switch between agent and standalone.
 //! - [`cni`]: the chained CNI plugin and its installer.
+//! - [`cri`]: a client of the container runtime's CRI API.
 pub mod agent;
 mod atomic_file;
 pub mod cgroup;
 pub mod cni;
+pub mod cri;
 pub mod flags;
 pub mod kernel;
 pub mod link;

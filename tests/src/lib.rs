@@ -1,7 +1,8 @@
 //! Harness for redirector's end-to-end tests and demo.
 //!
 //! Everything here drives the built binaries (`redirector`, `redirector-proxy`, and this crate's
-//! `e2e-helper`); nothing links the redirector library. Every kernel object a test creates
+//! `e2e-helper`); of the redirector library only the CRI client is used, to drive a container
+//! runtime as kubelet does ([`containerd`]). Every kernel object a test creates
 //! (network namespaces, veths, cgroups, bpffs pins, processes) is owned by a guard whose `Drop`
 //! removes it, so cleanup also happens when a test panics. Names carry the creating pid, which lets
 //! a later run sweep what a killed run left behind (see [`Sandbox::new`]).
@@ -14,6 +15,7 @@ pub mod bpffs;
 pub mod cgroup;
 pub mod cni;
 pub mod containerd;
+pub mod plain_containerd;
 pub mod dns;
 pub mod golden;
 pub mod haproxy;

@@ -8,7 +8,7 @@
 use std::path::PathBuf;
 
 use anyhow::{ensure, Context, Result};
-use redirector_tests::{containerd::Containerd, redirector};
+use redirector_tests::{plain_containerd::Containerd, redirector};
 
 /// The archive's path, set by `cargo xtask test`.
 const IMAGE_VARIABLE: &str = "REDIRECTOR_IMAGE";

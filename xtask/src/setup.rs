@@ -20,6 +20,8 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("libpolly-22-dev", "bpf-linker build"),
     ("zlib1g-dev", "bpf-linker build"),
     ("libzstd-dev", "bpf-linker build"),
+    // k8s-cri's build script compiles the CRI protobufs with protoc.
+    ("protobuf-compiler", "redirector build (CRI client)"),
     ("iptables", "tests"),
     ("bpftool", "tests"),
     ("iproute2", "tests"),
@@ -30,7 +32,9 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("bind9-dnsutils", "tests"),
     // The reference bridge, host-local and loopback CNI plugins, in /usr/lib/cni.
     ("containernetworking-plugins", "tests"),
-    // The image suite imports and runs `cargo xtask image`'s archive in a private containerd.
+    // Private containerds (their CRI plugin) with runc: the containerd suite runs pods in them,
+    // the image suite imports and runs `cargo xtask image`'s archive. The packaged service is
+    // never used.
     ("containerd", "tests"),
     ("runc", "tests"),
     // The VM runs (xtask/src/vm): depmod on the host and modprobe in the guest, the guest's

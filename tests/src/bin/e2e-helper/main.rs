@@ -11,7 +11,8 @@
 //!   answered;
 //! - `dns-query`: DNS queries over UDP from connected or unconnected sockets, with what the
 //!   socket saw of the server;
-//! - `getsockopt`, `peer-groups`: one raw getsockopt() call, reported with its errno.
+//! - `getsockopt`, `peer-groups`: one raw getsockopt() call, reported with its errno;
+//! - `pause`: a pod sandbox's process (the "pause" image's job), waiting for its stop signal.
 
 mod hold;
 mod probes;
@@ -31,6 +32,7 @@ use clap::{Parser, Subcommand};
 use nix::mount::{mount, MsFlags};
 use nix::sched::{setns, unshare, CloneFlags};
 use nix::sys::resource::{setrlimit, Resource};
+use nix::sys::signal::{SigSet, Signal};
 use nix::sys::socket::{setsockopt, sockopt};
 use nix::unistd::{execvp, setgid, setgroups, setuid, Gid, Uid};
 use redirector_tests::{
@@ -151,6 +153,9 @@ enum Action {
         #[arg(long)]
         optlen: u32,
     },
+    /// Wait for SIGTERM or SIGINT, then exit 0: the process of a pod sandbox, which holds the
+    /// pod's namespaces. As PID 1 of a container it gets no signal it does not handle.
+    Pause,
 }
 
 fn main() {
@@ -200,11 +205,22 @@ fn main() {
         Action::PeerGroups { groups, optlen } => {
             probes::peer_groups(groups, optlen).and_then(|report| print_json(&report))
         }
+        Action::Pause => pause(),
     };
     if let Err(error) = result {
         eprintln!("e2e-helper: {error:#}");
         std::process::exit(1);
     }
+}
+
+fn pause() -> Result<()> {
+    let mut stop = SigSet::empty();
+    stop.add(Signal::SIGTERM);
+    stop.add(Signal::SIGINT);
+    // Blocked, the signals stay pending until sigwait takes one, whatever their disposition.
+    stop.thread_block().context("blocking SIGTERM and SIGINT")?;
+    stop.wait().context("waiting for SIGTERM or SIGINT")?;
+    Ok(())
 }
 
 /// One JSON line on stdout: the report the harness parses.
