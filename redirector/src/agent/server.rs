@@ -44,13 +44,14 @@ use tokio::{
 use super::{
     api::{
         beside, ready_marker, AgentReport, ApiError, CniOutcome, CollectedPod, Envelope, ErrorKind,
-        ReconcileReport, Reply, Request, Response, StatusQuery, MAX_REQUEST_BYTES,
+        PodRef, ReconcileReport, Reply, Request, Response, StatusQuery, MAX_REQUEST_BYTES,
     },
     config::{AgentConfig, AgentFlags, ConfigError, LogFormat, NodeFlags},
     evidence::{Filesystem, PodSource},
     metrics::{self, Metrics},
     node::{Node, NodeError},
     reconcile::Suspects,
+    runtime::{Cri, RuntimeSource},
 };
 use crate::{
     cni::install::{self, plugin_entry, Chained, Installation},
@@ -227,6 +228,7 @@ struct Agent {
     /// Pinned programs of another build this agent replaced when it started.
     upgrade: Mutex<Option<UpgradeReport>>,
     expired_handshakes: AtomicU64,
+    enrolled_from_runtime: AtomicU64,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -278,13 +280,31 @@ impl Drop for Running<'_> {
 /// seen gone twice).
 const CONFIRM_DELAY: Duration = Duration::from_secs(2);
 
+/// The source of truth about which pods exist: the container runtime when its socket is
+/// configured, the node's files otherwise. Called on the agent's tokio runtime.
+fn pod_source(config: &AgentConfig) -> Box<dyn PodSource> {
+    let files = Filesystem {
+        cgroup_root: config.node.cgroup_root.clone(),
+    };
+    match &config.runtime_endpoint {
+        Some(socket) => Box::new(RuntimeSource::new(
+            Cri {
+                socket: socket.clone(),
+                cgroup_root: config.node.cgroup_root.clone(),
+                handle: tokio::runtime::Handle::current(),
+            },
+            files,
+            Installation::plugin_config(&config.node),
+        )),
+        None => Box::new(files),
+    }
+}
+
 impl Agent {
     fn new(config: AgentConfig) -> Self {
         Self {
             node: config.node.node(),
-            source: Box::new(Filesystem {
-                cgroup_root: config.node.cgroup_root.clone(),
-            }),
+            source: pod_source(&config),
             config,
             operations: Mutex::new(()),
             ready: AtomicBool::new(false),
@@ -292,6 +312,7 @@ impl Agent {
             collected_since: Mutex::new(Vec::new()),
             upgrade: Mutex::new(None),
             expired_handshakes: AtomicU64::new(0),
+            enrolled_from_runtime: AtomicU64::new(0),
             suspects: Mutex::default(),
             reconcile_error: Mutex::new(None),
             in_flight: InFlight::default(),
@@ -320,6 +341,7 @@ impl Agent {
             cni: self.metrics.cni_counts(),
             upgrade: *lock(&self.upgrade),
             expired_handshakes: self.expired_handshakes.load(Ordering::Relaxed),
+            enrolled_from_runtime: self.enrolled_from_runtime.load(Ordering::Relaxed),
         }
     }
 
@@ -372,6 +394,7 @@ impl Agent {
         tracing::info!(
             adopted = report.adopted.len(),
             collected = report.collected.len(),
+            enrolled_from_runtime = report.enrolled.len(),
             "reconciled with the pinned state; ready"
         );
         *lock(&self.startup) = Some(report);
@@ -392,6 +415,17 @@ impl Agent {
         kept.extend_from_slice(collected);
         let excess = kept.len().saturating_sub(COLLECTED_KEPT);
         kept.drain(..excess);
+    }
+
+    /// Injected pods the runtime ran uncaptured, now enrolled: each is worth a line, as it
+    /// means redirector-cni missed it (not chained, or no agent, when it started).
+    fn note_enrolled(&self, enrolled: &[PodRef]) {
+        for pod in enrolled {
+            tracing::warn!(cgroup_id = pod.cgroup_id, cgroup = ?pod.cgroup, pod = ?pod.pod, "enrolled an injected pod the runtime ran uncaptured");
+        }
+        self.metrics.count_enrolled_from_runtime(enrolled.len());
+        self.enrolled_from_runtime
+            .fetch_add(enrolled.len() as u64, Ordering::Relaxed);
     }
 
     /// One reconcile pass: pending CNI DELs, then the evidence (read without the agent's lock),
@@ -423,9 +457,10 @@ impl Agent {
         *lock(&self.reconcile_error) = None;
         let report = {
             let _one_at_a_time = lock(&self.operations);
-            self.node.collect(plan)
+            self.node.apply(plan, &self.config.node.default_policy)
         };
         self.note_collected(&report.collected);
+        self.note_enrolled(&report.enrolled);
         self.maintain_records();
         Some(report)
     }
