@@ -5,8 +5,11 @@
 //!
 //! A recorded pod is gone only when the runtime positively says so: a successful
 //! `ListPodSandbox` no longer lists the sandbox that enrolled it, or lists it NOTREADY and the
-//! node's files prove its cgroup or netns gone ([`Filesystem`]). A failed call stops the pass.
-//! Pods not enrolled through a sandbox of this runtime (by the CLI) are judged by the files.
+//! node's files prove its cgroup or netns gone ([`Filesystem`]). A failed or unanswered call
+//! stops the pass. Pods not enrolled through a sandbox of this runtime (by the CLI) are judged
+//! by the files, and so is every pod when the runtime lists no sandbox at all: on a node, the
+//! agent's own pod is one, so an empty list means a runtime other than kubelet's (a wrong
+//! endpoint) or one whose state was wiped, which proves nothing.
 //!
 //! Running sandboxes that the CNI plugin's rule ([`select::decide`]) captures but that are not
 //! enrolled (they started while redirector-cni was not chained, or while no agent ran) are
@@ -16,6 +19,7 @@ use std::{
     os::unix::fs::MetadataExt as _,
     path::{Component, Path, PathBuf},
     sync::Mutex,
+    time::Duration,
 };
 
 use serde_json::Value;
@@ -60,6 +64,10 @@ pub struct RunningPod {
     pub cgroup_id: u64,
     pub request: EnrollRequest,
 }
+
+/// How long a pass waits for the runtime's answer: a runtime that hangs stops the pass rather
+/// than wedging the agent.
+const CRI_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// The runtime's CRI socket. Each list connects anew (a restarted runtime is simply found
 /// again), on the agent's tokio runtime.
@@ -109,9 +117,17 @@ impl Cri {
 
 impl Sandboxes for Cri {
     fn list(&self) -> Result<Vec<RuntimeSandbox>, EvidenceError> {
-        self.handle
-            .block_on(self.sandboxes())
-            .map_err(|e| EvidenceError(e.to_string()))
+        match self
+            .handle
+            .block_on(tokio::time::timeout(CRI_TIMEOUT, self.sandboxes()))
+        {
+            Ok(answer) => answer.map_err(|e| EvidenceError(e.to_string())),
+            Err(_) => Err(EvidenceError(format!(
+                "CRI socket {}: no answer within {}s",
+                self.socket.display(),
+                CRI_TIMEOUT.as_secs()
+            ))),
+        }
     }
 }
 
@@ -194,6 +210,9 @@ fn judge(record: &PodRecord, sandboxes: &[RuntimeSandbox]) -> Verdict {
     let Some(attachment) = &record.meta.attachment else {
         return Verdict::AskFiles;
     };
+    if sandboxes.is_empty() {
+        return Verdict::AskFiles;
+    }
     match sandboxes
         .iter()
         .find(|sandbox| sandbox.id == attachment.container_id)
@@ -466,6 +485,13 @@ mod tests {
         // Stopped, or not enrolled through a sandbox: the files decide (and here cannot).
         assert!(source.presence(&record(Some("b"), 11)).is_err());
         assert!(source.presence(&record(None, 13)).is_err());
+    }
+
+    #[test]
+    fn a_runtime_that_lists_no_sandbox_at_all_proves_nothing() {
+        let source = source(Ok(Vec::new()));
+        source.check().unwrap();
+        assert!(source.presence(&record(Some("a"), 10)).is_err());
     }
 
     #[test]
