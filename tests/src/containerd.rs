@@ -66,11 +66,34 @@ impl Cri {
     }
 }
 
+/// The image `cargo xtask test` writes for this suite (xtask/src/image.rs, `e2e_image`):
+/// `e2e-helper` and `redirector-proxy` in /usr/local/bin; its default command, `e2e-helper
+/// pause`, makes it the pod sandbox image too.
+pub const E2E_IMAGE: &str = "localhost/redirector-e2e:1";
+
+/// The archive of [`E2E_IMAGE`], which `cargo xtask test` names in `REDIRECTOR_E2E_IMAGE`.
+pub fn e2e_image_archive() -> Result<PathBuf> {
+    let archive = std::env::var_os("REDIRECTOR_E2E_IMAGE")
+        .map(PathBuf::from)
+        .context(
+            "REDIRECTOR_E2E_IMAGE is not set: run this suite through `cargo xtask test`, which \
+         writes the test image and names it there",
+        )?;
+    ensure!(
+        archive.is_file(),
+        "REDIRECTOR_E2E_IMAGE names {}, which is not a file",
+        archive.display()
+    );
+    Ok(archive)
+}
+
 /// What the test gives its containerd.
 #[derive(Debug, Clone)]
 pub struct ContainerdSettings {
-    /// The image of pod sandboxes (the "pause" image), imported before any pod is run.
+    /// The image of pod sandboxes (the "pause" image), among `images`.
     pub sandbox_image: String,
+    /// OCI archives imported once containerd answers (no registry is reachable).
+    pub images: Vec<PathBuf>,
     /// The conflist(s) the CRI plugin loads, written before containerd starts.
     pub cni_conf_dir: PathBuf,
     /// The CNI plugins' directory (containerd 1.6 takes one).
@@ -136,6 +159,9 @@ impl Containerd {
                 .map(|_| cri))
         })?;
         containerd.cri = Some(cri);
+        for archive in &settings.images {
+            containerd.import(archive)?;
+        }
         Ok(containerd)
     }
 
@@ -157,6 +183,14 @@ impl Containerd {
 
     pub fn cri(&self) -> &Cri {
         self.cri.as_ref().expect("connected until drop")
+    }
+
+    /// containerd's command line and the tail of its log, for errors.
+    pub fn diagnostics(&self) -> String {
+        self.process
+            .as_ref()
+            .map(|process| format!("containerd:{}", process.diagnostics()))
+            .unwrap_or_default()
     }
 
     /// `ctr images import` of an OCI archive into the CRI plugin's namespace.
@@ -253,6 +287,9 @@ disabled_plugins = [
 
 [{cri}]
   sandbox_image = "{sandbox_image}"
+  # Sandboxes ask for an oom_score_adj of -998, which needs CAP_SYS_RESOURCE: machines whose
+  # root lacks it (CI's does) would fail every pod. No lower than containerd's own instead.
+  restrict_oom_score_adj = true
   [{cri}.containerd]
     snapshotter = "overlayfs"
     default_runtime_name = "runc"
@@ -387,6 +424,7 @@ fn pod_namespaces() -> api::NamespaceOption {
 /// A pod sandbox run through CRI, with its cgroup; stopped and removed on drop, as kubelet
 /// removes a deleted pod (its cgroup last).
 pub struct CriPod<'a> {
+    containerd: &'a Containerd,
     cri: &'a Cri,
     pub id: String,
     pub spec: PodSpec,
@@ -409,8 +447,11 @@ impl<'a> CriPod<'a> {
         let config = spec.sandbox_config(&CgroupV1Mirror::cgroup_parent(cgroup.path())?);
         let cri = containerd.cri();
         let sent = config.clone();
-        let id = cri.call(async |client| client.run_pod_sandbox(sent, "").await)?;
+        let id = cri
+            .call(async |client| client.run_pod_sandbox(sent, "").await)
+            .with_context(|| containerd.diagnostics())?;
         Ok(CriPod {
+            containerd,
             cri,
             id,
             spec,
@@ -425,9 +466,11 @@ impl<'a> CriPod<'a> {
         let sandbox = self.config.clone();
         let id = self
             .cri
-            .call(async |client| client.create_container(&self.id, config, sandbox).await)?;
+            .call(async |client| client.create_container(&self.id, config, sandbox).await)
+            .with_context(|| self.containerd.diagnostics())?;
         self.cri
-            .call(async |client| client.start_container(&id).await)?;
+            .call(async |client| client.start_container(&id).await)
+            .with_context(|| self.containerd.diagnostics())?;
         Ok(id)
     }
 
@@ -443,6 +486,24 @@ impl<'a> CriPod<'a> {
             .context("the sandbox status has no network")?;
         ip.parse()
             .with_context(|| format!("the pod's address {ip:?}"))
+    }
+
+    /// The sandbox's network namespace file (containerd's, under /var/run/netns), from its
+    /// runtime spec in the verbose status.
+    pub fn netns_path(&self) -> Result<PathBuf> {
+        let status = self
+            .cri
+            .call(async |client| client.pod_sandbox_status(&self.id).await)?;
+        let info = status.info.get("info").context("no verbose info")?;
+        let info: serde_json::Value = serde_json::from_str(info)?;
+        info["runtimeSpec"]["linux"]["namespaces"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|namespace| namespace["type"] == "network")
+            .and_then(|namespace| namespace["path"].as_str())
+            .map(PathBuf::from)
+            .with_context(|| format!("no network namespace in the sandbox's spec: {info}"))
     }
 
     /// The host PID of a container's process (containerd's verbose status carries it).
@@ -486,8 +547,9 @@ impl<'a> CriPod<'a> {
         )
     }
 
-    /// StopPodSandbox (CNI DEL) and RemovePodSandbox, failing on an error.
-    pub fn remove(mut self) -> Result<()> {
+    /// StopPodSandbox (CNI DEL) and RemovePodSandbox, failing on an error; the pod's cgroup
+    /// stays until the pod is dropped.
+    pub fn remove(&mut self) -> Result<()> {
         self.removed = true;
         self.cri
             .call(async |client| client.stop_pod_sandbox(&self.id).await)?;

@@ -11,24 +11,47 @@
 //! Each test starts its own containerd (own root, state, socket, CNI directories) in a "node"
 //! network namespace of its own, and stops it and removes everything it made, even on panic.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use redirector_tests::containerd::{Containerd, ContainerdSettings};
+use redirector_tests::containerd::{
+    container_config, e2e_image_archive, CgroupV1Mirror, Containerd, ContainerdSettings, CriPod,
+    PodSpec, E2E_IMAGE,
+};
 use redirector_tests::names::next_subnet;
-use redirector_tests::{Netns, Sandbox, TempDir, CNI_PLUGIN_DIR};
-use serde_json::json;
+use redirector_tests::{
+    attached_programs, binary, files_below, istio_injected_annotations, redirector, spawn_in_pod,
+    wait_for, wait_for_tcp_listener, Agent, AgentSetup, Cgroup, Child, ConnectReport, Identity,
+    Netns, ProxyEvent, Sandbox, TempDir, CNI_PLUGIN_DIR, PROXY_PORT,
+};
+use serde_json::{json, Value};
 
 /// The reference plugins the conflist and the CRI plugin use (loopback for the pod's `lo`).
 const REFERENCE_PLUGINS: [&str; 3] = ["bridge", "host-local", "loopback"];
-/// The sandbox image's reference (imported, never pulled).
-const PAUSE_IMAGE: &str = "localhost/redirector-e2e/pause:1";
+/// The node's server, on every address of the node netns.
+const SERVER_PORT: u16 = 8080;
+/// A second server port, for the excluded-port case.
+const EXCLUDED_PORT: u16 = 8081;
+const WAIT: Duration = Duration::from_secs(30);
+const HELPER: &str = "/usr/local/bin/e2e-helper";
+const PROXY: &str = "/usr/local/bin/redirector-proxy";
 
-/// A test's node. Fields drop in order: containerd (its pods first), then the directories,
-/// the network and the sandbox.
+/// A test's node: the agent on the host, redirector-cni chained into the pod network by
+/// `redirector install-cni`, a server in the node netns, and containerd. Fields drop in order:
+/// containerd first (it removes its pods, through CNI DEL, while the agent still runs), then
+/// the server, the agent, runc's cgroup v1 directories, the directories, the network and the
+/// sandbox.
 struct Node {
     containerd: Containerd,
+    servers: Vec<(Child, Cgroup)>,
+    agent: Agent,
+    _cgroups_v1: CgroupV1Mirror,
+    /// 10.202.<subnet>.0/24, the pods' network.
+    subnet: u8,
+    conflist: PathBuf,
     /// CNI conf and bin directories, the agent's socket and state, pod logs.
     scratch: TempDir,
     node: Netns,
@@ -40,36 +63,84 @@ impl Node {
         let sandbox = Sandbox::new(tag)?;
         let scratch = TempDir::create(tag)?;
         let node = Netns::create("node")?;
+        let cgroups_v1 = CgroupV1Mirror::of(&sandbox.cgroups)?;
+        let setup = AgentSetup::new(&sandbox, &scratch)?;
+        let agent = Agent::start(&setup)?;
         let settings = ContainerdSettings {
-            sandbox_image: PAUSE_IMAGE.into(),
+            sandbox_image: E2E_IMAGE.into(),
+            images: vec![e2e_image_archive()?],
             cni_conf_dir: scratch.path().join("net.d"),
             cni_bin_dir: scratch.path().join("cni-bin"),
         };
-        write_bridge_network(
+        let subnet = next_subnet();
+        let conflist = write_bridge_network(
             &settings.cni_conf_dir,
             &settings.cni_bin_dir,
             scratch.path(),
+            subnet,
         )?;
+        install_cni(&settings, &sandbox, &setup)?;
+        let mut servers = Vec::new();
+        for port in [SERVER_PORT, EXCLUDED_PORT] {
+            servers.push(serve(&node, &sandbox, port)?);
+        }
         let containerd = Containerd::start(&node, sandbox.cgroup("containerd")?, &settings)?;
         Ok(Node {
             containerd,
+            servers,
+            agent,
+            _cgroups_v1: cgroups_v1,
+            subnet,
+            conflist,
             scratch,
             node,
             sandbox,
         })
     }
+
+    /// The node's server as pods reach it: at their gateway, the bridge's address.
+    fn server(&self, port: u16) -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::new(10, 202, self.subnet, 1), port))
+    }
+
+    /// What the server on `port` answered so far, as JSON lines.
+    fn answered(&self, port: u16) -> Vec<Value> {
+        let index = usize::from(port != SERVER_PORT);
+        self.servers[index].0.json_lines()
+    }
+
+    /// A pod as kubelet runs one: its cgroup, then RunPodSandbox (CNI ADD through the chain).
+    fn pod(&self, name: &str, annotations: BTreeMap<String, String>) -> Result<CriPod<'_>> {
+        let n = NEXT_POD.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let spec = PodSpec {
+            name: name.into(),
+            namespace: "default".into(),
+            uid: format!("5e1f0c2a-7d3b-4e6f-{n:04x}-{:012x}", std::process::id()),
+            annotations,
+            // Not below the agent's state directory (scratch/pods).
+            log_directory: self.scratch.path().join("logs").join(name),
+        };
+        CriPod::run(&self.containerd, &self.sandbox.cgroups, spec)
+    }
 }
 
+static NEXT_POD: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
 /// The node's pod network, as a cluster's installer leaves it before redirector: a bridge with
-/// host-local addresses in a fresh private /24, and the plugins' directory.
-fn write_bridge_network(conf_dir: &Path, bin_dir: &Path, scratch: &Path) -> Result<()> {
+/// host-local addresses in a fresh private /24, and the plugins' directory. Returns the
+/// conflist's path.
+fn write_bridge_network(
+    conf_dir: &Path,
+    bin_dir: &Path,
+    scratch: &Path,
+    subnet: u8,
+) -> Result<PathBuf> {
     std::fs::create_dir_all(conf_dir)?;
     std::fs::create_dir_all(bin_dir)?;
     for plugin in REFERENCE_PLUGINS {
         std::os::unix::fs::symlink(Path::new(CNI_PLUGIN_DIR).join(plugin), bin_dir.join(plugin))
             .with_context(|| format!("linking the {plugin} plugin into {}", bin_dir.display()))?;
     }
-    let subnet = next_subnet();
     let conflist = json!({
         "cniVersion": "1.0.0",
         "name": format!("rdtpods{subnet}"),
@@ -81,14 +152,136 @@ fn write_bridge_network(conf_dir: &Path, bin_dir: &Path, scratch: &Path) -> Resu
             "ipam": {
                 "type": "host-local",
                 "subnet": format!("10.202.{subnet}.0/24"),
+                // A default route through the bridge: the node's other addresses are off-link.
+                "routes": [{"dst": "0.0.0.0/0"}],
                 "dataDir": scratch.join("ipam"),
             }
         }]
     });
-    std::fs::write(
-        conf_dir.join("10-bridge.conflist"),
-        serde_json::to_string_pretty(&conflist)?,
-    )?;
+    let path = conf_dir.join("10-bridge.conflist");
+    std::fs::write(&path, serde_json::to_string_pretty(&conflist)?)?;
+    Ok(path)
+}
+
+/// `redirector install-cni` into the node's CNI directories, for this test's agent and cgroups.
+fn install_cni(settings: &ContainerdSettings, sandbox: &Sandbox, setup: &AgentSetup) -> Result<()> {
+    let output = redirector([
+        "install-cni".as_ref(),
+        "--cni-bin-dir".as_ref(),
+        settings.cni_bin_dir.as_os_str(),
+        "--cni-conf-dir".as_ref(),
+        settings.cni_conf_dir.as_os_str(),
+        "--cgroup-driver".as_ref(),
+        "cgroupfs".as_ref(),
+        "--cgroup-root".as_ref(),
+        sandbox.cgroups.path().as_os_str(),
+        "--socket".as_ref(),
+        setup.socket.as_os_str(),
+    ])?;
+    output.ensure_success()?;
+    Ok(())
+}
+
+/// `e2e-helper serve --log` on every address of `node`, port `port`.
+fn serve(node: &Netns, sandbox: &Sandbox, port: u16) -> Result<(Child, Cgroup)> {
+    let cgroup = sandbox.cgroup(&format!("node-server{port}"))?;
+    let command = [
+        binary("e2e-helper")?.into_os_string(),
+        "serve".into(),
+        "--log".into(),
+        "--listen".into(),
+        format!("0.0.0.0:{port}").into(),
+    ];
+    let process = spawn_in_pod(node, &cgroup, Identity::APP, &command)?;
+    process.wait_for_line(|line| line == "listening", WAIT)?;
+    Ok((process, cgroup))
+}
+
+/// An injected pod's proxy container (UID 1337, `redirector-proxy` on 15001) and app container
+/// (UID 1000, waiting for the test's execs), the proxy listening. Returns (proxy, app) IDs.
+fn start_containers(pod: &CriPod) -> Result<(String, String)> {
+    let proxy = pod.start_container(container_config(
+        "istio-proxy",
+        E2E_IMAGE,
+        &[PROXY, "--listen", "127.0.0.1:15001"],
+        Identity::PROXY.uid,
+        Identity::PROXY.gid,
+    ))?;
+    wait_for_tcp_listener(pod.container_pid(&proxy)?, PROXY_PORT, WAIT)?;
+    let app = pod.start_container(container_config(
+        "app",
+        E2E_IMAGE,
+        &[HELPER, "pause"],
+        Identity::APP.uid,
+        Identity::APP.gid,
+    ))?;
+    Ok((proxy, app))
+}
+
+/// `e2e-helper connect` run in the app container (as its user, in its cgroup), its report.
+fn connect_from(pod: &CriPod, app: &str, to: SocketAddr, message: &str) -> Result<ConnectReport> {
+    let to = to.to_string();
+    let stdout = pod.exec(app, &[HELPER, "connect", "--to", &to, "--message", message])?;
+    let last = stdout.lines().last().unwrap_or_default();
+    serde_json::from_str(last).with_context(|| format!("parsing the connect report {stdout:?}"))
+}
+
+/// The proxy container's event for the connection from `client`, waiting for it.
+fn proxy_event(pod: &CriPod, client: SocketAddr) -> Result<ProxyEvent> {
+    wait_for(&format!("the proxy's event for {client}"), WAIT, || {
+        Ok(pod
+            .log("istio-proxy")?
+            .iter()
+            .filter_map(|line| serde_json::from_str::<ProxyEvent>(line).ok())
+            .find(|event| match event {
+                ProxyEvent::Forward(forward) => forward.peer == client,
+                ProxyEvent::NoOrigDst(missed) => missed.peer == client,
+                ProxyEvent::Done(_) => false,
+            }))
+    })
+}
+
+/// The connection reached `server` through the pod's proxy: the app saw the server as its
+/// peer, the proxy learned it as the original destination, and the server saw the proxy's
+/// upstream connection, from the pod's address.
+fn assert_through_proxy(pod: &CriPod, report: &ConnectReport, server: SocketAddr) -> Result<()> {
+    let reply = report.server_reply()?;
+    ensure!(
+        report.peer == Some(server),
+        "the app's getpeername is not the server: {report:?}"
+    );
+    let ProxyEvent::Forward(forward) = proxy_event(pod, report.local_addr()?)? else {
+        anyhow::bail!("the proxy found no original destination for {report:?}");
+    };
+    ensure!(
+        forward.orig_dst == server,
+        "the proxy forwarded to {}, not {server}",
+        forward.orig_dst
+    );
+    ensure!(
+        reply.peer == forward.upstream_local && reply.peer.ip() == pod.ip()?,
+        "the server saw {}, the proxy's upstream was {} (pod address {})",
+        reply.peer,
+        forward.upstream_local,
+        pod.ip()?
+    );
+    Ok(())
+}
+
+/// The connection went straight to `server` from the pod's address.
+fn assert_direct(pod: &CriPod, report: &ConnectReport, server: SocketAddr) -> Result<()> {
+    let reply = report.server_reply()?;
+    let local = report.local_addr()?;
+    ensure!(
+        report.peer == Some(server) && reply.local == server,
+        "not connected to {server}: {report:?}"
+    );
+    ensure!(
+        reply.peer == local && local.ip() == pod.ip()?,
+        "the server saw {} but the app's socket was {local} (pod address {})",
+        reply.peer,
+        pod.ip()?
+    );
     Ok(())
 }
 
@@ -135,6 +328,12 @@ fn private_containerd_answers_cri_and_leaves_nothing() -> Result<()> {
         version.runtime_name == "containerd" && version.runtime_api_version == "v1",
         "unexpected runtime: {version:?}"
     );
+    let plugins: Value = serde_json::from_str(&std::fs::read_to_string(&node.conflist)?)?;
+    ensure!(
+        plugins["plugins"][1]["type"] == "redirector-cni"
+            && plugins["plugins"][1]["capabilities"]["io.kubernetes.cri.pod-annotations"] == true,
+        "install-cni did not chain redirector-cni with the annotations capability: {plugins}"
+    );
     let dir = node.containerd.path();
     let dir_text = dir.display().to_string();
     ensure!(
@@ -144,9 +343,13 @@ fn private_containerd_answers_cri_and_leaves_nothing() -> Result<()> {
 
     let Node {
         containerd,
+        servers,
+        agent,
+        _cgroups_v1,
         scratch,
         node: netns,
         sandbox,
+        ..
     } = node;
     drop(containerd);
     ensure!(!dir.exists(), "{} is left", dir.display());
@@ -154,6 +357,125 @@ fn private_containerd_answers_cri_and_leaves_nothing() -> Result<()> {
     ensure!(mounts.is_empty(), "mounts left: {mounts:?}");
     let processes = processes_mentioning(&dir_text)?;
     ensure!(processes.is_empty(), "processes left: {processes:?}");
-    drop((scratch, netns, sandbox));
+    drop((servers, agent, _cgroups_v1, scratch, netns, sandbox));
+    Ok(())
+}
+
+/// Case 1 and 5: an injected pod's app connects to a server outside the pod through the pod's
+/// proxy container; removing the sandbox unenrolls the pod and leaves nothing of it.
+#[test]
+fn injected_pod_goes_through_its_proxy_and_removal_leaves_nothing() -> Result<()> {
+    let node = Node::start("containerd-injected")?;
+    let pins_before = files_below(node.sandbox.root())?;
+    let mut pod = node.pod("injected", istio_injected_annotations())?;
+    let status = node.agent.setup.status()?;
+    let enrolled = status
+        .pod_by_uid(&pod.spec.uid)
+        .with_context(|| format!("the injected pod is not enrolled: {status:?}"))?;
+    ensure!(
+        Path::new(&enrolled.cgroup) == pod.cgroup.path(),
+        "enrolled {} instead of the pod's cgroup {}",
+        enrolled.cgroup,
+        pod.cgroup.path().display()
+    );
+    let (_proxy, app) = start_containers(&pod)?;
+    let server = node.server(SERVER_PORT);
+    let report = connect_from(&pod, &app, server, "from the injected pod")?;
+    assert_through_proxy(&pod, &report, server)?;
+
+    // StopPodSandbox runs CNI DEL, RemovePodSandbox removes the containers; the pod's cgroup
+    // stays until kubelet removes it, when the pod is dropped.
+    let netns = pod.netns_path()?;
+    pod.remove()?;
+    ensure!(
+        !netns.exists(),
+        "the pod's netns {} is left",
+        netns.display()
+    );
+    let (cgroup, uid) = (pod.cgroup.path(), &pod.spec.uid);
+    let status = node.agent.setup.status()?;
+    ensure!(
+        status.pod_by_uid(uid).is_none(),
+        "the removed pod is still enrolled: {status:?}"
+    );
+    let links = attached_programs(cgroup)?;
+    ensure!(
+        links.is_empty(),
+        "programs left on {}: {links:?}",
+        cgroup.display()
+    );
+    ensure!(
+        files_below(node.sandbox.root())? == pins_before,
+        "pins left: {:?}",
+        files_below(node.sandbox.root())?
+    );
+    let state = node.agent.setup.state_files()?;
+    ensure!(state.is_empty(), "state files left: {state:?}");
+    Ok(())
+}
+
+/// Case 2: a pod without the injector's annotations, on the same node, is not enrolled and
+/// connects directly.
+#[test]
+fn pod_without_annotations_is_not_enrolled_and_connects_directly() -> Result<()> {
+    let node = Node::start("containerd-plain")?;
+    let pod = node.pod("plain", BTreeMap::new())?;
+    let status = node.agent.setup.status()?;
+    ensure!(
+        status.pod_by_uid(&pod.spec.uid).is_none() && status.pods.is_empty(),
+        "a pod without annotations was enrolled: {status:?}"
+    );
+    let links = attached_programs(pod.cgroup.path())?;
+    ensure!(links.is_empty(), "programs on the plain pod: {links:?}");
+    let app = pod.start_container(container_config(
+        "app",
+        E2E_IMAGE,
+        &[HELPER, "pause"],
+        Identity::APP.uid,
+        Identity::APP.gid,
+    ))?;
+    let server = node.server(SERVER_PORT);
+    let report = connect_from(&pod, &app, server, "from the plain pod")?;
+    assert_direct(&pod, &report, server)
+}
+
+/// Case 3: an injected pod's excludeOutboundPorts and excludeOutboundIPRanges annotations send
+/// those connections direct, and the rest still through the proxy.
+#[test]
+fn excluded_outbound_ports_and_ranges_go_direct() -> Result<()> {
+    let node = Node::start("containerd-excluded")?;
+    // A second address of the node, in a range the pod excludes.
+    let excluded_range = format!("10.203.{}.0/24", node.subnet);
+    let excluded_addr = Ipv4Addr::new(10, 203, node.subnet, 1);
+    let cidr = format!("{excluded_addr}/32");
+    node.node
+        .run("ip", &["addr", "add", &cidr, "dev", "lo"])
+        .context("adding the excluded address to the node")?;
+    let mut annotations = istio_injected_annotations();
+    annotations.insert(
+        "traffic.sidecar.istio.io/excludeOutboundPorts".into(),
+        EXCLUDED_PORT.to_string(),
+    );
+    annotations.insert(
+        "traffic.sidecar.istio.io/excludeOutboundIPRanges".into(),
+        excluded_range,
+    );
+    let pod = node.pod("excluded", annotations)?;
+    let (_proxy, app) = start_containers(&pod)?;
+
+    let captured = node.server(SERVER_PORT);
+    let report = connect_from(&pod, &app, captured, "captured")?;
+    assert_through_proxy(&pod, &report, captured)?;
+    let excluded_port = node.server(EXCLUDED_PORT);
+    let report = connect_from(&pod, &app, excluded_port, "excluded port")?;
+    assert_direct(&pod, &report, excluded_port)?;
+    let excluded_ip = SocketAddr::from((excluded_addr, SERVER_PORT));
+    let report = connect_from(&pod, &app, excluded_ip, "excluded range")?;
+    assert_direct(&pod, &report, excluded_ip)?;
+    ensure!(
+        node.answered(EXCLUDED_PORT).len() == 1,
+        "the excluded port's server answered {:?}",
+        node.answered(EXCLUDED_PORT)
+    );
     Ok(())
 }

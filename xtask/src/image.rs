@@ -340,6 +340,53 @@ pub fn redirector_image(root: &Path, target_dir: &Path) -> Result<PathBuf> {
     Ok(archive)
 }
 
+/// The reference the containerd suite runs its containers and pod sandboxes from.
+const E2E_IMAGE_NAME: &str = "localhost/redirector-e2e:1";
+/// The workspace binaries the containerd suite runs in containers: the test tools and the
+/// proxy.
+const E2E_IMAGE_BINARIES: [&str; 2] = ["e2e-helper", "redirector-proxy"];
+
+/// The containerd suite's image, from the binaries `cargo xtask test` built (among `binaries`):
+/// `e2e-helper` and `redirector-proxy` in /usr/local/bin, with the libraries `ldd` lists at
+/// their host paths (the test build is not static). It is also the pod sandbox ("pause") image:
+/// its default command is `e2e-helper pause`. Returns the archive's path.
+pub fn e2e_image(target_dir: &Path, binaries: &[PathBuf]) -> Result<PathBuf> {
+    let mut files = Vec::new();
+    let mut libraries = BTreeSet::new();
+    for name in E2E_IMAGE_BINARIES {
+        let binary = binaries
+            .iter()
+            .find(|path| path.file_name().is_some_and(|file| file == name))
+            .with_context(|| format!("the test build made no {name} binary"))?;
+        files.push(LayerFile {
+            path: format!("/usr/local/bin/{name}"),
+            source: binary.clone(),
+            mode: 0o755,
+        });
+        libraries.extend(crate::vm::ldd_libraries(binary)?);
+    }
+    for library in libraries {
+        files.push(LayerFile {
+            path: library.display().to_string(),
+            source: fs::canonicalize(&library)
+                .with_context(|| format!("resolving {}", library.display()))?,
+            mode: 0o755,
+        });
+    }
+    let config = ImageConfig {
+        name: E2E_IMAGE_NAME.into(),
+        entrypoint: Vec::new(),
+        cmd: vec!["/usr/local/bin/e2e-helper".into(), "pause".into()],
+        env: vec!["PATH=/usr/local/bin".into()],
+        labels: BTreeMap::new(),
+    };
+    let folder = target_dir.join("image");
+    fs::create_dir_all(&folder).with_context(|| format!("creating {}", folder.display()))?;
+    let archive = folder.join("redirector-e2e.oci.tar");
+    write_archive(&archive, &files, &config)?;
+    Ok(archive)
+}
+
 #[cfg(test)]
 mod tests {
     use std::{collections::HashMap, io::Read};

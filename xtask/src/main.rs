@@ -174,11 +174,14 @@ fn test(root: &Path, kernel: Option<&str>, host_only: bool, args: &[String]) -> 
     let mut parts: Vec<(String, Duration, Result<()>)> = Vec::new();
     if kernel.is_none() {
         step("image");
-        let image = image::redirector_image(root, &target_dir(root))?;
+        let images = Images {
+            redirector: image::redirector_image(root, &target_dir(root))?,
+            e2e: image::e2e_image(&target_dir(root), &built.binaries)?,
+        };
         let name = "end-to-end tests on the host".to_owned();
         step(&name);
         let started = Instant::now();
-        let outcome = host_suites(root, &built.suites, &image, args);
+        let outcome = host_suites(root, &built.suites, &images, args);
         parts.push((name, started.elapsed(), outcome));
     }
     // Without --kernel, the VM run is CI's: its kernel, its suites.
@@ -240,11 +243,20 @@ fn build_for_tests(root: &Path) -> Result<Built> {
     Ok(Built { binaries, suites })
 }
 
-/// The end-to-end suites on the host, through cargo, one test thread; the image suite imports
-/// `image`.
-fn host_suites(root: &Path, suites: &[Suite], image: &Path, args: &[String]) -> Result<()> {
+/// The image archives the host suites import into their containerds.
+struct Images {
+    /// `cargo xtask image`'s, for the image suite.
+    redirector: PathBuf,
+    /// The test tools' (and pod sandboxes'), for the containerd suite.
+    e2e: PathBuf,
+}
+
+/// The end-to-end suites on the host, through cargo, one test thread, told where the image
+/// archives are.
+fn host_suites(root: &Path, suites: &[Suite], images: &Images, args: &[String]) -> Result<()> {
     let mut test = cargo(root, "test");
-    test.env("REDIRECTOR_IMAGE", image);
+    test.env("REDIRECTOR_IMAGE", &images.redirector);
+    test.env("REDIRECTOR_E2E_IMAGE", &images.e2e);
     test.args(["-p", "redirector-tests", "--lib", "--bins"]);
     for suite in suites::select("host", suites, &[suites::NOT_ON_HOST]) {
         test.args(["--test", &suite.name]);

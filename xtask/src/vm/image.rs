@@ -208,12 +208,7 @@ impl Image {
         if !is_elf(path)? {
             return Ok(());
         }
-        let out = query(Command::new("ldd").arg(path))?;
-        // A static executable makes ldd exit 1 ("not a dynamic executable"): no libraries.
-        if !out.status.success() {
-            return Ok(());
-        }
-        for library in libraries_in_ldd_output(&String::from_utf8_lossy(&out.stdout)) {
+        for library in ldd_libraries(path)? {
             self.add(&library)?;
         }
         Ok(())
@@ -290,6 +285,18 @@ fn is_elf(path: &Path) -> Result<bool> {
         Err(err) if err.kind() == ErrorKind::UnexpectedEof => Ok(false),
         Err(err) => Err(err).with_context(|| format!("reading {}", path.display())),
     }
+}
+
+/// The libraries (and the loader) that the ELF executable `path` needs, as `ldd` lists them.
+pub(crate) fn ldd_libraries(path: &Path) -> Result<Vec<PathBuf>> {
+    let out = query(Command::new("ldd").arg(path))?;
+    // A static executable makes ldd exit 1 ("not a dynamic executable"): no libraries.
+    if !out.status.success() {
+        return Ok(Vec::new());
+    }
+    Ok(libraries_in_ldd_output(&String::from_utf8_lossy(
+        &out.stdout,
+    )))
 }
 
 /// The absolute paths in `ldd` output: `libz.so.1 => /lib/x86_64-linux-gnu/libz.so.1 (0x..)`

@@ -7,6 +7,8 @@ mod image;
 mod kernel;
 mod qemu;
 
+pub(crate) use image::ldd_libraries;
+
 use std::{env, fmt::Write as _, fs, path::PathBuf, time::Duration};
 
 use anyhow::Result;
