@@ -385,9 +385,13 @@ impl Agent {
                 self.node.set_connection_logging(true)?;
             }
         }
-        self.reconcile_pass();
+        let first = self.reconcile_pass();
         std::thread::sleep(CONFIRM_DELAY);
-        let report = self.reconcile_pass().unwrap_or_default();
+        let mut report = self.reconcile_pass().unwrap_or_default();
+        // The second pass adopts what the first enrolled from the runtime: say how they came.
+        if let Some(first) = first {
+            report.enrolled.splice(0..0, first.enrolled);
+        }
         for pod in &report.adopted {
             tracing::info!(cgroup_id = pod.cgroup_id, cgroup = ?pod.cgroup, pod = ?pod.pod, "adopted pod");
         }
