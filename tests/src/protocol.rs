@@ -581,6 +581,12 @@ pub struct CniAttachment {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 pub struct AgentReport {
     pub ready: bool,
+    /// Why the last reconcile pass stopped (None once one succeeds).
+    #[serde(default)]
+    pub reconcile_error: Option<String>,
+    /// Injected pods found running uncaptured and enrolled from the runtime since start.
+    #[serde(default)]
+    pub enrolled_from_runtime: u64,
     pub startup: Option<ReconcileReport>,
     pub collected_since: Vec<CollectedPod>,
     /// Pods the CNI plugin did not enroll, by reason.
@@ -602,6 +608,9 @@ pub struct CniCounts {
 pub struct ReconcileReport {
     pub adopted: Vec<PodRef>,
     pub collected: Vec<CollectedPod>,
+    /// Pods enrolled from the container runtime's sandboxes.
+    #[serde(default)]
+    pub enrolled: Vec<PodRef>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]

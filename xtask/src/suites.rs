@@ -21,6 +21,10 @@ pub const NOT_IN_VM: &[(&str, &str)] = &[
         "containerd, its shim and runc are not among the tools the VM's initramfs carries",
     ),
     (
+        "containerd_agent",
+        "starts a private containerd and runc, which the VM does not carry",
+    ),
+    (
         "image",
         "starts a private containerd and runc, which the VM does not carry",
     ),

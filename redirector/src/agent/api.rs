@@ -304,6 +304,10 @@ pub struct AgentReport {
     /// with the pod).
     #[serde(default)]
     pub address_follow_failures: u64,
+    /// Injected pods found running uncaptured and enrolled since the agent started (with
+    /// `runtime_endpoint`).
+    #[serde(default)]
+    pub enrolled_from_runtime: u64,
 }
 
 /// Pods the CNI plugin did not enroll since the agent started, by reason.
@@ -331,6 +335,10 @@ pub struct ReconcileReport {
     /// Pods found pinned and alive, left in place.
     pub adopted: Vec<PodRef>,
     pub collected: Vec<CollectedPod>,
+    /// Injected pods the container runtime runs that were not enrolled (they started while
+    /// redirector-cni was not chained, or no agent ran), enrolled from their sandbox.
+    #[serde(default)]
+    pub enrolled: Vec<PodRef>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -360,6 +368,8 @@ pub enum CollectReason {
     NotEnrolled,
     /// CNI GC: the runtime no longer lists the attachment.
     NotAttached,
+    /// The container runtime (CRI) no longer lists the pod's sandbox.
+    SandboxGone,
 }
 
 #[cfg(test)]

@@ -19,6 +19,7 @@
 //! pod_cgroup_roots = []               # pod roots besides kubelet's (see pod_cgroup.rs)
 //! per_pod_metrics = 0                 # per-pod series for the N busiest pods (0: none)
 //! operation_deadline_seconds = 60     # /healthz fails while an operation runs longer
+//! runtime_endpoint = "unix:///run/containerd/containerd.sock"  # the CRI socket (see runtime.rs)
 //!
 //! [policy]                            # for pods enrolled without one
 //! proxy_port = 15001
@@ -75,6 +76,8 @@ pub enum ConfigError {
     AtLeastOne { path: PathBuf, key: &'static str },
     #[error("cgroup_root: {0}")]
     CgroupRoot(#[source] CgroupError),
+    #[error("runtime_endpoint {endpoint:?} is not a unix socket: give unix:///path/to/socket or an absolute path")]
+    RuntimeEndpoint { endpoint: String },
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, ValueEnum)]
@@ -107,6 +110,7 @@ pub struct ConfigFile {
     pub per_pod_metrics: Option<usize>,
     pub operation_deadline_seconds: Option<u64>,
     pub max_connections: Option<u32>,
+    pub runtime_endpoint: Option<String>,
     pub policy: Option<Policy>,
 }
 
@@ -233,6 +237,11 @@ pub struct AgentFlags {
     /// (primary CNIs rewrite it on restart) [default: off].
     #[arg(long)]
     pub chain_cni: bool,
+    /// The container runtime's CRI socket (unix:///run/containerd/containerd.sock, or
+    /// unix:///var/run/crio/crio.sock): reconcile then asks the runtime which pods run, and
+    /// enrolls injected pods found running uncaptured [default: none, the node's files alone].
+    #[arg(long)]
+    pub runtime_endpoint: Option<String>,
 }
 
 /// Settings shared by the agent and the CNI installer.
@@ -319,6 +328,8 @@ pub struct AgentConfig {
     pub per_pod_metrics: usize,
     pub operation_deadline: Duration,
     pub chain_cni: bool,
+    /// The CRI socket reconcile asks (None: the node's files alone).
+    pub runtime_endpoint: Option<PathBuf>,
 }
 
 impl AgentConfig {
@@ -350,6 +361,25 @@ impl AgentConfig {
                 .or(file.operation_deadline_seconds)
                 .map_or(DEFAULT_OPERATION_DEADLINE, Duration::from_secs),
             chain_cni: flags.chain_cni || file.chain_cni.unwrap_or(false),
+            runtime_endpoint: flags
+                .runtime_endpoint
+                .as_ref()
+                .or(file.runtime_endpoint.as_ref())
+                .map(|endpoint| runtime_socket(endpoint))
+                .transpose()?,
+        })
+    }
+}
+
+/// The socket of a CRI endpoint as kubelet and crictl write it (`unix:///run/x.sock`), or as
+/// a bare absolute path.
+fn runtime_socket(endpoint: &str) -> Result<PathBuf, ConfigError> {
+    let path = Path::new(endpoint.strip_prefix("unix://").unwrap_or(endpoint));
+    if path.is_absolute() {
+        Ok(path.to_owned())
+    } else {
+        Err(ConfigError::RuntimeEndpoint {
+            endpoint: endpoint.to_owned(),
         })
     }
 }
@@ -382,6 +412,7 @@ mod tests {
         pod_selection = "all"
         cni_bin_dir = "/host/opt/cni/bin"
         cni_conf_dir = "/host/etc/cni/net.d"
+        runtime_endpoint = "unix:///run/containerd/containerd.sock"
 
         [policy]
         proxy_port = 15006
@@ -408,6 +439,10 @@ mod tests {
         assert_eq!(config.log_format, LogFormat::Json);
         assert!(config.log_connections);
         assert_eq!(config.reconcile_interval, Duration::from_secs(5));
+        assert_eq!(
+            config.runtime_endpoint.as_deref(),
+            Some(Path::new("/run/containerd/containerd.sock"))
+        );
         let node = config.node;
         assert_eq!(node.socket, Path::new("/tmp/s.sock"));
         assert_eq!(node.bpffs, Path::new("/sys/fs/bpf/rd"));
@@ -447,6 +482,34 @@ mod tests {
         assert_eq!(config.node.pod_selection, PodSelection::Istio);
         assert_eq!(config.metrics_addr.to_string(), DEFAULT_METRICS_ADDR);
         assert_eq!(config.reconcile_interval, DEFAULT_RECONCILE_INTERVAL);
+        assert_eq!(config.runtime_endpoint, None);
+    }
+
+    #[test]
+    fn the_runtime_endpoint_is_a_unix_socket_and_the_flag_wins() {
+        let flags = |endpoint: &str| AgentFlags {
+            config: ConfigFlags {
+                cgroup_root: Some("/sys/fs/cgroup".into()),
+                ..ConfigFlags::default()
+            },
+            runtime_endpoint: Some(endpoint.into()),
+            ..AgentFlags::default()
+        };
+        let file = parse("runtime_endpoint = \"unix:///run/containerd/containerd.sock\"").unwrap();
+        let resolve = |endpoint| {
+            AgentConfig::resolve_with(&file, &NodeFlags::default(), &flags(endpoint))
+                .map(|config| config.runtime_endpoint)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(
+            resolve("unix:///var/run/crio/crio.sock"),
+            Ok(Some("/var/run/crio/crio.sock".into()))
+        );
+        assert_eq!(resolve("/run/k3s.sock"), Ok(Some("/run/k3s.sock".into())));
+        for bad in ["tcp://10.0.0.1:1234", "unix://run/x.sock", "x.sock"] {
+            let message = resolve(bad).unwrap_err();
+            assert!(message.contains("runtime_endpoint"), "{bad}: {message}");
+        }
     }
 
     #[test]

@@ -5,8 +5,8 @@
 //! the configured cgroup root not being cgroup2, a netns file that is visible but not nsfs
 //! because mount propagation broke) is an error, and the pass stops without collecting.
 //!
-//! [`PodSource`] is the seam for another source of truth (a container runtime's CRI API);
-//! [`Filesystem`] is the evidence the node's files give.
+//! [`PodSource`] is the seam for the source of truth: [`Filesystem`] is the evidence the node's
+//! files give, [`super::runtime::RuntimeSource`] the container runtime's (CRI).
 use std::{
     io,
     os::unix::fs::MetadataExt as _,
@@ -17,6 +17,7 @@ use nix::sys::statfs::{statfs, FsType, CGROUP2_SUPER_MAGIC, NSFS_MAGIC};
 
 use super::{
     api::CollectReason,
+    runtime::RunningPod,
     store::{FileId, PodRecord},
 };
 use crate::cgroup;
@@ -39,6 +40,11 @@ pub trait PodSource: Send + Sync {
     fn check(&self) -> Result<(), EvidenceError>;
     /// Whether the pod of `record` still exists.
     fn presence(&self, record: &PodRecord) -> Result<Presence, EvidenceError>;
+    /// The running pods this source knows that the CNI plugin would capture, for reconcile
+    /// to enroll those that are not (the node's files know of no pod never enrolled).
+    fn running(&self) -> Vec<RunningPod> {
+        Vec::new()
+    }
 }
 
 /// The evidence of the cgroup2 filesystem and the netns files, below `cgroup_root`.

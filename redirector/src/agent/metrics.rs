@@ -29,6 +29,7 @@ pub struct Metrics {
     enroll_seconds: Histogram,
     unenroll_seconds: Histogram,
     collected_pods: Counter,
+    enrolled_from_runtime: Counter,
     reconcile_failures: Counter,
     program_upgrades: Counter,
     upgraded_links: Counter,
@@ -56,6 +57,7 @@ impl Default for Metrics {
             enroll_seconds: latency_histogram(),
             unenroll_seconds: latency_histogram(),
             collected_pods: Counter::default(),
+            enrolled_from_runtime: Counter::default(),
             reconcile_failures: Counter::default(),
             program_upgrades: Counter::default(),
             upgraded_links: Counter::default(),
@@ -78,6 +80,10 @@ impl Metrics {
 
     pub fn count_collected(&self, pods: usize) {
         self.collected_pods.inc_by(pods as u64);
+    }
+
+    pub fn count_enrolled_from_runtime(&self, pods: usize) {
+        self.enrolled_from_runtime.inc_by(pods as u64);
     }
 
     pub fn count_reconcile_failure(&self) {
@@ -153,6 +159,11 @@ impl Metrics {
             "collected_pods",
             "Pods unenrolled because their cgroup, netns or attachment was gone",
             self.collected_pods.clone(),
+        );
+        registry.register(
+            "enrolled_from_runtime_pods",
+            "Injected pods the container runtime ran uncaptured, enrolled by reconcile",
+            self.enrolled_from_runtime.clone(),
         );
         registry.register(
             "reconcile_failures",

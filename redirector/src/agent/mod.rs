@@ -5,7 +5,8 @@
 //! - [`client`]: talking to the agent, or carrying out a request directly when none runs.
 //! - [`store`]: the pod state files.
 //! - [`reconcile`]: adopting and collecting pods when the agent starts, and periodically, on
-//!   the [`evidence`] of a source of truth about which pods exist.
+//!   the [`evidence`] of a source of truth about which pods exist: the node's files, or the
+//!   container [`runtime`].
 //! - [`pod_cgroup`]: which cgroups are pods.
 //! - [`addrwatch`]: following each pod's address changes.
 //! - [`metrics`], [`server`], [`config`]: the agent process itself.
@@ -18,5 +19,6 @@ pub mod metrics;
 pub mod node;
 pub mod pod_cgroup;
 pub mod reconcile;
+pub mod runtime;
 pub mod server;
 pub mod store;

@@ -1,6 +1,6 @@
-//! Adopting what a previous agent (or the CLI) left, and collecting pods that are gone. The
-//! pins and maps under the bpffs root say which pods are enrolled; a [`PodSource`] says which
-//! still exist. A pod is only collected on positive proof that it is gone, seen in two passes
+//! Adopting what a previous agent (or the CLI) left, collecting pods that are gone, and
+//! enrolling the injected pods a container runtime runs uncaptured. The pins and maps under
+//! the bpffs root say which pods are enrolled; a [`PodSource`] says which still exist. A pod is only collected on positive proof that it is gone, seen in two passes
 //! in a row ([`Suspects`]); any doubt stops the whole pass before anything is collected.
 //!
 //! A pass reads the maps without the root's lock and the files without the agent's; only the
@@ -11,12 +11,14 @@ use super::{
     api::{CollectReason, CollectedPod, PodRef, ReconcileReport},
     evidence::{EvidenceError, PodSource, Presence},
     node::{Node, NodeError},
+    runtime::RunningPod,
     store::{PodRecord, RecordedIdentity},
 };
 use crate::{
     cgroup,
     loader::UpgradeReport,
     pods::{self, RecordCounts, Redirector},
+    policy::Policy,
 };
 
 /// Pods found gone in the last pass, waiting for a second sighting.
@@ -48,11 +50,13 @@ impl Suspects {
     }
 }
 
-/// One pass's findings: what to adopt and what to collect.
+/// One pass's findings: what to adopt, what to collect and what to enroll.
 #[derive(Debug, Default)]
 pub struct Plan {
     pub adopted: Vec<PodRef>,
     pub collect: Vec<CollectedPod>,
+    /// Running pods the CNI plugin would capture that are not enrolled.
+    pub enroll: Vec<RunningPod>,
 }
 
 /// How long after its connect a handshake no proxy took over is removed: well past the
@@ -131,9 +135,17 @@ impl Node {
         for record in records.into_values() {
             candidates.push((PodRef::from(&record), CollectReason::NotEnrolled));
         }
+        let enroll: Vec<RunningPod> = source
+            .running()
+            .into_iter()
+            .filter(|pod| enrolled.binary_search(&pod.cgroup_id).is_err())
+            .collect();
+        // The stale state file of a pod about to be enrolled is rewritten, not collected.
+        candidates.retain(|(pod, _)| enroll.iter().all(|e| e.cgroup_id != pod.cgroup_id));
         Ok(Plan {
             adopted,
             collect: suspects.confirm(candidates),
+            enroll,
         })
     }
 
@@ -180,8 +192,9 @@ impl Node {
         Ok(adopted)
     }
 
-    /// Unenrolls what a plan collects; those that fail are left for the next pass.
-    pub fn collect(&self, plan: Plan) -> ReconcileReport {
+    /// Unenrolls what a plan collects and enrolls what it enrolls (pods without a policy of
+    /// their own get `default_policy`); those that fail are left for the next pass.
+    pub fn apply(&self, plan: Plan, default_policy: &Policy) -> ReconcileReport {
         let mut collected = Vec::new();
         for pod in plan.collect {
             match self.unenroll_id(pod.pod.cgroup_id) {
@@ -191,9 +204,24 @@ impl Node {
                 }
             }
         }
+        let mut enrolled = Vec::new();
+        for pod in plan.enroll {
+            let pod_ref = PodRef {
+                cgroup_id: pod.cgroup_id,
+                cgroup: Some(pod.request.cgroup.clone()),
+                pod: pod.request.meta.pod.clone(),
+            };
+            match self.enroll(&pod.request, default_policy) {
+                Ok(_) => enrolled.push(pod_ref),
+                Err(error) => {
+                    tracing::warn!(cgroup_id = pod.cgroup_id, pod = ?pod_ref.pod, %error, "enrolling a running injected pod")
+                }
+            }
+        }
         ReconcileReport {
             adopted: plan.adopted,
             collected,
+            enrolled,
         }
     }
 }
@@ -282,12 +310,67 @@ mod tests {
         source.0.store(false, Ordering::Relaxed);
         let plan = node.reconcile_plan(&source, &mut suspects).unwrap();
         assert!(plan.collect.is_empty());
-        assert_eq!(node.collect(plan).collected, vec![]);
+        assert_eq!(node.apply(plan, &Policy::default()).collected, vec![]);
         let plan = node.reconcile_plan(&source, &mut suspects).unwrap();
-        let report = node.collect(plan);
+        let report = node.apply(plan, &Policy::default());
         assert_eq!(report.collected.len(), 1, "{report:?}");
         assert_eq!(report.collected[0].reason, CollectReason::NotEnrolled);
         assert_eq!(node.store.all().unwrap(), vec![]);
+        std::fs::remove_dir_all(&scratch).unwrap();
+    }
+
+    /// A runtime that runs one injected pod no one enrolled, whose stale state file is there.
+    struct RunsOne;
+
+    impl PodSource for RunsOne {
+        fn check(&self) -> Result<(), EvidenceError> {
+            Ok(())
+        }
+        fn presence(&self, _: &PodRecord) -> Result<Presence, EvidenceError> {
+            Ok(Presence::Present)
+        }
+        fn running(&self) -> Vec<RunningPod> {
+            vec![RunningPod {
+                cgroup_id: 7,
+                request: crate::agent::api::EnrollRequest {
+                    cgroup: "/sys/fs/cgroup/kubepods/pod7".into(),
+                    meta: PodMeta::default(),
+                    policy: None,
+                    pod_settings: None,
+                    dry_run: false,
+                },
+            }]
+        }
+    }
+
+    #[test]
+    fn running_pods_not_enrolled_are_planned_for_enroll_and_their_stale_file_is_kept() {
+        let scratch =
+            std::env::temp_dir().join(format!("redirector-reconcile-run-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&scratch);
+        let node = Node::new(PinRoot::new(scratch.join("no-bpffs")), scratch.join("pods"));
+        node.store
+            .put(&PodRecord {
+                cgroup_id: 7,
+                cgroup: "/sys/fs/cgroup/kubepods/pod7".into(),
+                identity: None,
+                meta: PodMeta::default(),
+                follow: Default::default(),
+            })
+            .unwrap();
+        let mut suspects = Suspects::default();
+        for _ in 0..2 {
+            let plan = node.reconcile_plan(&RunsOne, &mut suspects).unwrap();
+            assert_eq!(
+                plan.enroll
+                    .iter()
+                    .map(|pod| pod.cgroup_id)
+                    .collect::<Vec<_>>(),
+                [7]
+            );
+            assert!(plan.collect.is_empty(), "{:?}", plan.collect);
+        }
+        assert!(suspects.is_empty());
         std::fs::remove_dir_all(&scratch).unwrap();
     }
 }

@@ -53,6 +53,7 @@ use super::{
     metrics::{self, Metrics},
     node::{Node, NodeError},
     reconcile::Suspects,
+    runtime::{Cri, RuntimeSource},
     store::PodMeta,
 };
 use crate::{
@@ -235,6 +236,7 @@ struct Agent {
     /// The address watch of each enrolled pod with a netns, by cgroup id. Changed with
     /// `operations` held (taken first), as are the pods.
     watches: Mutex<HashMap<u64, AddressWatch>>,
+    enrolled_from_runtime: AtomicU64,
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -286,13 +288,31 @@ impl Drop for Running<'_> {
 /// seen gone twice).
 const CONFIRM_DELAY: Duration = Duration::from_secs(2);
 
+/// The source of truth about which pods exist: the container runtime when its socket is
+/// configured, the node's files otherwise. Called on the agent's tokio runtime.
+fn pod_source(config: &AgentConfig) -> Box<dyn PodSource> {
+    let files = Filesystem {
+        cgroup_root: config.node.cgroup_root.clone(),
+    };
+    match &config.runtime_endpoint {
+        Some(socket) => Box::new(RuntimeSource::new(
+            Cri {
+                socket: socket.clone(),
+                cgroup_root: config.node.cgroup_root.clone(),
+                handle: tokio::runtime::Handle::current(),
+            },
+            files,
+            Installation::plugin_config(&config.node),
+        )),
+        None => Box::new(files),
+    }
+}
+
 impl Agent {
     fn new(config: AgentConfig) -> Self {
         Self {
             node: config.node.node(),
-            source: Box::new(Filesystem {
-                cgroup_root: config.node.cgroup_root.clone(),
-            }),
+            source: pod_source(&config),
             config,
             operations: Mutex::new(()),
             ready: AtomicBool::new(false),
@@ -300,6 +320,7 @@ impl Agent {
             collected_since: Mutex::new(Vec::new()),
             upgrade: Mutex::new(None),
             expired_handshakes: AtomicU64::new(0),
+            enrolled_from_runtime: AtomicU64::new(0),
             suspects: Mutex::default(),
             reconcile_error: Mutex::new(None),
             in_flight: InFlight::default(),
@@ -330,6 +351,7 @@ impl Agent {
             upgrade: *lock(&self.upgrade),
             expired_handshakes: self.expired_handshakes.load(Ordering::Relaxed),
             address_follow_failures: self.metrics.address_follow_failures(),
+            enrolled_from_runtime: self.enrolled_from_runtime.load(Ordering::Relaxed),
         }
     }
 
@@ -373,15 +395,20 @@ impl Agent {
                 self.node.set_connection_logging(true)?;
             }
         }
-        self.reconcile_pass();
+        let first = self.reconcile_pass();
         std::thread::sleep(CONFIRM_DELAY);
-        let report = self.reconcile_pass().unwrap_or_default();
+        let mut report = self.reconcile_pass().unwrap_or_default();
+        // The second pass adopts what the first enrolled from the runtime: say how they came.
+        if let Some(first) = first {
+            report.enrolled.splice(0..0, first.enrolled);
+        }
         for pod in &report.adopted {
             tracing::info!(cgroup_id = pod.cgroup_id, cgroup = ?pod.cgroup, pod = ?pod.pod, "adopted pod");
         }
         tracing::info!(
             adopted = report.adopted.len(),
             collected = report.collected.len(),
+            enrolled_from_runtime = report.enrolled.len(),
             "reconciled with the pinned state; ready"
         );
         *lock(&self.startup) = Some(report);
@@ -402,6 +429,17 @@ impl Agent {
         kept.extend_from_slice(collected);
         let excess = kept.len().saturating_sub(COLLECTED_KEPT);
         kept.drain(..excess);
+    }
+
+    /// Injected pods the runtime ran uncaptured, now enrolled: each is worth a line, as it
+    /// means redirector-cni missed it (not chained, or no agent, when it started).
+    fn note_enrolled(&self, enrolled: &[PodRef]) {
+        for pod in enrolled {
+            tracing::warn!(cgroup_id = pod.cgroup_id, cgroup = ?pod.cgroup, pod = ?pod.pod, "enrolled an injected pod the runtime ran uncaptured");
+        }
+        self.metrics.count_enrolled_from_runtime(enrolled.len());
+        self.enrolled_from_runtime
+            .fetch_add(enrolled.len() as u64, Ordering::Relaxed);
     }
 
     /// One reconcile pass: pending CNI DELs, then the evidence (read without the agent's lock),
@@ -433,12 +471,14 @@ impl Agent {
         *lock(&self.reconcile_error) = None;
         let report = {
             let _one_at_a_time = lock(&self.operations);
-            let report = self.node.collect(plan);
+            let report = self.node.apply(plan, &self.config.node.default_policy);
             self.forget_departed();
             report
         };
         self.note_collected(&report.collected);
+        self.note_enrolled(&report.enrolled);
         self.follow_adopted(&report.adopted);
+        self.follow_adopted(&report.enrolled);
         self.maintain_records();
         Some(report)
     }
