@@ -275,6 +275,11 @@ pub struct HoldOptions {
     /// Bound of each phase (connecting, waiting for the go file, exchanging), in seconds.
     #[arg(long, default_value_t = 60)]
     pub phase_s: u64,
+    /// Start every connect at once without waiting for it (non-blocking) and report once all
+    /// are started, so that they are all in their handshake together; they complete after the
+    /// go file.
+    #[arg(long)]
+    pub in_handshake: bool,
 }
 
 impl HoldOptions {
@@ -291,6 +296,9 @@ impl HoldOptions {
             "--phase-s".into(),
             self.phase_s.to_string(),
         ]
+        .into_iter()
+        .chain(self.in_handshake.then(|| "--in-handshake".into()))
+        .collect()
     }
 }
 
@@ -323,6 +331,12 @@ pub struct HoldReport {
     /// Replies from elsewhere or with another line, connections closed without a reply, and
     /// connections still waiting when the phase ran out.
     pub bad_replies: u64,
+    /// Of `bad_replies`, the replies from another destination or carrying another line: bytes
+    /// that reached someone else's destination.
+    pub misdelivered: u64,
+    /// Of `bad_replies`, the connects that failed (with `--in-handshake`, where they complete
+    /// after the go file).
+    pub connect_failed: u64,
     /// The first few of each kind, for the failure message.
     pub wrong_peer_examples: Vec<HeldMismatch>,
     pub bad_reply_examples: Vec<HeldMismatch>,
@@ -741,6 +755,8 @@ pub struct Counters {
 pub struct RecordCounts {
     pub in_flight: u64,
     pub capacity: u64,
+    /// Captured connections whose record could not be kept for the proxy (the map was full).
+    pub overflowed: u64,
 }
 
 #[cfg(test)]
@@ -798,6 +814,7 @@ mod tests {
             count: 34_000,
             go_file: "/tmp/go here".into(),
             phase_s: 90,
+            in_handshake: true,
         };
         let args = std::iter::once("e2e-helper".to_string()).chain(hold.to_args());
         assert_eq!(Hold::parse_from(args).options, hold);
@@ -818,7 +835,7 @@ mod tests {
                 "inbound_captured":0,"inbound_excluded":0,"inbound_no_proxy":0,"record_failed":0,
                 "handshake_failed":0,"handoff_failed":0,"listener_failed":0,"dns_redirected":0},
                 "pod":{"uid":"u-1","namespace":"ns","name":"web"},"netns":null,"attachment":null}],
-                "records":{"in_flight":0,"capacity":65536},"agent":null}"#,
+                "records":{"in_flight":0,"capacity":65536,"overflowed":0},"agent":null}"#,
         )
         .unwrap();
         assert_eq!(status.pod(7).unwrap().counters.exempted, 2);

@@ -401,6 +401,31 @@ const HELD_SERVER_PORTS: [[u16; 2]; 2] = [[9001, 9002], [9003, 9004]];
 /// about 95 s, so the bound leaves room for a slower machine.
 const HOLD_PHASE: Duration = Duration::from_secs(300);
 
+/// `e2e-helper serve` processes in `pod`'s server netns, one per group of ports, each listening
+/// on its ports of the server address; returns them (kept until dropped) and the destinations.
+fn serve_held_ports(pod: &Pod, groups: &[[u16; 2]]) -> Result<(Vec<Child>, Vec<SocketAddr>)> {
+    let mut destinations = Vec::new();
+    let mut servers = Vec::new();
+    for ports in groups {
+        let mut serve = vec![binary("e2e-helper")?.into_os_string(), "serve".into()];
+        for &port in ports {
+            let destination = SocketAddr::new(pod.server.addr.ip(), port);
+            serve.extend(["--listen".into(), destination.to_string().into()]);
+            destinations.push(destination);
+        }
+        let server = spawn_in_pod_with_nofile(
+            &pod.server_netns,
+            &pod.server_cgroup,
+            Identity::APP,
+            Some(NOFILE),
+            &serve,
+        )?;
+        server.wait_for_line(|line| line == "listening", Duration::from_secs(10))?;
+        servers.push(server);
+    }
+    Ok((servers, destinations))
+}
+
 /// A pod of the capacity test: its servers and HAProxy instances.
 struct HoldingPod {
     pod: Pod,
@@ -416,25 +441,7 @@ impl HoldingPod {
         // ones, all in the pod's port space.
         pod.netns
             .sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
-        let mut destinations = Vec::new();
-        let mut servers = Vec::new();
-        for ports in HELD_SERVER_PORTS {
-            let mut serve = vec![binary("e2e-helper")?.into_os_string(), "serve".into()];
-            for port in ports {
-                let destination = SocketAddr::new(pod.server.addr.ip(), port);
-                serve.extend(["--listen".into(), destination.to_string().into()]);
-                destinations.push(destination);
-            }
-            let server = spawn_in_pod_with_nofile(
-                &pod.server_netns,
-                &pod.server_cgroup,
-                Identity::APP,
-                Some(NOFILE),
-                &serve,
-            )?;
-            server.wait_for_line(|line| line == "listening", Duration::from_secs(10))?;
-            servers.push(server);
-        }
+        let (servers, destinations) = serve_held_ports(&pod, &HELD_SERVER_PORTS)?;
         sandbox.enroll(&pod.cgroup)?;
         let maxconn = format!("maxconn {HAPROXY_MAXCONN}");
         // Small buffers: HAProxy takes them only while data moves, but keeps its pools.
@@ -461,6 +468,7 @@ impl HoldingPod {
             count: HELD_PER_POD / HOLDERS_PER_POD,
             go_file: go_file.to_owned(),
             phase_s: HOLD_PHASE.as_secs(),
+            in_handshake: false,
         };
         let mut command = vec![binary("e2e-helper")?.into_os_string(), "hold".into()];
         command.extend(options.to_args().into_iter().map(Into::into));
@@ -602,6 +610,172 @@ fn more_live_connections_than_the_old_record_capacity() -> Result<()> {
         started.elapsed()
     );
     ensure!(failures.is_empty(), "{}", failures.join("\n"));
+    Ok(())
+}
+
+/// Capacity of the handshake map in the overflow test, given to standalone `enroll`, which
+/// creates the maps.
+const SMALL_CAPACITY: u64 = 1_024;
+/// Captured connections the overflow test has in their handshake at once.
+const IN_HANDSHAKE: u32 = 1_500;
+
+/// `bytes_memlock` of a pinned map as `bpftool map show` reports it (for a hash map without
+/// preallocation, the kernel counts the elements it holds at the moment).
+fn memlock(pin: &std::path::Path) -> Result<u64> {
+    let output = std::process::Command::new("bpftool")
+        .args(["-j", "map", "show", "pinned"])
+        .arg(pin)
+        .output()
+        .context("running bpftool")?;
+    ensure!(
+        output.status.success(),
+        "bpftool map show pinned {}: {}",
+        pin.display(),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    let shown: serde_json::Value = serde_json::from_slice(&output.stdout)?;
+    shown["bytes_memlock"]
+        .as_u64()
+        .with_context(|| format!("no bytes_memlock in {shown}"))
+}
+
+/// More captured connections in their handshake at once than the handshake map holds (the one
+/// node-wide bounded map: an entry lives from the client's connect until the proxy's socket is
+/// created, whatever the proxy's accept does), with a capacity of 1,024 given to standalone
+/// `enroll`. The proxy's SYN-ACKs are held back while 1,500 captured connects start, so every
+/// one waits in SYN_SENT: the map keeps 1,024 and refuses 476; then the SYN-ACKs pass. Every
+/// connection must reach the proxy (none bypasses it), and getpeername() must be its own
+/// destination; the 1,024 kept must carry their own line to their own destination and back;
+/// the 476 others must fail visibly (the proxy's original-destination lookup misses and it
+/// closes them); no byte may reach another connection's destination; and `status -o json`
+/// must count exactly those 476 as `records.overflowed`, with the map full while they waited.
+///
+/// Without the overflow accounting (a refused entry not counted as `handshake_failed`, or
+/// `records.overflowed` not summed from it) status reports 0 overflowed and the test fails
+/// at the count. With an LRU handshake map instead, no insert fails: waiting entries are
+/// evicted silently, their connections fail at the proxy with nothing counted, and the test
+/// fails at the same check.
+#[test]
+fn more_connections_in_their_handshake_than_the_handshake_capacity() -> Result<()> {
+    let started = Instant::now();
+    let sandbox = Sandbox::new("record-overflow")?;
+    let pod = sandbox.pod("overflow", 8080)?;
+    let (_servers, destinations) = serve_held_ports(&pod, &HELD_SERVER_PORTS)?;
+    sandbox.enroll_with(
+        &pod.cgroup,
+        &["--max-connections", &SMALL_CAPACITY.to_string()],
+    )?;
+    let proxy = pod.start_proxy_with(&ProxySettings {
+        nofile: Some(NOFILE),
+        ..ProxySettings::default()
+    })?;
+    let handshakes = sandbox.root().join("maps").join("HANDSHAKES");
+    let empty_memlock = memlock(&handshakes)?;
+
+    pod.netns.run("iptables", &syn_ack_hold("-A"))?;
+    let go = TempDir::create("overflow-go")?;
+    let go_file = go.path().join("go");
+    let options = HoldOptions {
+        to: destinations.clone(),
+        count: IN_HANDSHAKE,
+        go_file: go_file.clone(),
+        phase_s: HOLD_PHASE.as_secs(),
+        in_handshake: true,
+    };
+    let mut command = vec![binary("e2e-helper")?.into_os_string(), "hold".into()];
+    command.extend(options.to_args().into_iter().map(Into::into));
+    let holder = spawn_in_pod_with_nofile(
+        &pod.netns,
+        &pod.cgroup,
+        Identity::APP,
+        Some(NOFILE),
+        &command,
+    )?;
+    let connecting: HoldOpened = holder.wait_for_json(|_: &HoldOpened| true, HOLD_PHASE)?;
+    ensure!(
+        connecting.opened == u64::from(IN_HANDSHAKE),
+        "only {} of {IN_HANDSHAKE} connects started: {connecting:?}",
+        connecting.opened
+    );
+    let while_held = sandbox.status()?.records;
+    let full_memlock = memlock(&handshakes)?;
+    pod.netns.run("iptables", &syn_ack_hold("-D"))?;
+    std::fs::write(&go_file, "")?;
+    let report: HoldReport = client_result(&holder, 3 * HOLD_PHASE)?;
+
+    let refused = u64::from(IN_HANDSHAKE) - SMALL_CAPACITY;
+    let (forwards, misses) = wait_for(
+        "the proxy to have decided on every connection",
+        EVENT_TIMEOUT,
+        || {
+            let events = proxy.events();
+            let forwards: Vec<_> = events
+                .iter()
+                .filter_map(|event| match event {
+                    ProxyEvent::Forward(forward) => Some(forward.clone()),
+                    _ => None,
+                })
+                .collect();
+            let misses = events
+                .iter()
+                .filter(|event| matches!(event, ProxyEvent::NoOrigDst(_)))
+                .count() as u64;
+            Ok((forwards.len() as u64 + misses >= u64::from(IN_HANDSHAKE))
+                .then_some((forwards, misses)))
+        },
+    )
+    .with_context(|| format!("holder {report:?}"))?;
+    let after = sandbox.status()?.records;
+    eprintln!(
+        "overflow test: {IN_HANDSHAKE} connects started in {} ms; handshake map while held          {while_held:?}, memlock {empty_memlock} B empty, {full_memlock} B with {} entries          ({} B each); after {after:?}; {} forwarded, {misses} original-destination misses;          holder {report:?}; counters {:?}; {:?} in all",
+        connecting.connect_ms,
+        while_held.in_flight,
+        (full_memlock - empty_memlock) / while_held.in_flight.max(1),
+        forwards.len(),
+        sandbox.counters(&pod.cgroup)?,
+        started.elapsed()
+    );
+    ensure!(
+        while_held.capacity == SMALL_CAPACITY && while_held.in_flight == SMALL_CAPACITY,
+        "the handshake map was not full while the SYN-ACKs were held back: {while_held:?}"
+    );
+    ensure!(
+        report.wrong_peer == 0,
+        "{} connections reported another peer than their destination: {:?}",
+        report.wrong_peer,
+        report.wrong_peer_examples
+    );
+    ensure!(
+        report.misdelivered == 0
+            && forwards
+                .iter()
+                .all(|forward| destinations.contains(&forward.orig_dst)),
+        "bytes reached another connection's destination: {:?}",
+        report.bad_reply_examples
+    );
+    ensure!(
+        report.replies_ok == SMALL_CAPACITY && forwards.len() as u64 == SMALL_CAPACITY,
+        "{} replies right and {} forwarded, not the {SMALL_CAPACITY} connections whose          handshake the map kept: {:?}",
+        report.replies_ok,
+        forwards.len(),
+        report.bad_reply_examples
+    );
+    ensure!(
+        misses == refused && report.bad_replies == refused && report.connect_failed == 0,
+        "the {refused} connections the map could not keep must reach the proxy, miss their          original destination there and be closed: {misses} misses, {} without a reply, {}          connects failed",
+        report.bad_replies,
+        report.connect_failed
+    );
+    ensure!(
+        while_held.overflowed == refused && after.overflowed == refused,
+        "records.overflowed is {} while held and {} after, not the {refused} that could not          be kept",
+        while_held.overflowed,
+        after.overflowed
+    );
+    ensure!(
+        after.in_flight == 0,
+        "handshakes left in the map: {after:?}"
+    );
     Ok(())
 }
 

@@ -119,6 +119,7 @@ fn hold_connections(pod: &Pod, server: SocketAddr, go_file: &Path) -> Result<Chi
         count: HELD,
         go_file: go_file.to_owned(),
         phase_s: HOLD_PHASE.as_secs(),
+        in_handshake: false,
     };
     let mut command = vec![binary("e2e-helper")?.into_os_string(), "hold".into()];
     command.extend(options.to_args().into_iter().map(OsString::from));

@@ -616,7 +616,7 @@ impl Agent {
                     self.expired_handshakes
                         .fetch_add(expired as u64, Ordering::Relaxed);
                 }
-                if records.capacity > 0 && records.in_flight * 5 >= records.capacity as usize * 4 {
+                if records.nearly_full() {
                     tracing::warn!(
                         in_flight = records.in_flight,
                         capacity = records.capacity,

@@ -26,6 +26,14 @@ pub struct RecordCounts {
     pub overflowed: u64,
 }
 
+impl RecordCounts {
+    /// 80 % of the capacity or more in flight: the agent warns, before connections start to
+    /// fail at their proxy.
+    pub fn nearly_full(&self) -> bool {
+        self.capacity > 0 && self.in_flight as u64 * 5 >= u64::from(self.capacity) * 4
+    }
+}
+
 impl Records {
     pub fn open(root: &PinRoot) -> Result<Self, LoadError> {
         let name = map_names::HANDSHAKES;
@@ -75,5 +83,31 @@ impl Records {
                 .map_err(access_error(map_names::HANDSHAKES))?;
         }
         Ok(stale.len())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counts(in_flight: usize, capacity: u32) -> RecordCounts {
+        RecordCounts {
+            in_flight,
+            capacity,
+            overflowed: 0,
+        }
+    }
+
+    #[test]
+    fn nearly_full_from_eighty_percent() {
+        assert!(!counts(0, 1024).nearly_full());
+        assert!(!counts(819, 1024).nearly_full());
+        assert!(counts(820, 1024).nearly_full());
+        assert!(counts(1024, 1024).nearly_full());
+        assert!(!counts(52_428, 65_536).nearly_full());
+        assert!(counts(52_429, 65_536).nearly_full());
+        // The largest capacity does not overflow the comparison.
+        assert!(counts(u32::MAX as usize, u32::MAX).nearly_full());
+        assert!(!counts(0, 0).nearly_full());
     }
 }

@@ -1,6 +1,7 @@
-//! `e2e-helper hold`: many connections open at once. Connects them one after another, reports,
-//! waits for the go file, then checks every getpeername() while all are still open, and last
-//! sends each its index and reads every reply with one epoll loop.
+//! `e2e-helper hold`: many connections open at once. Connects them one after another (or, with
+//! `--in-handshake`, starts every connect without waiting), reports, waits for the go file,
+//! then checks every getpeername() while all are still open, and last sends each its index and
+//! reads every reply with one epoll loop.
 
 use std::io::{ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -10,6 +11,7 @@ use anyhow::{bail, Context, Result};
 use nix::errno::Errno;
 use nix::sys::epoll::{Epoll, EpollCreateFlags, EpollEvent, EpollFlags, EpollTimeout};
 use redirector_tests::{HeldMismatch, HoldOpened, HoldOptions, HoldReport, ServerReply};
+use socket2::{Domain, Socket, Type};
 
 use crate::{print_json, CONNECT_TIMEOUT};
 
@@ -25,7 +27,11 @@ struct Held {
 
 pub fn hold(options: &HoldOptions) -> Result<()> {
     let phase = Duration::from_secs(options.phase_s);
-    let (mut held, opened) = open_all(options, phase);
+    let (mut held, opened) = if options.in_handshake {
+        start_all(options)
+    } else {
+        open_all(options, phase)
+    };
     print_json(&opened)?;
     wait_for_go(&options.go_file, phase)?;
 
@@ -33,6 +39,9 @@ pub fn hold(options: &HoldOptions) -> Result<()> {
         opened,
         ..HoldReport::default()
     };
+    if options.in_handshake {
+        held = finish_connects(held, phase, &mut report)?;
+    }
     let started = Instant::now();
     for connection in &held {
         let found = match connection.stream.peer_addr() {
@@ -83,6 +92,100 @@ fn open_all(options: &HoldOptions, phase: Duration) -> (Vec<Held>, HoldOpened) {
     opened.opened = held.len() as u64;
     opened.connect_ms = elapsed_ms(started);
     (held, opened)
+}
+
+/// Starts every connect without waiting for its handshake: each socket's connect() returns
+/// EINPROGRESS once its SYN is on its way, so all are in their handshake together.
+fn start_all(options: &HoldOptions) -> (Vec<Held>, HoldOpened) {
+    let started = Instant::now();
+    let mut opened = HoldOpened::default();
+    let mut held = Vec::with_capacity(options.count as usize);
+    for index in 0..u64::from(options.count) {
+        let destination = options.to[index as usize % options.to.len()];
+        match start_connect(destination) {
+            Ok(stream) => held.push(Held {
+                index,
+                destination,
+                stream,
+                received: Vec::new(),
+            }),
+            Err(error) => {
+                opened.failed += 1;
+                opened
+                    .first_error
+                    .get_or_insert(format!("connection {index} to {destination}: {error}"));
+            }
+        }
+    }
+    opened.opened = held.len() as u64;
+    opened.connect_ms = elapsed_ms(started);
+    (held, opened)
+}
+
+fn start_connect(destination: SocketAddr) -> std::io::Result<TcpStream> {
+    let socket = Socket::new(Domain::for_address(destination), Type::STREAM, None)?;
+    socket.set_nonblocking(true)?;
+    match socket.connect(&destination.into()) {
+        Ok(()) => {}
+        Err(error) if error.raw_os_error() == Some(Errno::EINPROGRESS as i32) => {}
+        Err(error) => return Err(error),
+    }
+    Ok(socket.into())
+}
+
+/// Waits until every started connect has completed (writable, as connect(2) says) and keeps
+/// the connected ones; the failed ones count as bad replies.
+fn finish_connects(held: Vec<Held>, phase: Duration, report: &mut HoldReport) -> Result<Vec<Held>> {
+    let deadline = Instant::now() + phase;
+    let epoll = Epoll::new(EpollCreateFlags::EPOLL_CLOEXEC).context("epoll_create")?;
+    for (slot, connection) in held.iter().enumerate() {
+        epoll
+            .add(
+                &connection.stream,
+                EpollEvent::new(EpollFlags::EPOLLOUT, slot as u64),
+            )
+            .context("epoll_ctl")?;
+    }
+    let mut outcome: Vec<Option<std::io::Result<()>>> = held.iter().map(|_| None).collect();
+    let mut waiting = held.len();
+    let mut events = vec![EpollEvent::empty(); 1024];
+    while waiting > 0 {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let timeout = EpollTimeout::try_from(left).unwrap_or(EpollTimeout::MAX);
+        let ready = match epoll.wait(&mut events, timeout) {
+            Ok(ready) => ready,
+            Err(Errno::EINTR) => continue,
+            Err(error) => return Err(error).context("epoll_wait"),
+        };
+        for event in &events[..ready] {
+            let slot = event.data() as usize;
+            let stream = &held[slot].stream;
+            epoll.delete(stream).context("epoll_ctl")?;
+            outcome[slot] = Some(match stream.take_error() {
+                Ok(None) => Ok(()),
+                Ok(Some(error)) | Err(error) => Err(error),
+            });
+            waiting -= 1;
+        }
+    }
+    let mut connected = Vec::with_capacity(held.len());
+    for (connection, outcome) in held.into_iter().zip(outcome) {
+        let found = match outcome {
+            Some(Ok(())) => {
+                connected.push(connection);
+                continue;
+            }
+            Some(Err(error)) => format!("connect: {error}"),
+            None => format!("connect: not done within {phase:?}"),
+        };
+        report.connect_failed += 1;
+        report.bad_replies += 1;
+        note(&mut report.bad_reply_examples, &connection, found);
+    }
+    Ok(connected)
 }
 
 fn wait_for_go(file: &std::path::Path, timeout: Duration) -> Result<()> {
@@ -156,7 +259,10 @@ fn exchange_all(held: &mut [Held], phase: Duration, report: &mut HoldReport) -> 
                     report.replies_ok += 1;
                     continue;
                 }
-                Ok(reply) => serde_json::to_string(&reply)?,
+                Ok(reply) => {
+                    report.misdelivered += 1;
+                    serde_json::to_string(&reply)?
+                }
                 Err(error) => error,
             };
             report.bad_replies += 1;
