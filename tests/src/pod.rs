@@ -159,6 +159,8 @@ pub struct ProxySettings {
     pub fastopen: bool,
     /// RLIMIT_NOFILE of the proxy.
     pub nofile: Option<u64>,
+    /// `--ask-again-at-end`: SO_ORIGINAL_DST asked again when a connection is done.
+    pub ask_again_at_end: bool,
 }
 
 impl ProxySettings {
@@ -167,6 +169,7 @@ impl ProxySettings {
             listen: listen.to_vec(),
             fastopen: false,
             nofile: None,
+            ask_again_at_end: false,
         }
     }
 }
@@ -183,6 +186,9 @@ pub fn start_proxy_with(netns: &Netns, cgroup: &Cgroup, settings: &ProxySettings
     let mut command = vec![binary("redirector-proxy")?.into_os_string()];
     for addr in &settings.listen {
         command.extend(["--listen".into(), addr.to_string().into()]);
+    }
+    if settings.ask_again_at_end {
+        command.push("--ask-again-at-end".into());
     }
     if settings.fastopen {
         command.push("--fastopen".into());

@@ -18,7 +18,7 @@ use anyhow::{ensure, Context, Result};
 use redirector_tests::{
     attached_programs, binary, client_result, files_below, run, spawn_in_pod, wait_for, Child,
     ConnectOptions, ConnectSummary, Counters, HoldOpened, HoldOptions, HoldReport, Identity,
-    Output, Pod, Proxy, ProxyEvent, Sandbox, Status, TempDir,
+    Output, Pod, Proxy, ProxyEvent, ProxySettings, Sandbox, Status, TempDir,
 };
 
 /// The variable that makes this build's programs another build's (see the module comment).
@@ -138,7 +138,10 @@ fn programs_swap_and_back_under_live_traffic() -> Result<()> {
     let sandbox = Sandbox::new("upgrade")?;
     let pod = sandbox.pod("upg", SERVER_PORT)?;
     let server = pod.server.addr;
-    let proxy = pod.start_proxy()?;
+    let proxy = pod.start_proxy_with(&ProxySettings {
+        ask_again_at_end: true,
+        ..ProxySettings::default()
+    })?;
     enroll_as(&sandbox, &pod, None)?.ensure_success()?;
     let first_build = programs_build(&sandbox)?;
     let counters_at_start = sandbox.counters(&pod.cgroup)?;

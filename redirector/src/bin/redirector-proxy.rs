@@ -5,9 +5,9 @@
 //! the proxy UID (1337) so its own connects are exempt.
 //!
 //! A pool of worker threads per listener, one per open connection. One JSON line per event on
-//! stdout, unless `--quiet`: `forward` (upstream connected), `done` (both directions finished,
-//! with the original destination asked again then) and `no_orig_dst` (lookup failed; the
-//! connection is closed).
+//! stdout, unless `--quiet`: `forward` (upstream connected), `done` (both directions finished;
+//! with `--ask-again-at-end`, the original destination asked again then) and `no_orig_dst`
+//! (lookup failed; the connection is closed).
 //!
 //! `--inbound` makes it an inbound listener as Istio's: it forwards from the passthrough
 //! source 127.0.0.6 (or ::6), which the pod's capture leaves alone. `--fastopen` lets its
@@ -67,6 +67,11 @@ struct Args {
     /// connection is accepted before the client has seen the handshake complete.
     #[arg(long)]
     fastopen: bool,
+    /// Ask for each connection's original destination again once it is done, and print the
+    /// answer in its `done` event (the answer must not change while the socket lives, even
+    /// across an upgrade of the programs): one more lookup per connection.
+    #[arg(long)]
+    ask_again_at_end: bool,
 }
 
 /// Fast-open requests a listener keeps pending at once (TCP_FASTOPEN's queue length).
@@ -97,6 +102,7 @@ struct Settings {
     fixed_upstream: Option<SocketAddr>,
     events: bool,
     passthrough_source: bool,
+    ask_again_at_end: bool,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -106,6 +112,7 @@ fn main() -> anyhow::Result<()> {
         fixed_upstream: args.fixed_upstream,
         events: !args.quiet,
         passthrough_source: args.inbound,
+        ask_again_at_end: args.ask_again_at_end,
     };
     for addr in &args.listen {
         let listener = TcpListener::bind(addr).with_context(|| format!("listening on {addr}"))?;
@@ -213,9 +220,8 @@ fn proxy(client: TcpStream, peer: SocketAddr, settings: Settings) {
     }
     match relay(&client, &upstream) {
         Ok((bytes_up, bytes_down)) if settings.events => {
-            // Asked again at the end: the answer must not change while the socket lives, even
-            // across an upgrade of the programs that answer it.
-            let orig_dst_at_end = settings.fixed_upstream.is_none().then(|| {
+            let ask_again = settings.ask_again_at_end && settings.fixed_upstream.is_none();
+            let orig_dst_at_end = ask_again.then(|| {
                 so_original_dst(client.as_fd()).map_or_else(|e| e.to_string(), |a| a.to_string())
             });
             emit(json!({
