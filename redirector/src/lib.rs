@@ -12,6 +12,7 @@ mod atomic_file;
 pub mod cgroup;
 pub mod cni;
 pub mod flags;
+pub mod fuzzing;
 pub mod kernel;
 pub mod link;
 pub mod loader;
