@@ -209,7 +209,8 @@ fn fuzz(root: &Path, seconds: u64) -> Result<()> {
     let fuzz_dir = root.join("fuzz");
     let fuzz_cmd = |subcommand: &str| {
         let mut cmd = Command::new("cargo");
-        cmd.args(["+nightly", "fuzz", subcommand]).current_dir(&fuzz_dir);
+        cmd.args(["+nightly", "fuzz", subcommand])
+            .current_dir(&fuzz_dir);
         cmd
     };
     step("fuzz build");
@@ -221,8 +222,7 @@ fn fuzz(root: &Path, seconds: u64) -> Result<()> {
     for target in targets.lines().map(str::trim).filter(|t| !t.is_empty()) {
         step(&format!("fuzz {target} ({seconds} s)"));
         let grown = fuzz_dir.join("target/corpus").join(target);
-        std::fs::create_dir_all(&grown)
-            .with_context(|| format!("creating {}", grown.display()))?;
+        std::fs::create_dir_all(&grown).with_context(|| format!("creating {}", grown.display()))?;
         let artifacts = fuzz_dir.join("artifacts").join(target);
         let before = files_in(&artifacts);
         let mut run_target = fuzz_cmd("run");
