@@ -1,12 +1,21 @@
 //! Pod cgroups: finding the cgroup v2 mount and validating a pod's cgroup directory.
 use std::{
     collections::HashMap,
-    fs::{self, File},
-    os::unix::fs::MetadataExt,
+    fs::{self, File, OpenOptions},
+    os::{
+        fd::AsRawFd as _,
+        unix::fs::{MetadataExt, OpenOptionsExt as _},
+    },
     path::{Path, PathBuf},
 };
 
-use nix::sys::statfs::{statfs, CGROUP2_SUPER_MAGIC, CGROUP_SUPER_MAGIC};
+use nix::{
+    fcntl::AtFlags,
+    sys::{
+        stat::fstatat,
+        statfs::{fstatfs, CGROUP2_SUPER_MAGIC, CGROUP_SUPER_MAGIC},
+    },
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
@@ -18,6 +27,8 @@ pub enum CgroupError {
     CgroupV1 { path: PathBuf, cgroup2: String },
     #[error("{path} is not a cgroup v2 directory (cgroup2 is mounted at {cgroup2})")]
     NotCgroup2 { path: PathBuf, cgroup2: String },
+    #[error("{path} has no cgroup.procs, so it is not a cgroup directory")]
+    NoProcs { path: PathBuf },
     #[error("no cgroup2 filesystem is mounted (none in /proc/self/mountinfo)")]
     NoCgroup2Mount,
     #[error("cgroup {path}: {source}")]
@@ -37,27 +48,34 @@ pub struct Cgroup {
 }
 
 impl Cgroup {
-    /// Opens `path` and checks that it is a directory of a cgroup v2 hierarchy.
+    /// Opens `path` and checks that it is a directory of a cgroup v2 hierarchy with a
+    /// `cgroup.procs`. The checks are made on the opened directory, so the directory checked is
+    /// the one returned even if the path changes meanwhile; `path` is then where it really is.
     pub fn open(path: &Path) -> Result<Self, CgroupError> {
         let io = |source| CgroupError::Io {
             path: path.to_owned(),
             source,
         };
-        let metadata = match fs::metadata(path) {
-            Ok(metadata) => metadata,
+        // O_DIRECTORY fails on anything else before opening it (a FIFO's open would block).
+        let dir = match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECTORY | libc::O_CLOEXEC)
+            .open(path)
+        {
+            Ok(dir) => dir,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                 return Err(CgroupError::NotFound {
                     path: path.to_owned(),
                 })
             }
+            Err(e) if e.raw_os_error() == Some(libc::ENOTDIR) => {
+                return Err(CgroupError::NotADirectory {
+                    path: path.to_owned(),
+                })
+            }
             Err(e) => return Err(io(e)),
         };
-        if !metadata.is_dir() {
-            return Err(CgroupError::NotADirectory {
-                path: path.to_owned(),
-            });
-        }
-        let fs_type = statfs(path).map_err(|e| io(e.into()))?.filesystem_type();
+        let fs_type = fstatfs(&dir).map_err(|e| io(e.into()))?.filesystem_type();
         if fs_type != CGROUP2_SUPER_MAGIC {
             let cgroup2 = cgroup2_mount()
                 .map(|mount| mount.display().to_string())
@@ -69,13 +87,14 @@ impl Cgroup {
                 CgroupError::NotCgroup2 { path, cgroup2 }
             });
         }
-        let path = fs::canonicalize(path).map_err(io)?;
-        let dir = File::open(&path).map_err(io)?;
-        Ok(Self {
-            path,
-            id: metadata.ino(),
-            dir,
-        })
+        if fstatat(&dir, "cgroup.procs", AtFlags::AT_SYMLINK_NOFOLLOW).is_err() {
+            return Err(CgroupError::NoProcs {
+                path: path.to_owned(),
+            });
+        }
+        let id = dir.metadata().map_err(io)?.ino();
+        let path = fs::read_link(format!("/proc/self/fd/{}", dir.as_raw_fd())).map_err(io)?;
+        Ok(Self { path, id, dir })
     }
 }
 

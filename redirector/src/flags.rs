@@ -212,6 +212,33 @@ impl IstioFlags {
     }
 }
 
+/// An istio-iptables command line on its own (what `redirector enroll` accepts after its own
+/// flags), for checking a line outside the CLI.
+#[derive(clap::Parser, Debug)]
+#[command(name = "istio-iptables", no_binary_name = true)]
+pub struct IstioIptables {
+    #[command(flatten)]
+    pub flags: IstioFlags,
+}
+
+impl IstioIptables {
+    /// The policy of a line of flags (split at whitespace, so without shell quoting).
+    pub fn policy_of_line(line: &str) -> Result<Policy, FlagLineError> {
+        use clap::Parser as _;
+        let parsed = Self::try_parse_from(line.split_whitespace())
+            .map_err(|error| FlagLineError::Flags(error.to_string()))?;
+        Ok(parsed.flags.to_policy()?)
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FlagLineError {
+    #[error("{0}")]
+    Flags(String),
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+}
+
 /// The `nameserver` lines of a resolv.conf; a missing file gives none (DNS capture then
 /// stays off unless --capture-all-dns, as in istio-iptables).
 pub fn resolv_conf_servers(path: &Path) -> Vec<std::net::IpAddr> {

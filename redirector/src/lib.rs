@@ -14,6 +14,7 @@ pub mod cgroup;
 pub mod cni;
 pub mod cri;
 pub mod flags;
+pub mod fuzzing;
 pub mod kernel;
 pub mod link;
 pub mod loader;

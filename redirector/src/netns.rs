@@ -2,13 +2,19 @@
 //! pod, and whether istio-iptables would turn IPv6 on) and its identity. The namespace is
 //! entered on a dedicated thread, so the caller's own namespace never changes.
 use std::{
-    fs::File,
+    fs::{File, OpenOptions},
     net::IpAddr,
-    os::{fd::AsFd, unix::fs::MetadataExt},
+    os::{
+        fd::{AsFd, AsRawFd as _},
+        unix::fs::{MetadataExt, OpenOptionsExt as _},
+    },
     path::{Path, PathBuf},
 };
 
-use nix::sched::{setns, CloneFlags};
+use nix::{
+    sched::{setns, CloneFlags},
+    sys::statfs::{fstatfs, NSFS_MAGIC},
+};
 
 use crate::policy::PodNetwork;
 
@@ -21,11 +27,38 @@ pub enum NetnsError {
     },
     #[error("{path} is not a network namespace ({source})")]
     NotNetns { path: PathBuf, source: nix::Error },
+    #[error("{path} is not a namespace file (not on nsfs, e.g. /proc/PID/ns/net or a bind mount of one)")]
+    NotNsfs { path: PathBuf },
     #[error("network namespace {path}: reading its addresses: {source}")]
     Read {
         path: PathBuf,
         source: std::io::Error,
     },
+}
+
+/// Opens `path` only if it is a namespace file: checked on an `O_PATH` descriptor (whose open
+/// neither blocks, as a FIFO's would, nor has a device's side effects), which is then reopened
+/// for reading through its /proc/self/fd link (`setns` takes no `O_PATH` descriptor), so the
+/// file checked is the file used.
+pub fn open_nsfs(path: &Path) -> Result<File, NetnsError> {
+    let open_error = |source| NetnsError::Open {
+        path: path.to_owned(),
+        source,
+    };
+    let located = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_PATH)
+        .open(path)
+        .map_err(open_error)?;
+    let fs_type = fstatfs(&located)
+        .map_err(|e| open_error(e.into()))?
+        .filesystem_type();
+    if fs_type != NSFS_MAGIC {
+        return Err(NetnsError::NotNsfs {
+            path: path.to_owned(),
+        });
+    }
+    File::open(format!("/proc/self/fd/{}", located.as_raw_fd())).map_err(open_error)
 }
 
 /// A pod's network namespace as seen from inside.
@@ -39,10 +72,7 @@ pub struct PodNetns {
 
 impl PodNetns {
     pub fn read(path: &Path) -> Result<Self, NetnsError> {
-        let file = File::open(path).map_err(|source| NetnsError::Open {
-            path: path.to_owned(),
-            source,
-        })?;
+        let file = open_nsfs(path)?;
         let owned_path = path.to_owned();
         let inode = file
             .metadata()

@@ -21,7 +21,7 @@ use crate::{
     link::{self, Hook},
     loader::{self, LoadError, LoadOptions, Programs, UpgradeReport},
     maps::{inbound::address_key, policy_sets::SetsRead, MapAccessError, Maps},
-    netns::{NetnsError, PodNetns},
+    netns::{open_nsfs, NetnsError, PodNetns},
     pins::{PinError, PinRoot, RootLock},
     policy::Policy,
 };
@@ -346,10 +346,7 @@ impl Redirector {
         // bpffs refuses names with a dot.
         let staged = pin.with_file_name(format!("{}-staged", Hook::Inbound.pin_name()));
         self.root.remove_pin(&staged)?;
-        let target = std::fs::File::open(&netns.path).map_err(|source| NetnsError::Open {
-            path: netns.path.clone(),
-            source,
-        })?;
+        let target = open_nsfs(&netns.path)?;
         link::attach_pinned(
             self.programs()?.fd(Hook::Inbound),
             target.as_fd(),

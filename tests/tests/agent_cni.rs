@@ -978,36 +978,47 @@ fn overlapping_agents_never_remove_each_others_socket() -> Result<()> {
     Ok(())
 }
 
-/// An enroll whose netns path blocks on open (a FIFO) wedges: /healthz says so once it runs
-/// past the deadline, and is fine again once it ends. Meanwhile reads still answer.
+/// A status that blocks reading a pod's state file (a FIFO) wedges: /healthz says so once it
+/// runs past the deadline, and is fine again once it ends. Meanwhile enrolls still answer.
 #[test]
 fn healthz_reports_a_stuck_operation() -> Result<()> {
     let test = TestNode::new("wedged")?;
     let setup = &test.setup;
     let agent = Agent::start_with(setup, &["--operation-deadline-seconds", "1"])?;
-    let cgroup = test.sandbox.cgroup("wedged")?;
-    let fifo = test.scratch.path().join("netns-fifo");
-    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600))?;
-    let mut enroll = Command::new(binary("redirector")?);
-    enroll
-        .args([
-            OsString::from("enroll"),
-            "--cgroup".into(),
-            cgroup.path().into(),
-        ])
-        .args([OsString::from("--netns"), fifo.clone().into()])
+    let wedged = test.sandbox.cgroup("wedged")?;
+    let meanwhile = test.sandbox.cgroup("meanwhile")?;
+    let enroll = |cgroup: &Cgroup| -> Result<()> {
+        setup
+            .redirector(&[
+                OsString::from("enroll"),
+                "--cgroup".into(),
+                cgroup.path().into(),
+            ])?
+            .ensure_success()?;
+        Ok(())
+    };
+    enroll(&wedged)?;
+    // A pod state file replaced by a FIFO: a status blocks reading it until a writer comes.
+    let state = setup.state_dir.join(format!("{}.json", wedged.id()?));
+    let saved = std::fs::read(&state)?;
+    std::fs::remove_file(&state)?;
+    nix::unistd::mkfifo(&state, nix::sys::stat::Mode::from_bits_truncate(0o600))?;
+    let mut status = Command::new(binary("redirector")?);
+    status
+        .args(["status", "--output", "json"])
         .args(setup.node_args());
-    let stuck = Child::spawn("a stuck enroll", enroll)?;
+    let stuck = Child::spawn("a stuck status", status)?;
     let health = || redirector_tests::http_get(setup.metrics_addr, "/healthz");
     let (_, body) = wait_for("/healthz to fail", WAIT, || {
         Ok(health().ok().filter(|(code, _)| *code == 503))
     })?;
-    assert!(body.contains("enroll"), "{body}");
-    assert!(setup.status()?.agent.is_some(), "status answers meanwhile");
-    // A writer lets the open return; the enroll then fails (a FIFO is no netns).
-    let _writer = std::fs::OpenOptions::new().write(true).open(&fifo)?;
-    let output = stuck.wait_exit(WAIT)?;
-    assert!(!output.success(), "{output:?}");
+    assert!(body.contains("status"), "{body}");
+    enroll(&meanwhile)?;
+    // A writer lets the read return; the status then finishes.
+    let mut writer = std::fs::OpenOptions::new().write(true).open(&state)?;
+    std::io::Write::write_all(&mut writer, &saved)?;
+    drop(writer);
+    stuck.wait_exit(WAIT)?.ensure_success()?;
     wait_for("/healthz to be fine again", WAIT, || {
         Ok(health().ok().filter(|(code, _)| *code == 200).map(|_| ()))
     })?;

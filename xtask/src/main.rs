@@ -75,6 +75,13 @@ enum Task {
     /// archive of them (`localhost/redirector:<version>`, no base image) to target/image; its
     /// path is the last line printed
     Image,
+    /// Set up (with cargo-fuzz), then run every fuzz target of fuzz/ for a while, each from its
+    /// committed corpus; fails on the first crash, naming the input that caused it
+    Fuzz {
+        /// How long each target runs
+        #[arg(long, default_value_t = 60)]
+        seconds: u64,
+    },
     /// Set up, build in release mode and run target/release/redirector-demo (needs root)
     Demo,
     /// Set up, build in release mode and run the lab, redirector against iptables REDIRECT side
@@ -140,6 +147,7 @@ fn main() -> Result<()> {
             println!("{}", archive.display());
             Ok(())
         }
+        Task::Fuzz { seconds } => fuzz(root, seconds),
         Task::Demo => {
             require_root("the demo")?;
             exec_release_binary(root, "redirector-demo", &[])
@@ -208,6 +216,84 @@ fn test(root: &Path, kernel: Option<&str>, host_only: bool, args: &[String]) -> 
         bail!("failed: {}", failed.join("; "));
     }
     Ok(())
+}
+
+/// `cargo xtask fuzz`: each target of fuzz/ for `seconds`, growing its corpus in
+/// fuzz/target/corpus (the committed corpus/ keeps only seeds and crash regressions).
+fn fuzz(root: &Path, seconds: u64) -> Result<()> {
+    setup()?;
+    setup::cargo_fuzz()?;
+    let fuzz_dir = root.join("fuzz");
+    let fuzz_cmd = |subcommand: &str| {
+        let mut cmd = Command::new("cargo");
+        cmd.args(["+nightly", "fuzz", subcommand])
+            .current_dir(&fuzz_dir);
+        cmd
+    };
+    step("fuzz build");
+    let started = Instant::now();
+    run(&mut fuzz_cmd("build"))?;
+    eprintln!("built in {:.0} s", started.elapsed().as_secs_f64());
+    let targets = query_ok(&mut fuzz_cmd("list"))?;
+    let mut summary = Vec::new();
+    for target in targets.lines().map(str::trim).filter(|t| !t.is_empty()) {
+        step(&format!("fuzz {target} ({seconds} s)"));
+        let grown = fuzz_dir.join("target/corpus").join(target);
+        std::fs::create_dir_all(&grown).with_context(|| format!("creating {}", grown.display()))?;
+        let artifacts = fuzz_dir.join("artifacts").join(target);
+        let before = files_in(&artifacts);
+        let mut run_target = fuzz_cmd("run");
+        run_target
+            .arg(target)
+            .arg(&grown)
+            .arg(Path::new("corpus").join(target))
+            .arg("--")
+            .arg(format!("-max_total_time={seconds}"));
+        eprintln!("$ {}", display(&run_target));
+        let output = run_target
+            .stderr(std::process::Stdio::piped())
+            .output()
+            .with_context(|| format!("running `{}`", display(&run_target)))?;
+        let log = String::from_utf8_lossy(&output.stderr);
+        // libFuzzer's last word: "Done N runs in S second(s)".
+        let runs = log
+            .lines()
+            .rev()
+            .find_map(|line| line.strip_prefix("Done "))
+            .unwrap_or("no run count reported")
+            .to_owned();
+        if !output.status.success() {
+            let crashes: Vec<_> = files_in(&artifacts)
+                .into_iter()
+                .filter(|file| !before.contains(file))
+                .collect();
+            let tail: Vec<&str> = log.lines().rev().take(40).collect();
+            for line in tail.iter().rev() {
+                eprintln!("{line}");
+            }
+            bail!(
+                "fuzz target {target} crashed; input: {} (replay: cd fuzz && cargo +nightly fuzz run {target} FILE; then add it to fuzz/corpus/{target})",
+                crashes
+                    .iter()
+                    .map(|file| file.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        summary.push(format!("ok      {target}: {runs}"));
+    }
+    step("summary");
+    for line in summary {
+        eprintln!("{line}");
+    }
+    Ok(())
+}
+
+/// The files in `dir` (none when it does not exist).
+fn files_in(dir: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(dir)
+        .map(|entries| entries.filter_map(|e| e.ok().map(|e| e.path())).collect())
+        .unwrap_or_default()
 }
 
 /// What `cargo xtask test` and `cargo xtask vm` build: the binaries and the test executables.

@@ -192,6 +192,18 @@ fn qemu() -> Result<Option<String>> {
     Ok(Some(QEMU_PACKAGE.into()))
 }
 
+/// cargo-fuzz, for `cargo xtask fuzz` only (the other tasks do without it).
+pub fn cargo_fuzz() -> Result<Option<String>> {
+    let version = query(Command::new("cargo").args(["fuzz", "--version"]))?;
+    if version.status.success() {
+        eprintln!("ok: {}", String::from_utf8_lossy(&version.stdout).trim());
+        return Ok(None);
+    }
+    eprintln!("installing: cargo-fuzz");
+    run(Command::new("cargo").args(["install", "cargo-fuzz", "--locked"]))?;
+    Ok(Some("cargo-fuzz".into()))
+}
+
 fn nightly_toolchain() -> Result<Option<String>> {
     let toolchains = query_ok(Command::new("rustup").args(["toolchain", "list"]))?;
     if toolchains.lines().any(is_nightly) {

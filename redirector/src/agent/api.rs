@@ -39,6 +39,19 @@ pub fn beside(path: &std::path::Path, suffix: &str) -> PathBuf {
 }
 /// Longest request line the agent reads (a policy and a few paths fit many times over).
 pub const MAX_REQUEST_BYTES: usize = 64 * 1024;
+/// Parses one request line (its newline included or not).
+pub fn parse_request_line(line: &[u8]) -> Result<Envelope, ApiError> {
+    if line.len() > MAX_REQUEST_BYTES {
+        return Err(ApiError {
+            kind: ErrorKind::InvalidInput,
+            message: format!("a request line is at most {MAX_REQUEST_BYTES} bytes"),
+        });
+    }
+    serde_json::from_slice(line).map_err(|error| ApiError {
+        kind: ErrorKind::InvalidInput,
+        message: format!("not a request: {error}"),
+    })
+}
 /// Longest reply line a client reads: a page of pods with large policies fits.
 pub const MAX_REPLY_BYTES: u64 = 64 * 1024 * 1024;
 
@@ -199,6 +212,9 @@ pub enum ErrorKind {
     NotReady,
     /// The request was fine but carrying it out failed.
     Internal,
+    /// The agent serves as many connections as it takes at once; this one was closed before
+    /// its request was read (nothing was done): try again shortly.
+    Busy,
 }
 
 /// A pod enrolled (or, for a dry run, that would be), with what was found about it.

@@ -5,13 +5,13 @@ use std::{
     io::{self, BufRead as _, BufReader, Read as _, Write as _},
     os::unix::net::UnixStream,
     path::{Path, PathBuf},
-    time::Duration,
+    time::{Duration, Instant},
 };
 
 use super::{
     api::{
-        ApiError, EnrollRequest, EnrolledPod, Envelope, NodePod, NodeStatus, PodSelector, Reply,
-        Request, Response, StatusQuery, MAX_REPLY_BYTES,
+        ApiError, EnrollRequest, EnrolledPod, Envelope, ErrorKind, NodePod, NodeStatus,
+        PodSelector, Reply, Request, Response, StatusQuery, MAX_REPLY_BYTES,
     },
     node::{Node, NodeError},
 };
@@ -51,7 +51,31 @@ pub enum Via {
 
 /// Sends one request to the agent at `socket`; `None` when no agent listens there (no socket
 /// file, or a stale one nobody accepts on). With `bpffs`, the agent must serve that root.
+/// An agent too busy to take the connection is asked again until `timeout` has passed (it
+/// refuses before reading the request, so nothing was done).
 pub fn send(
+    socket: &Path,
+    bpffs: Option<&Path>,
+    request: &Request,
+    timeout: Duration,
+) -> Result<Option<Reply>, ClientError> {
+    let deadline = Instant::now() + timeout;
+    let mut pause = Duration::from_millis(20);
+    loop {
+        match send_once(socket, bpffs, request, timeout) {
+            Err(ClientError::Agent(ApiError {
+                kind: ErrorKind::Busy,
+                ..
+            })) if Instant::now() + pause < deadline => {
+                std::thread::sleep(pause);
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+            result => return result,
+        }
+    }
+}
+
+fn send_once(
     socket: &Path,
     bpffs: Option<&Path>,
     request: &Request,
@@ -90,11 +114,16 @@ pub fn send(
     };
     let mut line = serde_json::to_vec(&envelope).expect("requests always serialize");
     line.push(b'\n');
-    (&stream).write_all(&line).map_err(io_error)?;
+    // An agent too busy to read the request answers and closes at once, which can fail the
+    // write: its answer is read all the same.
+    let written = (&stream).write_all(&line);
     let mut answer = String::new();
-    BufReader::new((&stream).take(MAX_REPLY_BYTES))
-        .read_line(&mut answer)
-        .map_err(io_error)?;
+    let read = BufReader::new((&stream).take(MAX_REPLY_BYTES)).read_line(&mut answer);
+    match (written, read) {
+        (Err(error), _) if answer.is_empty() => return Err(io_error(error)),
+        (_, Err(error)) => return Err(io_error(error)),
+        _ => {}
+    }
     let response: Response =
         serde_json::from_str(&answer).map_err(|source| ClientError::Protocol {
             socket: socket.to_owned(),

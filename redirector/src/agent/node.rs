@@ -22,6 +22,7 @@ use super::{
 use crate::{
     cgroup::{self, Cgroup, CgroupError},
     loader::LoadOptions,
+    netns::NetnsError,
     pins::PinRoot,
     pods::{self, RecordCounts, Redirector},
     policy::Policy,
@@ -47,9 +48,12 @@ impl NodeError {
     /// Whether the caller asked for something wrong, or carrying out a fine request failed.
     pub fn kind(&self) -> ErrorKind {
         match self {
-            Self::Cgroup(_) | Self::Redirector(pods::Error::Cgroup(_)) | Self::NotAPod(_) => {
-                ErrorKind::InvalidInput
-            }
+            Self::Cgroup(_)
+            | Self::Redirector(pods::Error::Cgroup(_))
+            | Self::Redirector(pods::Error::Netns(
+                NetnsError::NotNsfs { .. } | NetnsError::NotNetns { .. },
+            ))
+            | Self::NotAPod(_) => ErrorKind::InvalidInput,
             _ => ErrorKind::Internal,
         }
     }

@@ -35,18 +35,18 @@ use nix::{
     sys::stat::{umask, Mode},
 };
 use tokio::{
-    io::{AsyncBufReadExt as _, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
+    io::{AsyncBufReadExt as _, AsyncRead, AsyncReadExt as _, AsyncWriteExt as _, BufReader},
     net::{UnixListener, UnixStream},
-    sync::watch,
+    sync::{watch, Semaphore},
     task::JoinSet,
 };
 
 use super::{
     addrwatch::{AddressWatch, Event, Followed},
     api::{
-        beside, ready_marker, AgentReport, ApiError, CniOutcome, CollectedPod, EnrollRequest,
-        Envelope, ErrorKind, PodRef, ReconcileReport, Reply, Request, Response, StatusQuery,
-        MAX_REQUEST_BYTES,
+        beside, parse_request_line, ready_marker, AgentReport, ApiError, CniOutcome, CollectedPod,
+        EnrollRequest, Envelope, ErrorKind, PodRef, ReconcileReport, Reply, Request, Response,
+        StatusQuery, MAX_REQUEST_BYTES,
     },
     config::{AgentConfig, AgentFlags, ConfigError, LogFormat, NodeFlags},
     evidence::{Filesystem, PodSource},
@@ -63,6 +63,14 @@ use crate::{
 
 /// How long stopping waits for requests in progress.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a client has to send its request line: the CLI and the CNI plugin write it at
+/// once, so only a stalled peer takes longer, and it must not hold a connection slot for long.
+const REQUEST_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a reply may wait for its client to take it (the request is carried out whatever).
+const REPLY_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// API connections served at once. Those past it are answered `busy` and closed at once (the
+/// client retries), so a flood of connections costs neither memory nor a queue.
+const MAX_CONNECTIONS: usize = 64;
 /// How many collected pods the status keeps (the oldest are dropped first).
 const COLLECTED_KEPT: usize = 100;
 
@@ -821,14 +829,22 @@ async fn stopped(mut stopping: watch::Receiver<bool>) {
 /// Accepts API connections until stopping, then waits (bounded) for those in progress.
 async fn serve_api(agent: Arc<Agent>, listener: UnixListener, stopping: watch::Receiver<bool>) {
     let mut connections = JoinSet::new();
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let stop = stopped(stopping);
     tokio::pin!(stop);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
-                Ok((stream, _)) => {
-                    connections.spawn(answer(agent.clone(), stream));
-                }
+                Ok((stream, _)) => match slots.clone().try_acquire_owned() {
+                    Ok(slot) => {
+                        let agent = agent.clone();
+                        connections.spawn(async move {
+                            answer(agent, stream).await;
+                            drop(slot);
+                        });
+                    }
+                    Err(_) => refuse_busy(&stream),
+                },
                 Err(error) => tracing::warn!(%error, "accepting an API connection"),
             },
             Some(_) = connections.join_next(), if !connections.is_empty() => {}
@@ -847,7 +863,8 @@ async fn serve_api(agent: Arc<Agent>, listener: UnixListener, stopping: watch::R
     }
 }
 
-/// One connection: one request line in, one response line out. Root only.
+/// One connection: one request line in, one response line out. Root only. A peer that stalls
+/// sending its request or taking its reply is dropped after a timeout.
 async fn answer(agent: Arc<Agent>, stream: UnixStream) {
     let peer_uid = stream.peer_cred().map(|cred| cred.uid());
     let (read, mut write) = stream.into_split();
@@ -857,27 +874,65 @@ async fn answer(agent: Arc<Agent>, stream: UnixStream) {
             message: format!("only root may use the agent (peer uid: {peer_uid:?})"),
         })
     } else {
-        let mut line = String::new();
-        let read = BufReader::new(read.take(MAX_REQUEST_BYTES as u64))
-            .read_line(&mut line)
-            .await;
-        match read.map(|_| serde_json::from_str::<Envelope>(&line)) {
+        match tokio::time::timeout(REQUEST_READ_TIMEOUT, read_request(read)).await {
             Ok(Ok(request)) => agent.respond(request).await,
-            Ok(Err(error)) => Response::Error(ApiError {
+            Ok(Err(error)) => Response::Error(error),
+            Err(_) => Response::Error(ApiError {
                 kind: ErrorKind::InvalidInput,
-                message: format!("not a request: {error}"),
-            }),
-            Err(error) => Response::Error(ApiError {
-                kind: ErrorKind::InvalidInput,
-                message: format!("reading the request: {error}"),
+                message: format!(
+                    "no complete request line within {} s",
+                    REQUEST_READ_TIMEOUT.as_secs()
+                ),
             }),
         }
     };
-    let mut text = serde_json::to_vec(&response).expect("responses always serialize");
-    text.push(b'\n');
-    if let Err(error) = write.write_all(&text).await {
-        tracing::debug!(%error, "the API client left before the response");
+    match tokio::time::timeout(
+        REPLY_WRITE_TIMEOUT,
+        write.write_all(&response_line(&response)),
+    )
+    .await
+    {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::debug!(%error, "the API client left before the response"),
+        Err(_) => tracing::warn!(
+            timeout_s = REPLY_WRITE_TIMEOUT.as_secs(),
+            "an API client did not take its response; dropped it"
+        ),
     }
+}
+
+/// The request line, read up to its newline or [`MAX_REQUEST_BYTES`] (one more byte tells a
+/// line that is too long).
+async fn read_request(read: impl AsyncRead + Unpin) -> Result<Envelope, ApiError> {
+    let mut line = Vec::new();
+    BufReader::new(read.take(MAX_REQUEST_BYTES as u64 + 1))
+        .read_until(b'\n', &mut line)
+        .await
+        .map_err(|error| ApiError {
+            kind: ErrorKind::InvalidInput,
+            message: format!("reading the request: {error}"),
+        })?;
+    parse_request_line(&line)
+}
+
+/// A connection past [`MAX_CONNECTIONS`]: answered without waiting (a fresh socket's buffer
+/// takes the short line; if it does not, closing says as much) and closed.
+fn refuse_busy(stream: &UnixStream) {
+    tracing::debug!(
+        max = MAX_CONNECTIONS,
+        "API connections at their bound; refusing one as busy"
+    );
+    let busy = Response::Error(ApiError {
+        kind: ErrorKind::Busy,
+        message: format!("the agent is serving {MAX_CONNECTIONS} connections; try again"),
+    });
+    let _ = stream.try_write(&response_line(&busy));
+}
+
+fn response_line(response: &Response) -> Vec<u8> {
+    let mut text = serde_json::to_vec(response).expect("responses always serialize");
+    text.push(b'\n');
+    text
 }
 
 async fn reconcile_every(agent: Arc<Agent>, interval: Duration, stopping: watch::Receiver<bool>) {

@@ -27,7 +27,7 @@ use std::{fs::OpenOptions, path::Path, process::ExitCode, sync::Mutex, time::Dur
 use rscni_plugin::{
     cni::{Cni, Plugin},
     error::Error,
-    types::{Args, CNIResult},
+    types::{Args, CNIResult, NetConf},
 };
 use tracing_subscriber::{fmt::writer::BoxMakeWriter, EnvFilter};
 
@@ -84,7 +84,7 @@ impl Cni for RedirectorCni {
                 )
             })?;
             let cni_args = cni_args(&args)?;
-            let pod_settings = match decide(config, &args, &cni_args) {
+            let pod_settings = match decide(config, args.config(), &cni_args) {
                 Ok(Decision::Enroll(settings)) => settings,
                 Ok(Decision::Skip(reason)) => {
                     tracing::info!(
@@ -167,7 +167,7 @@ impl Cni for RedirectorCni {
     fn check(&self, args: Args) -> Result<(), Error> {
         with_config(&args, "CHECK", |config| {
             if let Decision::Skip(reason) =
-                decide(config, &args, &cni_args(&args)?).map_err(refused)?
+                decide(config, args.config(), &cni_args(&args)?).map_err(refused)?
             {
                 tracing::debug!(
                     reason = reason.name(),
@@ -342,9 +342,12 @@ fn cni_args(args: &Args) -> Result<CniArgs, Error> {
     CniArgs::parse(args.args()).map_err(|e| Error::InvalidEnvValue(e.to_string()))
 }
 
-/// [`select::decide`] on what the runtime passed.
-fn decide(config: &PluginConfig, args: &Args, cni_args: &CniArgs) -> Result<Decision, Refusal> {
-    let net_conf = args.config();
+/// [`select::decide`] on what the runtime passed in the network config.
+pub(crate) fn decide(
+    config: &PluginConfig,
+    net_conf: &NetConf,
+    cni_args: &CniArgs,
+) -> Result<Decision, Refusal> {
     let declared = net_conf
         .capabilities
         .as_ref()
