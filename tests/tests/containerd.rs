@@ -5,8 +5,9 @@
 //! (never skip) without them:
 //!
 //! ```text
-//! cargo xtask test --host-only -- containerd
+//! cargo xtask test --host-only      # writes the test image, names it in REDIRECTOR_E2E_IMAGE
 //! ```
+//! (a filter after `--` matches test names, not suites: this suite's are listed below.)
 //!
 //! Each test starts its own containerd (own root, state, socket, CNI directories) in a "node"
 //! network namespace of its own, and stops it and removes everything it made, even on panic.
