@@ -14,8 +14,11 @@ use crate::{
     flags::IstioIptables,
 };
 
+/// A fuzz target: one parser of untrusted bytes.
+pub type Target = fn(&[u8]);
+
 /// The fuzz targets by name (fuzz/fuzz_targets/NAME.rs, corpus in fuzz/corpus/NAME).
-pub const TARGETS: [(&str, fn(&[u8])); 6] = [
+pub const TARGETS: [(&str, Target); 6] = [
     ("istio_iptables", istio_iptables),
     ("cni_config", cni_config),
     ("cni_args", cni_args),

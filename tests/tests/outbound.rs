@@ -421,8 +421,13 @@ fn bad_enroll_inputs_fail_and_leave_nothing_behind() -> Result<()> {
             expected_words: &["network namespace"],
         },
         BadEnroll {
-            problem: "network namespace path that is not one",
+            problem: "network namespace path that is no namespace file",
             args: victim_with(&["--netns", "/proc/self/status"]),
+            expected_words: &["not a namespace file"],
+        },
+        BadEnroll {
+            problem: "namespace file of another kind",
+            args: victim_with(&["--netns", "/proc/self/ns/mnt"]),
             expected_words: &["not a network namespace"],
         },
         BadEnroll {

@@ -13,7 +13,7 @@
 //! no gap and no mixed moment; a new address itself is without inbound capture from the
 //! moment the kernel adds it until that enroll ends (netlink delivery plus one enroll). The standalone `redirector enroll` (no agent) does not follow.
 use std::{
-    fs::{self, File},
+    fs,
     io,
     net::IpAddr,
     os::{
@@ -96,10 +96,9 @@ impl AddressWatch {
         netns: &Path,
         report: impl Fn(Event) + Send + 'static,
     ) -> Result<AddressWatch, WatchError> {
-        let file = File::open(netns).map_err(|source| NetnsError::Open {
-            path: netns.to_owned(),
-            source,
-        })?;
+        // Checked as a namespace file before it is opened for reading: a pod author's FIFO
+        // there would block a plain open, and with it the agent.
+        let file = netns::open_nsfs(netns)?;
         let subscribe_error = |source| WatchError::Subscribe {
             path: netns.to_owned(),
             source,
