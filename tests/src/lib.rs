@@ -44,14 +44,15 @@ pub use pod::{
     spawn_in_pod_with_nofile, start_proxy, start_proxy_with, ExecSettings, Identity, Pod, Proxy,
     ProxySettings, Sandbox, Server, EVENT_TIMEOUT, PROXY_ADDR, PROXY_PORT,
 };
-pub use process::{binary, run, wait_for, Child, Output};
+pub use process::{binary, monotonic_ms, run, wait_for, Child, Output};
 pub use protocol::{
-    AgentReport, CniAttachment, CniCounts, CollectedPod, ConnectOptions, ConnectOutcome,
-    ConnectReport, ConnectSummary, ConnectTwiceOptions, ConnectTwiceReport, Counters,
-    DnsQueryOptions, DnsQueryReport, DoneEvent, ForwardEvent, GetsockoptReport, HeldMismatch,
-    HoldOpened, HoldOptions, HoldReport, ListenerReply, Metrics, NoOrigDstEvent, PeerGroupsReport,
-    PlannedConnect, PodIdentity, PodRef, PodStatus, ProxyEvent, Reached, ReconcileReport,
-    RecordCounts, Sample, ServerReply, Status, Transport,
+    AgentReport, CniAttachment, CniCounts, CollectedPod, ConnectLoopOptions, ConnectOptions,
+    ConnectOutcome, ConnectReport, ConnectSummary, ConnectTwiceOptions, ConnectTwiceReport,
+    Counters, DnsQueryOptions, DnsQueryReport, DoneEvent, ForwardEvent, GetsockoptReport,
+    HeldMismatch, HoldOpened, HoldOptions, HoldReport, ListenerReply, LoopFault, LoopIncident,
+    LoopSummary, Metrics, NoOrigDstEvent, PeerGroupsReport, PlannedConnect, PodIdentity, PodRef,
+    PodStatus, ProxyEvent, Reached, ReconcileReport, RecordCounts, Sample, ServerReply, Status,
+    Transport,
 };
 pub use socklb::{AttachedLb, SockLb};
 pub use tools::{

@@ -393,15 +393,7 @@ pub struct Server {
 impl Server {
     /// Start `e2e-helper serve --log` on `addr` in `netns` and `cgroup` as the application.
     pub fn start(netns: &Netns, cgroup: &Cgroup, addr: SocketAddr) -> Result<Server> {
-        let serve = [
-            binary("e2e-helper")?.into_os_string(),
-            "serve".into(),
-            "--log".into(),
-            "--listen".into(),
-            addr.to_string().into(),
-        ];
-        let process = spawn_in_pod(netns, cgroup, Identity::APP, &serve)?;
-        process.wait_for_line(|line| line == "listening", STARTUP_TIMEOUT)?;
+        let process = spawn_server(netns, cgroup, &[addr], true)?;
         Ok(Server { addr, process })
     }
 
@@ -416,6 +408,21 @@ impl Server {
             .wait_for_json(|reply: &ServerReply| reply.line == line, EVENT_TIMEOUT)
             .with_context(|| format!("the server at {} never received {line:?}", self.addr))
     }
+}
+
+/// `e2e-helper serve` on each of `listen` in `netns` and `cgroup` as the application, with
+/// `--log` when `log`; returns once it listens.
+fn spawn_server(netns: &Netns, cgroup: &Cgroup, listen: &[SocketAddr], log: bool) -> Result<Child> {
+    let mut serve = vec![binary("e2e-helper")?.into_os_string(), "serve".into()];
+    if log {
+        serve.push("--log".into());
+    }
+    for addr in listen {
+        serve.extend(["--listen".into(), addr.to_string().into()]);
+    }
+    let process = spawn_in_pod(netns, cgroup, Identity::APP, &serve)?;
+    process.wait_for_line(|line| line == "listening", STARTUP_TIMEOUT)?;
+    Ok(process)
 }
 
 /// A pod: its own netns and cgroup (not enrolled until the test says so), linked by a veth to a
@@ -478,6 +485,25 @@ impl Pod {
     /// Another echo server in the server netns (e.g. on the IPv6 address), until dropped.
     pub fn serve(&self, addr: SocketAddr) -> Result<Server> {
         Server::start(&self.server_netns, &self.server_cgroup, addr)
+    }
+
+    /// The arguments of `redirector enroll` for this pod: its cgroup and netns, then `flags`.
+    pub fn enroll_args(&self, flags: &[&str]) -> Vec<OsString> {
+        let mut args: Vec<OsString> = vec![
+            "enroll".into(),
+            "--cgroup".into(),
+            self.cgroup.path().into(),
+            "--netns".into(),
+            self.netns.path().into(),
+        ];
+        args.extend(flags.iter().map(OsString::from));
+        args
+    }
+
+    /// An echo server on each of `listen` in the server netns that keeps no log of its answers
+    /// (a soak run's million connections would fill the test's memory), until dropped.
+    pub fn serve_unlogged(&self, listen: &[SocketAddr]) -> Result<Child> {
+        spawn_server(&self.server_netns, &self.server_cgroup, listen, false)
     }
 
     /// Start `redirector-proxy --listen 127.0.0.1:15001` in the pod as UID/GID 1337 and wait until

@@ -64,6 +64,14 @@ pub fn wait_for<T>(
     }
 }
 
+/// Milliseconds on CLOCK_MONOTONIC: one clock for every process on the machine, so that a
+/// helper's timestamps and the test's can be compared.
+pub fn monotonic_ms() -> Result<u64> {
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .context("reading CLOCK_MONOTONIC")?;
+    Ok(now.tv_sec() as u64 * 1000 + now.tv_nsec() as u64 / 1_000_000)
+}
+
 /// What a finished process left behind.
 #[derive(Debug, Clone)]
 pub struct Output {

@@ -116,6 +116,89 @@ impl ConnectOptions {
     }
 }
 
+/// Options of `e2e-helper connect-loop`: short connections one after another, each checked
+/// where it ended up, until `count` or the stop file.
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
+pub struct ConnectLoopOptions {
+    /// Destinations, taken round-robin: connection i goes to `to[i % to.len()]`.
+    #[arg(long, value_delimiter = ',', required = true)]
+    pub to: Vec<SocketAddr>,
+    /// At most this many connections.
+    #[arg(long)]
+    pub count: u64,
+    /// Stop before the next connection once this file exists.
+    #[arg(long)]
+    pub stop_file: std::path::PathBuf,
+    /// Starts every line sent (`TAG INDEX`), which tells loops and connections apart.
+    #[arg(long)]
+    pub tag: String,
+}
+
+impl ConnectLoopOptions {
+    /// The arguments after `e2e-helper connect-loop` that parse back into `self`.
+    pub fn to_args(&self) -> Vec<String> {
+        let mut args = destinations_and_count(&self.to, self.count);
+        args.extend([
+            "--stop-file".into(),
+            self.stop_file.display().to_string(),
+            "--tag".into(),
+            self.tag.clone(),
+        ]);
+        args
+    }
+}
+
+/// `--to A,B,... --count N`, as `hold` and `connect-loop` take them.
+fn destinations_and_count(to: &[SocketAddr], count: impl ToString) -> Vec<String> {
+    let to: Vec<String> = to.iter().map(ToString::to_string).collect();
+    vec![
+        "--to".into(),
+        to.join(","),
+        "--count".into(),
+        count.to_string(),
+    ]
+}
+
+/// What went wrong with a connection of `e2e-helper connect-loop`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum LoopFault {
+    /// The connection failed (connect, send or reply).
+    Failed,
+    /// It was answered, but not by its own destination, not with its own line, or its
+    /// getpeername() was not its destination.
+    Misdelivered,
+}
+
+/// One stdout line of `e2e-helper connect-loop` per connection that went wrong (the first
+/// [`LoopSummary::REPORTED_INCIDENTS`]), with when it ran on CLOCK_MONOTONIC
+/// ([`crate::monotonic_ms`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoopIncident {
+    pub index: u64,
+    pub to: SocketAddr,
+    pub fault: LoopFault,
+    pub detail: String,
+    pub started_ms: u64,
+    pub ended_ms: u64,
+}
+
+/// The last line `e2e-helper connect-loop` prints.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LoopSummary {
+    pub attempted: u64,
+    pub ok: u64,
+    pub failed: u64,
+    pub misdelivered: u64,
+    /// Incidents past [`LoopSummary::REPORTED_INCIDENTS`], counted but not printed.
+    pub unreported: u64,
+}
+
+impl LoopSummary {
+    /// Bounds the lines (and the reader's memory) when everything goes wrong.
+    pub const REPORTED_INCIDENTS: u64 = 10_000;
+}
+
 /// Options of `e2e-helper connect-twice`: one socket bound to a fixed port connects twice.
 #[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct ConnectTwiceOptions {
@@ -285,20 +368,16 @@ pub struct HoldOptions {
 impl HoldOptions {
     /// The arguments after `e2e-helper hold` that parse back into `self`.
     pub fn to_args(&self) -> Vec<String> {
-        let to: Vec<String> = self.to.iter().map(ToString::to_string).collect();
-        vec![
-            "--to".into(),
-            to.join(","),
-            "--count".into(),
-            self.count.to_string(),
-            "--go-file".into(),
-            self.go_file.display().to_string(),
-            "--phase-s".into(),
-            self.phase_s.to_string(),
-        ]
-        .into_iter()
-        .chain(self.in_handshake.then(|| "--in-handshake".into()))
-        .collect()
+        destinations_and_count(&self.to, self.count)
+            .into_iter()
+            .chain([
+                "--go-file".into(),
+                self.go_file.display().to_string(),
+                "--phase-s".into(),
+                self.phase_s.to_string(),
+            ])
+            .chain(self.in_handshake.then(|| "--in-handshake".into()))
+            .collect()
     }
 }
 
@@ -785,7 +864,7 @@ mod tests {
     }
 
     #[test]
-    fn connect_twice_and_hold_options_round_trip_through_the_command_line() {
+    fn connect_twice_hold_and_loop_options_round_trip_through_the_command_line() {
         #[derive(Parser)]
         struct Twice {
             #[command(flatten)]
@@ -818,6 +897,19 @@ mod tests {
         };
         let args = std::iter::once("e2e-helper".to_string()).chain(hold.to_args());
         assert_eq!(Hold::parse_from(args).options, hold);
+        #[derive(Parser)]
+        struct Loop {
+            #[command(flatten)]
+            options: ConnectLoopOptions,
+        }
+        let looping = ConnectLoopOptions {
+            to: hold.to.clone(),
+            count: 1_000_000,
+            stop_file: "/tmp/stop here".into(),
+            tag: "loop 1".into(),
+        };
+        let args = std::iter::once("e2e-helper".to_string()).chain(looping.to_args());
+        assert_eq!(Loop::parse_from(args).options, looping);
     }
 
     #[test]

@@ -5,7 +5,6 @@
 //! queries must get the proxy's answer, seemingly from the server the application addressed.
 //! Root only; fail, never skip.
 
-use std::ffi::OsString;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use anyhow::{ensure, Context, Result};
@@ -117,22 +116,9 @@ impl DnsPod {
         self.pod.veth.b_addr6.into()
     }
 
-    /// The arguments of `redirector enroll` for this pod: its cgroup and netns, then `flags`.
-    fn enroll_args(&self, flags: &[&str]) -> Vec<OsString> {
-        let mut args: Vec<OsString> = vec![
-            "enroll".into(),
-            "--cgroup".into(),
-            self.pod.cgroup.path().into(),
-            "--netns".into(),
-            self.pod.netns.path().into(),
-        ];
-        args.extend(flags.iter().map(OsString::from));
-        args
-    }
-
     fn enroll(&self, sandbox: &Sandbox, flags: &[&str]) -> Result<()> {
         sandbox
-            .redirector(&self.enroll_args(flags))?
+            .redirector(&self.pod.enroll_args(flags))?
             .ensure_success()
             .map(drop)
     }
@@ -434,7 +420,7 @@ fn ten_thousand_queries_from_short_lived_sockets_leave_nothing_behind() -> Resul
     let pod = DnsPod::create(&sandbox, "dnsmany", Listed::Ipv4)?;
     let nameserver = pod.nameserver4();
     setup
-        .redirector(&pod.enroll_args(&[
+        .redirector(&pod.pod.enroll_args(&[
             "--redirect-dns",
             "--dns-servers",
             &nameserver.to_string(),

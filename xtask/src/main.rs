@@ -82,6 +82,17 @@ enum Task {
         #[arg(long, default_value_t = 60)]
         seconds: u64,
     },
+    /// Set up, build, and run only the soak suite with its table shown: short connections
+    /// through the proxy for MINUTES (or CONNECTIONS, whichever ends first) while the agent and
+    /// the proxy restart, other pods come and go and the pod's policy changes (needs root)
+    Soak {
+        /// How long the traffic runs (fractions allowed)
+        #[arg(long, default_value_t = 10.0)]
+        minutes: f64,
+        /// At most this many connections [default: the suite's, 1,000,000]
+        #[arg(long)]
+        connections: Option<u64>,
+    },
     /// Set up, build in release mode and run target/release/redirector-demo (needs root)
     Demo,
     /// Set up, build in release mode and run the lab, redirector against iptables REDIRECT side
@@ -148,6 +159,10 @@ fn main() -> Result<()> {
             Ok(())
         }
         Task::Fuzz { seconds } => fuzz(root, seconds),
+        Task::Soak {
+            minutes,
+            connections,
+        } => soak(root, minutes, connections),
         Task::Demo => {
             require_root("the demo")?;
             exec_release_binary(root, "redirector-demo", &[])
@@ -216,6 +231,29 @@ fn test(root: &Path, kernel: Option<&str>, host_only: bool, args: &[String]) -> 
         bail!("failed: {}", failed.join("; "));
     }
     Ok(())
+}
+
+/// `cargo xtask soak`: the soak suite's executable alone, sized through its environment, with
+/// its output shown (the table is the last thing it prints).
+fn soak(root: &Path, minutes: f64, connections: Option<u64>) -> Result<()> {
+    require_root("the soak run")?;
+    setup()?;
+    let built = build_for_tests(root)?;
+    let suite = built
+        .suites
+        .iter()
+        .find(|suite| suite.name == suites::SOAK)
+        .with_context(|| format!("no test executable named {}", suites::SOAK))?;
+    step(&format!("soak ({minutes} min)"));
+    let mut command = Command::new(&suite.executable);
+    command
+        .args(["--test-threads=1", "--nocapture"])
+        .env(suites::SOAK_MINUTES_ENV, minutes.to_string())
+        .current_dir(root);
+    if let Some(connections) = connections {
+        command.env(suites::SOAK_CONNECTIONS_ENV, connections.to_string());
+    }
+    run(&mut command)
 }
 
 /// `cargo xtask fuzz`: each target of fuzz/ for `seconds`, growing its corpus in

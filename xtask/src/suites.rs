@@ -31,7 +31,16 @@ pub const NOT_IN_VM: &[(&str, &str)] = &[
 ];
 
 /// Suites CI's VM run leaves out to stay within CI's time (they run with `--kernel`).
-pub const NOT_IN_CI_VM: &[(&str, &str)] = &[];
+pub const NOT_IN_CI_VM: &[(&str, &str)] = &[(
+    SOAK,
+    "a minute of traffic at full speed plus agent and proxy restarts: under TCG emulation it \
+     takes many times that, past CI's 30-minute budget; the host run carries it",
+)];
+
+/// The soak suite (`cargo xtask soak`), and the variables that size it.
+pub const SOAK: &str = "soak";
+pub const SOAK_MINUTES_ENV: &str = "REDIRECTOR_SOAK_MINUTES";
+pub const SOAK_CONNECTIONS_ENV: &str = "REDIRECTOR_SOAK_CONNECTIONS";
 
 /// A test executable of the tests crate.
 #[derive(Debug, Clone, PartialEq)]

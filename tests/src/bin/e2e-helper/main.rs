@@ -3,6 +3,7 @@
 //!   netns), then exec a command;
 //! - `serve`: a TCP server answering each line with what it saw of the connection;
 //! - `connect`: a TCP client reporting where it ended up connected and what the server saw;
+//! - `connect-loop`: short connections one after another for a soak run, each checked;
 //! - `connect-twice`: one socket, bound to a fixed port, connecting twice;
 //! - `hold`: many connections held open at once, then checked and used;
 //! - `listen`: TCP (and UDP) listeners on the wildcard addresses of many ports, each answering
@@ -14,6 +15,7 @@
 //! - `getsockopt`, `peer-groups`: one raw getsockopt() call, reported with its errno;
 //! - `pause`: a pod sandbox's process (the "pause" image's job), waiting for its stop signal.
 
+mod connect_loop;
 mod hold;
 mod probes;
 mod serve;
@@ -36,9 +38,9 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::socket::{setsockopt, sockopt};
 use nix::unistd::{execvp, setgid, setgroups, setuid, Gid, Uid};
 use redirector_tests::{
-    ConnectOptions, ConnectOutcome, ConnectReport, ConnectSummary, ConnectTwiceOptions,
-    ConnectTwiceReport, DnsQueryOptions, HoldOptions, ListenerReply, PlannedConnect, Reached,
-    Transport,
+    ConnectLoopOptions, ConnectOptions, ConnectOutcome, ConnectReport, ConnectSummary,
+    ConnectTwiceOptions, ConnectTwiceReport, DnsQueryOptions, HoldOptions, ListenerReply,
+    PlannedConnect, Reached, Transport,
 };
 use socket2::{Domain, Protocol, SockRef, Socket, Type};
 
@@ -99,6 +101,9 @@ enum Action {
     },
     /// Connect, send a line, read the reply, and report as JSON.
     Connect(ConnectOptions),
+    /// Short connections one after another, round-robin over the destinations, each checked;
+    /// one JSON line per connection that went wrong, then a summary.
+    ConnectLoop(ConnectLoopOptions),
     /// Bind one socket to a port and connect it twice (the first connect failing, as a rule);
     /// report both outcomes as JSON.
     ConnectTwice(ConnectTwiceOptions),
@@ -184,6 +189,7 @@ fn main() {
             connect(&options);
             Ok(())
         }
+        Action::ConnectLoop(options) => connect_loop::connect_loop(&options),
         Action::ConnectTwice(options) => print_json(&connect_twice(&options)),
         Action::Hold(options) => hold::hold(&options),
         Action::Listen {
