@@ -96,6 +96,8 @@ impl AgentSetup {
 pub struct Agent {
     pub setup: AgentSetup,
     pub process: Child,
+    /// The flags it was started with, for [`Agent::restart`].
+    flags: Vec<String>,
 }
 
 impl Agent {
@@ -126,6 +128,7 @@ impl Agent {
         let agent = Agent {
             setup: setup.clone(),
             process: Child::spawn("redirector agent", command)?,
+            flags: extra.iter().map(|flag| (*flag).to_owned()).collect(),
         };
         wait_for("the agent to be ready", READY_TIMEOUT, || {
             if let Some(status) = agent.process.try_exit_status()? {
@@ -140,6 +143,18 @@ impl Agent {
     pub fn stop(self) -> Result<Output> {
         self.process.signal(Signal::SIGTERM)?;
         self.process.wait_exit(STOP_TIMEOUT)?.ensure_success()
+    }
+
+    /// Stops the agent (SIGTERM, exit 0), runs `while_down`, then starts another one with the
+    /// same setup and flags, ready.
+    pub fn restart(&mut self, while_down: impl FnOnce() -> Result<()>) -> Result<()> {
+        self.process.signal(Signal::SIGTERM)?;
+        self.process.wait_exit(STOP_TIMEOUT)?.ensure_success()?;
+        while_down()?;
+        let flags: Vec<&str> = self.flags.iter().map(String::as_str).collect();
+        let restarted = Agent::start_with(&self.setup, &flags)?;
+        *self = restarted;
+        Ok(())
     }
 
     /// `GET /metrics`, parsed.

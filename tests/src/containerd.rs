@@ -4,6 +4,9 @@
 //! make, and every address they hand out, live in the test's namespaces only) and in a cgroup of
 //! the test's own (so that its shims, which outlive it, are found and killed).
 //!
+//! [`Containerd::restart`] stops it and starts it again on the same directories and socket, as a
+//! node's service manager does; the pods' shims and containers run on meanwhile.
+//!
 //! On drop, even after a panic: every pod sandbox it still has is stopped and removed through CRI
 //! (which tears its network down through CNI DEL and its containers' cgroups through runc), then
 //! containerd and its shims are killed, the mounts it left under its directories are unmounted,
@@ -14,6 +17,7 @@
 //! (where redirector attaches) and in every v1 hierarchy, and [`CgroupV1Mirror`] removes the
 //! latter.
 
+use std::cell::RefCell;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,6 +27,7 @@ use anyhow::{bail, ensure, Context, Result};
 use nix::mount::{umount2, MntFlags};
 use redirector::cri::{api, CriClient, CriError};
 
+use crate::agent::{Agent, AgentSetup};
 use crate::cgroup::{cgroup2_mount, cgroup_v1_mounts, Cgroup};
 use crate::cni::{pod_cgroup_path, CgroupDriver, Qos};
 use crate::names::TempDir;
@@ -103,7 +108,10 @@ pub struct ContainerdSettings {
 /// A running private containerd; see the module's documentation.
 pub struct Containerd {
     cri: Option<Cri>,
-    process: Option<Child>,
+    /// Replaced by [`Containerd::restart`], while pods borrow the runtime.
+    process: RefCell<Option<Child>>,
+    /// The node netns it runs in, by name.
+    node: String,
     /// containerd and its shims.
     cgroup: Option<Cgroup>,
     dir: Option<TempDir>,
@@ -127,42 +135,75 @@ impl Containerd {
         let config = dir.path().join("config.toml");
         std::fs::write(&config, config_toml(dir.path(), settings))
             .with_context(|| format!("writing {}", config.display()))?;
-        let mut command = Command::new(binary("e2e-helper")?);
-        command
-            .args(["exec", "--netns", node.name(), "--cgroup"])
-            .arg(cgroup.path())
-            .args(["--", CONTAINERD, "--config"])
-            .arg(&config);
         let mut containerd = Containerd {
             cri: None,
-            process: Some(Child::spawn("containerd", command)?),
+            process: RefCell::new(None),
+            node: node.name().to_owned(),
             cgroup: Some(cgroup),
             dir: Some(dir),
         };
+        containerd.launch()?;
         let socket = containerd.socket();
-        let cri = wait_for("containerd to answer CRI Version", START_TIMEOUT, || {
-            if let Some(process) = &containerd.process {
-                if let Some(status) = process.try_exit_status()? {
-                    bail!("containerd exited ({status}){}", process.diagnostics());
-                }
-            }
-            if !socket.exists() {
-                return Ok(None);
-            }
+        let cri = containerd.wait_until_ready(|| {
             // The socket exists a moment before the CRI service is registered on it.
             let Ok(cri) = Cri::connect(&socket) else {
-                return Ok(None);
+                return None;
             };
-            Ok(cri
-                .call(async |client| client.version().await)
+            cri.call(async |client| client.version().await)
                 .ok()
-                .map(|_| cri))
+                .map(|_| cri)
         })?;
         containerd.cri = Some(cri);
         for archive in &settings.images {
             containerd.import(archive)?;
         }
         Ok(containerd)
+    }
+
+    /// Starts containerd's process with the configuration in its directory.
+    fn launch(&self) -> Result<()> {
+        let cgroup = self.cgroup.as_ref().expect("the cgroup lives until drop");
+        let mut command = Command::new(binary("e2e-helper")?);
+        command
+            .args(["exec", "--netns", &self.node, "--cgroup"])
+            .arg(cgroup.path())
+            .args(["--", CONTAINERD, "--config"])
+            .arg(self.dir().join("config.toml"));
+        *self.process.borrow_mut() = Some(Child::spawn("containerd", command)?);
+        Ok(())
+    }
+
+    /// Waits until `answered` yields (it is asked while the socket exists), failing at once if
+    /// containerd exits.
+    fn wait_until_ready<T>(&self, mut answered: impl FnMut() -> Option<T>) -> Result<T> {
+        let socket = self.socket();
+        wait_for("containerd to answer CRI Version", START_TIMEOUT, || {
+            if let Some(process) = self.process.borrow().as_ref() {
+                if let Some(status) = process.try_exit_status()? {
+                    bail!("containerd exited ({status}){}", process.diagnostics());
+                }
+            }
+            Ok(if socket.exists() { answered() } else { None })
+        })
+    }
+
+    /// SIGTERM to containerd, which must exit in time; its shims and containers keep running.
+    fn stop(&self) -> Result<()> {
+        if let Some(process) = self.process.borrow_mut().take() {
+            process.signal(nix::sys::signal::Signal::SIGTERM)?;
+            process.wait_exit(STOP_TIMEOUT)?;
+        }
+        Ok(())
+    }
+
+    /// Stops containerd and starts it again on the same root, state and socket, as a node's
+    /// service manager restarts it: the pods' shims and containers run on meanwhile. Returns
+    /// once its CRI plugin answers again, through the same client.
+    pub fn restart(&self) -> Result<()> {
+        self.stop().context("stopping containerd")?;
+        self.launch()?;
+        self.wait_until_ready(|| self.cri().call(async |client| client.version().await).ok())?;
+        Ok(())
     }
 
     fn dir(&self) -> &Path {
@@ -188,6 +229,7 @@ impl Containerd {
     /// containerd's command line and the tail of its log, for errors.
     pub fn diagnostics(&self) -> String {
         self.process
+            .borrow()
             .as_ref()
             .map(|process| format!("containerd:{}", process.diagnostics()))
             .unwrap_or_default()
@@ -243,13 +285,8 @@ impl Drop for Containerd {
             }
         }
         self.cri = None;
-        if let Some(process) = self.process.take() {
-            if let Err(error) = process
-                .signal(nix::sys::signal::Signal::SIGTERM)
-                .and_then(|()| process.wait_exit(STOP_TIMEOUT))
-            {
-                eprintln!("cleanup: stopping containerd: {error:#}");
-            }
+        if let Err(error) = self.stop() {
+            eprintln!("cleanup: stopping containerd: {error:#}");
         }
         // Kills the shims (and any container process a failed removal left).
         self.cgroup = None;
@@ -309,6 +346,15 @@ disabled_plugins = [
         bin_dir = settings.cni_bin_dir.display(),
         conf_dir = settings.cni_conf_dir.display(),
     )
+}
+
+/// The agent as deployed (deploy/agent.toml's `runtime_endpoint`): with `containerd`'s CRI
+/// socket as the runtime it reconciles against, and `extra` flags; ready.
+pub fn start_agent(setup: &AgentSetup, containerd: &Containerd, extra: &[&str]) -> Result<Agent> {
+    let endpoint = format!("unix://{}", containerd.socket().display());
+    let mut flags = vec!["--runtime-endpoint", endpoint.as_str()];
+    flags.extend_from_slice(extra);
+    Agent::start_with(setup, &flags)
 }
 
 /// The cgroup v1 directories runc makes for a pod on a hybrid host, next to the cgroup2 one:
@@ -517,6 +563,25 @@ impl<'a> CriPod<'a> {
             .as_i64()
             .with_context(|| format!("no pid in the container's info {info}"))?;
         Ok(nix::unistd::Pid::from_raw(i32::try_from(pid)?))
+    }
+
+    /// Waits until a container has exited, as kubelet waits for an init container; its exit
+    /// code.
+    pub fn wait_exited(&self, container_id: &str, timeout: Duration) -> Result<i32> {
+        wait_for(
+            &format!("container {container_id} to exit"),
+            timeout,
+            || {
+                let answer = self
+                    .cri
+                    .call(async |client| client.container_status(container_id).await)?;
+                let status = answer.status.context("no container status")?;
+                Ok(
+                    (status.state == api::ContainerState::ContainerExited as i32)
+                        .then_some(status.exit_code),
+                )
+            },
+        )
     }
 
     /// Runs `command` in a container (as its user) to completion; its stdout, which must be

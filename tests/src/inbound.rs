@@ -10,7 +10,7 @@ use anyhow::{ensure, Context, Result};
 use crate::pod::{client_result, spawn_in_pod, Identity, Pod, Proxy, Sandbox, Server};
 use crate::process::{binary, Child};
 use crate::protocol::{
-    ConnectOptions, ConnectOutcome, ConnectReport, PlannedConnect, Reached, Transport,
+    ConnectOptions, ConnectOutcome, ConnectReport, ForwardEvent, PlannedConnect, Reached, Transport,
 };
 use crate::tools::wait_for_tcp_listener;
 
@@ -97,11 +97,20 @@ pub fn assert_captured(
     destination: SocketAddr,
     passthrough: IpAddr,
 ) -> Result<()> {
+    let forward = proxy.forward_event(report.local_addr()?)?;
+    assert_forwarded_inbound(&forward, report, destination, passthrough)
+}
+
+/// [`assert_captured`], given the proxy's forward event for the client's connection.
+pub fn assert_forwarded_inbound(
+    forward: &ForwardEvent,
+    report: &ConnectReport,
+    destination: SocketAddr,
+    passthrough: IpAddr,
+) -> Result<()> {
     let reply = report
         .server_reply()
         .with_context(|| format!("no reply through the proxy: {report:?}"))?;
-    let client = report.local_addr()?;
-    let forward = proxy.forward_event(client)?;
     ensure!(
         forward.orig_dst == destination,
         "proxy's SO_ORIGINAL_DST {} is not {destination}",

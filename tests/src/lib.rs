@@ -49,10 +49,10 @@ pub use protocol::{
     AgentReport, CniAttachment, CniCounts, CollectedPod, ConnectLoopOptions, ConnectOptions,
     ConnectOutcome, ConnectReport, ConnectSummary, ConnectTwiceOptions, ConnectTwiceReport,
     Counters, DnsQueryOptions, DnsQueryReport, DoneEvent, ForwardEvent, GetsockoptReport,
-    HeldMismatch, HoldOpened, HoldOptions, HoldReport, ListenerReply, LoopFault, LoopIncident,
-    LoopSummary, Metrics, NoOrigDstEvent, PeerGroupsReport, PlannedConnect, PodIdentity, PodRef,
-    PodStatus, ProxyEvent, Reached, ReconcileReport, RecordCounts, Sample, ServerReply, Status,
-    Transport,
+    HeldMismatch, HoldOpened, HoldOptions, HoldReport, IstioValidationReport, ListenerReply,
+    LoopFault, LoopIncident, LoopSummary, Metrics, NoOrigDstEvent, PeerGroupsReport, PlannedConnect,
+    PodIdentity, PodRef, PodStatus, ProxyEvent, Reached, ReconcileReport, RecordCounts, Sample,
+    ServerReply, Status, Transport, ValidationAccept,
 };
 pub use socklb::{AttachedLb, SockLb};
 pub use tools::{

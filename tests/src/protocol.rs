@@ -434,6 +434,30 @@ pub struct GetsockoptReport {
     pub head: Vec<u8>,
 }
 
+/// What `e2e-helper istio-validation` reports: every connection its listeners accepted, in
+/// order, with the original destination each one read.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IstioValidationReport {
+    /// A listener read the probe's address as a connection's original destination.
+    pub passed: bool,
+    pub accepted: Vec<ValidationAccept>,
+    /// Connects the client made.
+    pub attempts: u32,
+    /// The client's last failure, if any.
+    pub client_error: Option<String>,
+}
+
+/// One connection a validation listener accepted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ValidationAccept {
+    /// The listener's address.
+    pub listener: SocketAddr,
+    pub peer: SocketAddr,
+    /// getsockopt(SOL_IP, SO_ORIGINAL_DST)'s answer, or its error in `error`.
+    pub orig_dst: Option<SocketAddr>,
+    pub error: Option<String>,
+}
+
 /// What `e2e-helper peer-groups` reports.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct PeerGroupsReport {

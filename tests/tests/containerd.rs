@@ -19,14 +19,19 @@ use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use redirector_tests::containerd::{
-    container_config, e2e_image_archive, CgroupV1Mirror, Containerd, ContainerdSettings, CriPod,
-    PodSpec, E2E_IMAGE,
+    container_config, e2e_image_archive, start_agent, CgroupV1Mirror, Containerd,
+    ContainerdSettings, CriPod, PodSpec, E2E_IMAGE,
+};
+use redirector_tests::inbound::{
+    any_v4, assert_forwarded_inbound, APP_PORT, INBOUND_PORT, PASSTHROUGH,
 };
 use redirector_tests::names::next_subnet;
+use redirector_tests::pod::connect;
 use redirector_tests::{
     attached_programs, binary, files_below, istio_injected_annotations, redirector, spawn_in_pod,
-    wait_for, wait_for_tcp_listener, Agent, AgentSetup, Cgroup, Child, ConnectReport, Identity,
-    Netns, ProxyEvent, Sandbox, TempDir, CNI_PLUGIN_DIR, PROXY_PORT,
+    wait_for, wait_for_tcp_listener, Agent, AgentSetup, Cgroup, Child, ConnectOptions,
+    ConnectReport, ForwardEvent, Identity, IstioValidationReport, Netns, PodStatus, ProxyEvent,
+    Sandbox, ServerReply, TempDir, CNI_PLUGIN_DIR, PROXY_PORT,
 };
 use serde_json::{json, Value};
 
@@ -66,7 +71,6 @@ impl Node {
         let node = Netns::create("node")?;
         let cgroups_v1 = CgroupV1Mirror::of(&sandbox.cgroups)?;
         let setup = AgentSetup::new(&sandbox, &scratch)?;
-        let agent = Agent::start(&setup)?;
         let settings = ContainerdSettings {
             sandbox_image: E2E_IMAGE.into(),
             images: vec![e2e_image_archive()?],
@@ -86,6 +90,7 @@ impl Node {
             servers.push(serve(&node, &sandbox, port)?);
         }
         let containerd = Containerd::start(&node, sandbox.cgroup("containerd")?, &settings)?;
+        let agent = start_agent(&setup, &containerd, &[])?;
         Ok(Node {
             containerd,
             servers,
@@ -112,16 +117,33 @@ impl Node {
 
     /// A pod as kubelet runs one: its cgroup, then RunPodSandbox (CNI ADD through the chain).
     fn pod(&self, name: &str, annotations: BTreeMap<String, String>) -> Result<CriPod<'_>> {
+        CriPod::run(
+            &self.containerd,
+            &self.sandbox.cgroups,
+            self.pod_spec(name, annotations),
+        )
+    }
+
+    /// A new pod of this node (for [`CriPod::run`] where the pod borrows containerd alone).
+    fn pod_spec(&self, name: &str, annotations: BTreeMap<String, String>) -> PodSpec {
         let n = NEXT_POD.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let spec = PodSpec {
+        PodSpec {
             name: name.into(),
             namespace: "default".into(),
             uid: format!("5e1f0c2a-7d3b-4e6f-{n:04x}-{:012x}", std::process::id()),
             annotations,
             // Not below the agent's state directory (scratch/pods).
             log_directory: self.scratch.path().join("logs").join(name),
-        };
-        CriPod::run(&self.containerd, &self.sandbox.cgroups, spec)
+        }
+    }
+
+    /// The pod's status in the agent, which must hold it.
+    fn enrolled(&self, pod: &CriPod) -> Result<PodStatus> {
+        let status = self.agent.setup.status()?;
+        status
+            .pod_by_uid(&pod.spec.uid)
+            .cloned()
+            .with_context(|| format!("pod {} is not enrolled: {status:?}", pod.spec.name))
     }
 }
 
@@ -201,14 +223,13 @@ fn serve(node: &Netns, sandbox: &Sandbox, port: u16) -> Result<(Child, Cgroup)> 
 /// An injected pod's proxy container (UID 1337, `redirector-proxy` on 15001) and app container
 /// (UID 1000, waiting for the test's execs), the proxy listening. Returns (proxy, app) IDs.
 fn start_containers(pod: &CriPod) -> Result<(String, String)> {
-    let proxy = pod.start_container(container_config(
+    let proxy = start_listening(
+        pod,
         "istio-proxy",
-        E2E_IMAGE,
+        Identity::PROXY,
         &[PROXY, "--listen", "127.0.0.1:15001"],
-        Identity::PROXY.uid,
-        Identity::PROXY.gid,
-    ))?;
-    wait_for_tcp_listener(pod.container_pid(&proxy)?, PROXY_PORT, WAIT)?;
+        PROXY_PORT,
+    )?;
     let app = pod.start_container(container_config(
         "app",
         E2E_IMAGE,
@@ -219,12 +240,41 @@ fn start_containers(pod: &CriPod) -> Result<(String, String)> {
     Ok((proxy, app))
 }
 
+/// Container `name` of the test image running `command` as `identity`, once it listens on
+/// `port`; its ID.
+fn start_listening(
+    pod: &CriPod,
+    name: &str,
+    identity: Identity,
+    command: &[&str],
+    port: u16,
+) -> Result<String> {
+    let id = pod.start_container(container_config(
+        name,
+        E2E_IMAGE,
+        command,
+        identity.uid,
+        identity.gid,
+    ))?;
+    wait_for_tcp_listener(pod.container_pid(&id)?, port, WAIT)
+        .with_context(|| format!("container {name} is not listening on {port}"))?;
+    Ok(id)
+}
+
 /// `e2e-helper connect` run in the app container (as its user, in its cgroup), its report.
 fn connect_from(pod: &CriPod, app: &str, to: SocketAddr, message: &str) -> Result<ConnectReport> {
     let to = to.to_string();
     let stdout = pod.exec(app, &[HELPER, "connect", "--to", &to, "--message", message])?;
     let last = stdout.lines().last().unwrap_or_default();
     serde_json::from_str(last).with_context(|| format!("parsing the connect report {stdout:?}"))
+}
+
+/// The proxy container's forward event for the connection from `client`.
+fn forward_event(pod: &CriPod, client: SocketAddr) -> Result<ForwardEvent> {
+    match proxy_event(pod, client)? {
+        ProxyEvent::Forward(forward) => Ok(forward),
+        other => anyhow::bail!("the proxy found no original destination for {client}: {other:?}"),
+    }
 }
 
 /// The proxy container's event for the connection from `client`, waiting for it.
@@ -251,9 +301,7 @@ fn assert_through_proxy(pod: &CriPod, report: &ConnectReport, server: SocketAddr
         report.peer == Some(server),
         "the app's getpeername is not the server: {report:?}"
     );
-    let ProxyEvent::Forward(forward) = proxy_event(pod, report.local_addr()?)? else {
-        anyhow::bail!("the proxy found no original destination for {report:?}");
-    };
+    let forward = forward_event(pod, report.local_addr()?)?;
     ensure!(
         forward.orig_dst == server,
         "the proxy forwarded to {}, not {server}",
@@ -337,8 +385,15 @@ fn private_containerd_answers_cri_and_leaves_nothing() -> Result<()> {
     );
     let dir = node.containerd.path();
     let dir_text = dir.display().to_string();
+    // The agent names containerd's socket as its runtime.
+    let agent_pid = node.agent.process.pid().as_raw();
+    let containerd_processes = || -> Result<BTreeSet<i32>> {
+        let mut found = processes_mentioning(&dir_text)?;
+        found.remove(&agent_pid);
+        Ok(found)
+    };
     ensure!(
-        !processes_mentioning(&dir_text)?.is_empty(),
+        !containerd_processes()?.is_empty(),
         "no process runs with {dir_text} in its command line"
     );
 
@@ -356,7 +411,7 @@ fn private_containerd_answers_cri_and_leaves_nothing() -> Result<()> {
     ensure!(!dir.exists(), "{} is left", dir.display());
     let mounts = mounts_below(&dir)?;
     ensure!(mounts.is_empty(), "mounts left: {mounts:?}");
-    let processes = processes_mentioning(&dir_text)?;
+    let processes = containerd_processes()?;
     ensure!(processes.is_empty(), "processes left: {processes:?}");
     drop((servers, agent, _cgroups_v1, scratch, netns, sandbox));
     Ok(())
@@ -477,6 +532,148 @@ fn excluded_outbound_ports_and_ranges_go_direct() -> Result<()> {
         node.answered(EXCLUDED_PORT).len() == 1,
         "the excluded port's server answered {:?}",
         node.answered(EXCLUDED_PORT)
+    );
+    Ok(())
+}
+
+/// Case 1, inbound half: a client on the node connects to the injected pod's address; the
+/// pod's proxy container accepts the connection on 15006, with the address the client asked
+/// for as its original destination, and hands it to the app container from 127.0.0.6.
+#[test]
+fn inbound_connection_reaches_the_app_through_the_proxy() -> Result<()> {
+    const MESSAGE: &str = "inbound from the node";
+    let node = Node::start("containerd-inbound")?;
+    let pod = node.pod("inbound", istio_injected_annotations())?;
+    let inbound = any_v4(INBOUND_PORT).to_string();
+    start_listening(
+        &pod,
+        "istio-proxy",
+        Identity::PROXY,
+        &[PROXY, "--inbound", "--listen", &inbound],
+        INBOUND_PORT,
+    )?;
+    let app = any_v4(APP_PORT).to_string();
+    start_listening(
+        &pod,
+        "app",
+        Identity::APP,
+        &[HELPER, "serve", "--log", "--listen", &app],
+        APP_PORT,
+    )?;
+
+    let destination = SocketAddr::from((pod.ip()?, APP_PORT));
+    let client = node.sandbox.cgroup("node-client")?;
+    let options = ConnectOptions::to(destination).message(MESSAGE);
+    let report = connect(&node.node, &client, Identity::APP, &options)?;
+    let forward = forward_event(&pod, report.local_addr()?)?;
+    assert_forwarded_inbound(&forward, &report, destination, PASSTHROUGH)?;
+    wait_for("the app container to log the connection", WAIT, || {
+        Ok(pod
+            .log("app")?
+            .iter()
+            .filter_map(|line| serde_json::from_str::<ServerReply>(line).ok())
+            .find(|reply| reply.line == MESSAGE && reply.peer == forward.upstream_local))
+    })?;
+    let counters = node.enrolled(&pod)?.counters;
+    ensure!(
+        counters.inbound_captured >= 1 && counters.orig_dst_misses == 0,
+        "{counters:?}"
+    );
+    Ok(())
+}
+
+/// Case 4: Istio's istio-validation init container, run as the proxy's UID before the proxy
+/// starts. Its connect from 127.0.0.1 to 127.0.0.6:15002 is the proxy's UID towards a local
+/// address other than 127.0.0.1, which istio-iptables sends to the inbound port
+/// (`! -d 127.0.0.1/32 -o lo --uid-owner 1337 -j ISTIO_IN_REDIRECT`): its listener on
+/// 127.0.0.1:15006 must accept it and read 127.0.0.6:15002 as the original destination.
+#[test]
+fn istio_validation_init_container_passes() -> Result<()> {
+    let node = Node::start("containerd-validation")?;
+    let pod = node.pod("validated", istio_injected_annotations())?;
+    let validation = pod.start_container(container_config(
+        "istio-validation",
+        E2E_IMAGE,
+        &[HELPER, "istio-validation"],
+        Identity::PROXY.uid,
+        Identity::PROXY.gid,
+    ))?;
+    let exit_code = pod.wait_exited(&validation, WAIT)?;
+    let log = pod.log("istio-validation")?;
+    let report: IstioValidationReport = serde_json::from_str(log.last().map_or("", String::as_str))
+        .with_context(|| format!("istio-validation exited {exit_code} and logged {log:?}"))?;
+    ensure!(
+        exit_code == 0 && report.passed,
+        "istio-validation exited {exit_code}: {report:?}"
+    );
+    let probe = SocketAddr::from((Ipv4Addr::new(127, 0, 0, 6), 15002));
+    let inbound_listener = SocketAddr::from((Ipv4Addr::LOCALHOST, INBOUND_PORT));
+    ensure!(
+        report
+            .accepted
+            .iter()
+            .all(|accept| accept.listener == inbound_listener && accept.orig_dst == Some(probe)),
+        "not only the inbound listener, with {probe} as original destination: {report:?}"
+    );
+
+    // The proxy starts after it, as kubelet runs init containers first.
+    let (_proxy, app) = start_containers(&pod)?;
+    let server = node.server(SERVER_PORT);
+    let report = connect_from(&pod, &app, server, "after the validation")?;
+    assert_through_proxy(&pod, &report, server)
+}
+
+/// Case 5, second half: containerd and the agent are stopped and started again (containerd on
+/// the same root, state and socket) while an injected pod runs. The pod stays enrolled as it
+/// was (no unenroll: the same programs' links, its counters kept) and its new connections
+/// still go through its proxy.
+#[test]
+fn restarting_containerd_and_the_agent_leaves_running_pods_captured() -> Result<()> {
+    let mut node = Node::start("containerd-restart")?;
+    // Borrowing containerd alone, so that the agent can be restarted while the pod runs.
+    let spec = node.pod_spec("restarted", istio_injected_annotations());
+    let pod = CriPod::run(&node.containerd, &node.sandbox.cgroups, spec)?;
+    let (_proxy, app) = start_containers(&pod)?;
+    let server = node.server(SERVER_PORT);
+    let report = connect_from(&pod, &app, server, "before the restarts")?;
+    assert_through_proxy(&pod, &report, server)?;
+    let before = node.enrolled(&pod)?;
+    let link_ids = |cgroup: &Path| -> Result<Vec<Value>> {
+        Ok(attached_programs(cgroup)?
+            .into_iter()
+            .map(|link| link["id"].clone())
+            .collect())
+    };
+    let links_before = link_ids(pod.cgroup.path())?;
+
+    node.agent.restart(|| node.containerd.restart())?;
+    let report = connect_from(&pod, &app, server, "after the restarts")?;
+    assert_through_proxy(&pod, &report, server)?;
+
+    let after = node.enrolled(&pod)?;
+    ensure!(
+        after.cgroup_id == before.cgroup_id
+            && after.counters.redirected == before.counters.redirected + 1,
+        "not the same enrollment: before {before:?}, after {after:?}"
+    );
+    ensure!(
+        link_ids(pod.cgroup.path())? == links_before,
+        "the pod's programs were attached again: {links_before:?} before"
+    );
+    let status = node.agent.setup.status()?;
+    let agent = status.agent.context("no agent report")?;
+    let startup = agent.startup.context("no startup report")?;
+    ensure!(
+        startup.collected.is_empty()
+            && startup.enrolled.is_empty()
+            && agent.collected_since.is_empty()
+            && startup
+                .adopted
+                .iter()
+                .map(|adopted| adopted.cgroup_id)
+                .eq([before.cgroup_id]),
+        "the restarted agent did not just adopt the pod: {startup:?}, since: {:?}",
+        agent.collected_since
     );
     Ok(())
 }

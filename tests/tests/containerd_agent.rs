@@ -12,12 +12,13 @@ use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
 use redirector_tests::containerd::{
-    e2e_image_archive, CgroupV1Mirror, Containerd, ContainerdSettings, CriPod, PodSpec, E2E_IMAGE,
+    e2e_image_archive, start_agent, CgroupV1Mirror, Containerd, ContainerdSettings, CriPod,
+    PodSpec, E2E_IMAGE,
 };
 use redirector_tests::names::next_subnet;
 use redirector_tests::{
-    istio_injected_annotations, Agent, AgentSetup, Netns, ReconcileReport, Sandbox, Status,
-    TempDir, CNI_PLUGIN_DIR,
+    istio_injected_annotations, AgentSetup, Netns, ReconcileReport, Sandbox, Status, TempDir,
+    CNI_PLUGIN_DIR,
 };
 use serde_json::json;
 
@@ -64,14 +65,6 @@ fn pod_spec(
         annotations,
         log_directory: scratch.path().join("logs").join(name),
     }
-}
-
-/// The agent started with the runtime's socket (and `extra` flags), ready.
-fn start_agent(setup: &AgentSetup, containerd: &Containerd, extra: &[&str]) -> Result<Agent> {
-    let endpoint = format!("unix://{}", containerd.socket().display());
-    let mut flags = vec!["--runtime-endpoint", endpoint.as_str()];
-    flags.extend_from_slice(extra);
-    Agent::start_with(setup, &flags)
 }
 
 fn startup(status: &Status) -> Result<ReconcileReport> {

@@ -13,6 +13,7 @@
 //! - `dns-query`: DNS queries over UDP from connected or unconnected sockets, with what the
 //!   socket saw of the server;
 //! - `getsockopt`, `peer-groups`: one raw getsockopt() call, reported with its errno;
+//! - `istio-validation`: Istio's istio-validation init container's check of the capture;
 //! - `pause`: a pod sandbox's process (the "pause" image's job), waiting for its stop signal.
 
 mod connect_loop;
@@ -20,6 +21,7 @@ mod hold;
 mod probes;
 mod serve;
 mod udp;
+mod validation;
 
 use std::convert::Infallible;
 use std::ffi::CString;
@@ -158,6 +160,17 @@ enum Action {
         #[arg(long)]
         optlen: u32,
     },
+    /// Istio's istio-validation check: listen on each LISTEN, connect from 127.0.0.1:0 to PROBE
+    /// until a listener reads PROBE's port as the original destination; report as JSON, exit 1
+    /// when none did within the timeout.
+    IstioValidation {
+        #[arg(long, value_delimiter = ',', default_values_t = [SocketAddr::from((Ipv4Addr::LOCALHOST, 15001)), SocketAddr::from((Ipv4Addr::LOCALHOST, 15006))])]
+        listen: Vec<SocketAddr>,
+        #[arg(long, default_value_t = SocketAddr::from((Ipv4Addr::new(127, 0, 0, 6), 15002)))]
+        probe: SocketAddr,
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+    },
     /// Wait for SIGTERM or SIGINT, then exit 0: the process of a pod sandbox, which holds the
     /// pod's namespaces. As PID 1 of a container it gets no signal it does not handle.
     Pause,
@@ -211,6 +224,11 @@ fn main() {
         Action::PeerGroups { groups, optlen } => {
             probes::peer_groups(groups, optlen).and_then(|report| print_json(&report))
         }
+        Action::IstioValidation {
+            listen,
+            probe,
+            timeout_ms,
+        } => validation::validate(&listen, probe, Duration::from_millis(timeout_ms)),
         Action::Pause => pause(),
     };
     if let Err(error) = result {
@@ -483,18 +501,7 @@ fn listen(tag: &str, ports: &[u16], at: &[IpAddr], udp: bool, reuseport: bool) -
     for &port in ports {
         for &ip in at {
             let addr = SocketAddr::new(ip, port);
-            let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
-            if addr.is_ipv6() {
-                // IPv4 (and IPv4-mapped) connections belong to the IPv4 listener.
-                socket.set_only_v6(true)?;
-            }
-            socket.set_reuse_address(true)?;
-            socket.set_reuse_port(reuseport)?;
-            socket
-                .bind(&addr.into())
-                .with_context(|| format!("binding {addr}"))?;
-            socket.listen(128)?;
-            listeners.push(TcpListener::from(socket));
+            listeners.push(tcp_listener(addr, reuseport)?);
             if udp {
                 datagrams.push(udp::listener(addr)?);
             }
@@ -520,6 +527,23 @@ fn listen(tag: &str, ports: &[u16], at: &[IpAddr], udp: bool, reuseport: bool) -
         }
     });
     Ok(())
+}
+
+/// A TCP listener on `addr` with SO_REUSEADDR (and SO_REUSEPORT with `reuseport`); an IPv6 one
+/// takes IPv6 connections only.
+fn tcp_listener(addr: SocketAddr, reuseport: bool) -> Result<TcpListener> {
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        // IPv4 (and IPv4-mapped) connections belong to the IPv4 listener.
+        socket.set_only_v6(true)?;
+    }
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(reuseport)?;
+    socket
+        .bind(&addr.into())
+        .with_context(|| format!("binding {addr}"))?;
+    socket.listen(128)?;
+    Ok(socket.into())
 }
 
 /// Writes which listener `stream` reached, and at which address, then closes it.

@@ -66,7 +66,7 @@ pub fn peer_groups(count: u32, optlen: u32) -> Result<PeerGroupsReport> {
 /// One getsockopt() call as the caller wrote it: nix only offers typed options, and what is
 /// tested here is the raw errno and length for any level, name and buffer size. Returns the
 /// report and the answer's bytes (empty on failure).
-fn raw_getsockopt(
+pub fn raw_getsockopt(
     socket: BorrowedFd<'_>,
     level: i32,
     name: i32,
