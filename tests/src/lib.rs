@@ -50,9 +50,9 @@ pub use protocol::{
     ConnectOutcome, ConnectReport, ConnectSummary, ConnectTwiceOptions, ConnectTwiceReport,
     Counters, DnsQueryOptions, DnsQueryReport, DoneEvent, ForwardEvent, GetsockoptReport,
     HeldMismatch, HoldOpened, HoldOptions, HoldReport, IstioValidationReport, ListenerReply,
-    LoopFault, LoopIncident, LoopSummary, Metrics, NoOrigDstEvent, PeerGroupsReport, PlannedConnect,
-    PodIdentity, PodRef, PodStatus, ProxyEvent, Reached, ReconcileReport, RecordCounts, Sample,
-    ServerReply, Status, Transport, ValidationAccept,
+    LoopFault, LoopIncident, LoopSummary, Metrics, NoOrigDstEvent, PeerGroupsReport,
+    PlannedConnect, PodIdentity, PodRef, PodStatus, ProxyEvent, Reached, ReconcileReport,
+    RecordCounts, Sample, ServerReply, Status, Transport, ValidationAccept,
 };
 pub use socklb::{AttachedLb, SockLb};
 pub use tools::{

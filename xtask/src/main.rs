@@ -382,7 +382,13 @@ fn host_suites(root: &Path, suites: &[Suite], images: &Images, args: &[String]) 
     test.env("REDIRECTOR_IMAGE", &images.redirector);
     test.env("REDIRECTOR_E2E_IMAGE", &images.e2e);
     // Every suite runs and reports, whichever fails first.
-    test.args(["-p", "redirector-tests", "--no-fail-fast", "--lib", "--bins"]);
+    test.args([
+        "-p",
+        "redirector-tests",
+        "--no-fail-fast",
+        "--lib",
+        "--bins",
+    ]);
     for suite in suites::select("host", suites, &[suites::NOT_ON_HOST]) {
         test.args(["--test", &suite.name]);
     }

@@ -13,8 +13,7 @@
 //! no gap and no mixed moment; a new address itself is without inbound capture from the
 //! moment the kernel adds it until that enroll ends (netlink delivery plus one enroll). The standalone `redirector enroll` (no agent) does not follow.
 use std::{
-    fs,
-    io,
+    fs, io,
     net::IpAddr,
     os::{
         fd::{AsFd, OwnedFd},
