@@ -410,7 +410,17 @@ fn vm_suites(
     }
     let entries: Vec<vm::Entry> = suites::select(&run_name, &built.suites, &left_out)
         .into_iter()
-        .map(|suite| suite_entry(suite, args))
+        .map(|suite| {
+            let mut args = args.to_vec();
+            if for_ci {
+                args.extend(suites::skips(
+                    &run_name,
+                    &suite.name,
+                    suites::TESTS_NOT_IN_CI_VM,
+                ));
+            }
+            suite_entry(suite, &args)
+        })
         .collect();
     let report = built.vm(root, kernel).run(&entries)?;
     if !vm::summarize(&report, &entries) {

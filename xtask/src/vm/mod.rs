@@ -17,8 +17,9 @@ use crate::{cmd::quote, debian::PrivateApt};
 
 pub use qemu::Report;
 
-/// The guest's memory: the unpacked image (a few hundred MB) lives in it.
-const MEMORY_MIB: u32 = 2048;
+/// The guest's memory: the unpacked image (a few hundred MB) lives in it, and the record
+/// capacity test holds 270,000 sockets with HAProxy in front of them.
+const MEMORY_MIB: u32 = 4096;
 
 /// The longest one entry of a plan (a test executable) may run; TCG is 5-20 times slower than
 /// the host, and the slowest suite takes about a minute there.
