@@ -1524,3 +1524,100 @@ fn install_cni_chains_the_plugin_and_uninstall_cni_unchains_it() -> Result<()> {
     assert!(!bin_dir.join("redirector-cni").exists());
     Ok(())
 }
+
+/// A primary CNI rewrites its network config when it restarts (Calico, Cilium, flannel) and
+/// drops redirector's entry. The agent with `chain_cni` puts the entry back, without losing the
+/// primary's own change, keeping the file's mode, whether the primary writes the file in place
+/// or renames a new one over it; and `/readyz` says ready only while it is chained.
+#[test]
+fn the_agent_chains_again_after_the_primary_rewrites_its_config() -> Result<()> {
+    let test = TestNode::new("rechain")?;
+    let (bin_dir, conf_dir) = (
+        test.scratch.path().join("bin"),
+        test.scratch.path().join("net.d"),
+    );
+    std::fs::create_dir_all(&bin_dir)?;
+    std::fs::create_dir_all(&conf_dir)?;
+    let primary = |mtu: u32| {
+        json!({
+            "cniVersion": "1.0.0",
+            "name": "k8s-pod-network",
+            "plugins": [
+                {"type": "bridge", "bridge": "cni0", "mtu": mtu,
+                 "ipam": {"type": "host-local", "subnet": "10.88.0.0/16"}},
+                {"type": "portmap", "capabilities": {"portMappings": true}}
+            ]
+        })
+    };
+    let path = conf_dir.join("10-primary.conflist");
+    std::fs::write(&path, serde_json::to_string_pretty(&primary(1500))?)?;
+    std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o640))?;
+    let config = test.scratch.path().join("agent.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "cni_bin_dir = {:?}\ncni_conf_dir = {:?}\nchain_cni = true\ncgroup_driver = \"cgroupfs\"\n",
+            bin_dir.display().to_string(),
+            conf_dir.display().to_string()
+        ),
+    )?;
+    let config = config.display().to_string();
+    let agent = Agent::start_with(&test.setup, &["--config", &config])?;
+
+    // Chained as the primary wrote it: the primary's plugins first, redirector-cni last.
+    let chained_with = |mtu: u32| -> Result<Option<()>> {
+        let now: Value = serde_json::from_str(&std::fs::read_to_string(&path)?)?;
+        let plugins = now["plugins"].as_array().context("no plugins")?;
+        Ok((plugins.len() == 3
+            && plugins[..2] == primary(mtu)["plugins"].as_array().context("no plugins")?[..]
+            && plugins[2]["type"] == "redirector-cni")
+            .then_some(()))
+    };
+    wait_for("the agent to chain redirector-cni", WAIT, || {
+        chained_with(1500)
+    })?;
+    let rewrites: [(&str, u32, fn(&Path, &str) -> std::io::Result<()>); 2] = [
+        ("in place", 1450, |path, text| std::fs::write(path, text)),
+        ("by a rename over it", 1400, |path, text| {
+            // Written outside the watched directory: only the rename itself is seen there.
+            let new = path
+                .parent()
+                .and_then(Path::parent)
+                .context("the conf dir has a parent")
+                .map_err(std::io::Error::other)?
+                .join("primary.conflist.new");
+            std::fs::write(&new, text)?;
+            std::fs::rename(&new, path)
+        }),
+    ];
+    let mode = |path: &Path| -> Result<u32> {
+        Ok(
+            std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(path)?.permissions())
+                & 0o777,
+        )
+    };
+    for (how, mtu, rewrite) in rewrites {
+        rewrite(&path, &serde_json::to_string_pretty(&primary(mtu))?)?;
+        // The primary's mode: 640 kept by a write in place, the umask's by a new file.
+        let written_mode = mode(&path)?;
+        // Far below the agent's periodic resync (60 s): the change itself must wake it.
+        wait_for(
+            &format!("the agent to chain again after a rewrite {how}"),
+            Duration::from_secs(10),
+            || chained_with(mtu),
+        )
+        .with_context(|| agent.process.diagnostics())?;
+        let chained_mode = mode(&path)?;
+        ensure!(
+            chained_mode == written_mode,
+            "after a rewrite {how} the conflist's mode went from {written_mode:o} to {chained_mode:o}"
+        );
+    }
+    let (ready, _) = redirector_tests::http_get(test.setup.metrics_addr, "/readyz")?;
+    ensure!(
+        ready == 200,
+        "/readyz is {ready} while redirector-cni is chained"
+    );
+    agent.stop()?;
+    Ok(())
+}
