@@ -1576,7 +1576,8 @@ fn the_agent_chains_again_after_the_primary_rewrites_its_config() -> Result<()> 
     wait_for("the agent to chain redirector-cni", WAIT, || {
         chained_with(1500)
     })?;
-    let rewrites: [(&str, u32, fn(&Path, &str) -> std::io::Result<()>); 2] = [
+    type Rewrite = fn(&Path, &str) -> std::io::Result<()>;
+    let rewrites: [(&str, u32, Rewrite); 2] = [
         ("in place", 1450, |path, text| std::fs::write(path, text)),
         ("by a rename over it", 1400, |path, text| {
             // Written outside the watched directory: only the rename itself is seen there.
