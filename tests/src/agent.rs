@@ -4,7 +4,7 @@
 use std::ffi::{OsStr, OsString};
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
@@ -163,6 +163,22 @@ impl Agent {
         ensure!(code == 200, "GET /metrics answered {code}: {body}");
         Metrics::parse(&body)
     }
+}
+
+/// [`http_get`] from the network namespace whose file is `netns` (a thread of ours enters it).
+pub fn http_get_in(netns: &Path, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
+    let namespace =
+        std::fs::File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
+    std::thread::scope(|scope| {
+        scope
+            .spawn(|| {
+                nix::sched::setns(&namespace, nix::sched::CloneFlags::CLONE_NEWNET)
+                    .with_context(|| format!("entering {}", netns.display()))?;
+                http_get(addr, path)
+            })
+            .join()
+            .unwrap_or_else(|_| bail!("the thread in {} panicked", netns.display()))
+    })
 }
 
 /// A plain HTTP/1.1 GET on loopback: (status code, body).

@@ -78,15 +78,28 @@ pub const E2E_IMAGE: &str = "localhost/redirector-e2e:1";
 
 /// The archive of [`E2E_IMAGE`], which `cargo xtask test` names in `REDIRECTOR_E2E_IMAGE`.
 pub fn e2e_image_archive() -> Result<PathBuf> {
-    let archive = std::env::var_os("REDIRECTOR_E2E_IMAGE")
+    image_archive("REDIRECTOR_E2E_IMAGE", "the test image")
+}
+
+/// The archive of the release image (`cargo xtask image`, the DaemonSet's image), which `cargo
+/// xtask test` names in `REDIRECTOR_IMAGE`.
+pub fn redirector_image_archive() -> Result<PathBuf> {
+    image_archive("REDIRECTOR_IMAGE", "the release image")
+}
+
+/// The image archive named in the environment `variable`, which must be a file.
+fn image_archive(variable: &str, what: &str) -> Result<PathBuf> {
+    let archive = std::env::var_os(variable)
         .map(PathBuf::from)
-        .context(
-            "REDIRECTOR_E2E_IMAGE is not set: run this suite through `cargo xtask test`, which \
-         writes the test image and names it there",
-        )?;
+        .with_context(|| {
+            format!(
+                "{variable} is not set: run this suite through `cargo xtask test`, which writes \
+             {what} and names it there"
+            )
+        })?;
     ensure!(
         archive.is_file(),
-        "REDIRECTOR_E2E_IMAGE names {}, which is not a file",
+        "{variable} names {}, which is not a file",
         archive.display()
     );
     Ok(archive)
@@ -213,8 +226,14 @@ impl Containerd {
             .path()
     }
 
+    /// In a directory of its own, as /run/containerd holds a node's: the agent's DaemonSet
+    /// mounts that directory.
     pub fn socket(&self) -> PathBuf {
-        self.dir().join("containerd.sock")
+        self.socket_dir().join("containerd.sock")
+    }
+
+    pub fn socket_dir(&self) -> PathBuf {
+        self.dir().join("run")
     }
 
     /// Its root, state and socket directory (gone once it is dropped).
@@ -249,11 +268,21 @@ impl Containerd {
 
     /// Every pod sandbox stopped and removed through CRI, as kubelet removes pods.
     fn remove_pods(&self) -> Result<()> {
-        let cri = self.cri();
-        for pod in cri.call(async |client| client.list_pod_sandboxes().await)? {
-            cri.call(async |client| client.stop_pod_sandbox(&pod.id).await)?;
-            cri.call(async |client| client.remove_pod_sandbox(&pod.id).await)?;
+        for pod in self
+            .cri()
+            .call(async |client| client.list_pod_sandboxes().await)?
+        {
+            self.remove_pod(&pod.id)?;
         }
+        Ok(())
+    }
+
+    /// StopPodSandbox (CNI DEL, its containers stopped) and RemovePodSandbox, as kubelet
+    /// removes a deleted pod.
+    pub fn remove_pod(&self, id: &str) -> Result<()> {
+        let cri = self.cri();
+        cri.call(async |client| client.stop_pod_sandbox(id).await)?;
+        cri.call(async |client| client.remove_pod_sandbox(id).await)?;
         Ok(())
     }
 
@@ -317,10 +346,10 @@ disabled_plugins = [
 ]
 
 [grpc]
-  address = "{dir}/containerd.sock"
+  address = "{dir}/run/containerd.sock"
 
 [ttrpc]
-  address = "{dir}/containerd.sock.ttrpc"
+  address = "{dir}/run/containerd.sock.ttrpc"
 
 [{cri}]
   sandbox_image = "{sandbox_image}"
@@ -429,8 +458,12 @@ pub struct PodSpec {
 }
 
 impl PodSpec {
-    /// The sandbox's CRI config, its cgroup at `cgroup_parent`.
-    pub fn sandbox_config(&self, cgroup_parent: &str) -> api::PodSandboxConfig {
+    /// The sandbox's CRI config, its cgroup at `cgroup_parent`, in `namespaces`.
+    pub fn sandbox_config(
+        &self,
+        cgroup_parent: &str,
+        namespaces: api::NamespaceOption,
+    ) -> api::PodSandboxConfig {
         api::PodSandboxConfig {
             metadata: Some(api::PodSandboxMetadata {
                 name: self.name.clone(),
@@ -438,7 +471,13 @@ impl PodSpec {
                 namespace: self.namespace.clone(),
                 attempt: 0,
             }),
-            hostname: self.name.clone(),
+            // kubelet names the host of a pod with its own network only (runc refuses a
+            // hostname without a UTS namespace, which a host-network pod shares with the node).
+            hostname: if namespaces.network == api::NamespaceMode::Node as i32 {
+                String::new()
+            } else {
+                self.name.clone()
+            },
             log_directory: self.log_directory.display().to_string(),
             annotations: self.annotations.clone().into_iter().collect(),
             labels: [("io.kubernetes.pod.name".to_owned(), self.name.clone())]
@@ -447,7 +486,7 @@ impl PodSpec {
             linux: Some(api::LinuxPodSandboxConfig {
                 cgroup_parent: cgroup_parent.to_owned(),
                 security_context: Some(api::LinuxSandboxSecurityContext {
-                    namespace_options: Some(pod_namespaces()),
+                    namespace_options: Some(namespaces),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -467,57 +506,95 @@ fn pod_namespaces() -> api::NamespaceOption {
     }
 }
 
-/// A pod sandbox run through CRI, with its cgroup; stopped and removed on drop, as kubelet
-/// removes a deleted pod (its cgroup last).
-pub struct CriPod<'a> {
-    containerd: &'a Containerd,
-    cri: &'a Cri,
+/// A pod sandbox as kubelet runs one: its cgroup made, then RunPodSandbox; not removed on drop
+/// (see [`CriPod`]).
+pub struct PodSandbox {
     pub id: String,
     pub spec: PodSpec,
     config: api::PodSandboxConfig,
     /// The pod's cgroup2 directory, made as kubelet makes it before RunPodSandbox.
     pub cgroup: Cgroup,
-    removed: bool,
 }
 
-impl<'a> CriPod<'a> {
+impl PodSandbox {
     /// Makes the pod's cgroup below `cgroup_root` as kubelet's cgroupfs driver lays it out for a
-    /// BestEffort pod, then runs the sandbox (its network through CNI ADD).
-    pub fn run(containerd: &'a Containerd, cgroup_root: &Cgroup, spec: PodSpec) -> Result<Self> {
+    /// BestEffort pod, then runs the sandbox in `namespaces` (its own network through CNI ADD).
+    pub fn run(
+        containerd: &Containerd,
+        cgroup_root: &Cgroup,
+        spec: PodSpec,
+        namespaces: api::NamespaceOption,
+    ) -> Result<PodSandbox> {
         let cgroup = cgroup_root.descendant(&pod_cgroup_path(
             CgroupDriver::Cgroupfs,
             Qos::BestEffort,
             &spec.uid,
         ))?;
         std::fs::create_dir_all(&spec.log_directory)?;
-        let config = spec.sandbox_config(&CgroupV1Mirror::cgroup_parent(cgroup.path())?);
-        let cri = containerd.cri();
+        let config =
+            spec.sandbox_config(&CgroupV1Mirror::cgroup_parent(cgroup.path())?, namespaces);
         let sent = config.clone();
-        let id = cri
+        let id = containerd
+            .cri()
             .call(async |client| client.run_pod_sandbox(sent, "").await)
             .with_context(|| containerd.diagnostics())?;
-        Ok(CriPod {
-            containerd,
-            cri,
+        Ok(PodSandbox {
             id,
             spec,
             config,
             cgroup,
+        })
+    }
+
+    /// Creates and starts a container in the pod; its ID.
+    pub fn start_container(
+        &self,
+        containerd: &Containerd,
+        config: api::ContainerConfig,
+    ) -> Result<String> {
+        let cri = containerd.cri();
+        let sandbox = self.config.clone();
+        let id = cri
+            .call(async |client| client.create_container(&self.id, config, sandbox).await)
+            .with_context(|| containerd.diagnostics())?;
+        cri.call(async |client| client.start_container(&id).await)
+            .with_context(|| containerd.diagnostics())?;
+        Ok(id)
+    }
+}
+
+/// A pod sandbox run through CRI, with its cgroup; stopped and removed on drop, as kubelet
+/// removes a deleted pod (its cgroup last).
+pub struct CriPod<'a> {
+    containerd: &'a Containerd,
+    cri: &'a Cri,
+    sandbox: PodSandbox,
+    removed: bool,
+}
+
+impl std::ops::Deref for CriPod<'_> {
+    type Target = PodSandbox;
+
+    fn deref(&self) -> &PodSandbox {
+        &self.sandbox
+    }
+}
+
+impl<'a> CriPod<'a> {
+    /// [`PodSandbox::run`] with kubelet's default namespaces.
+    pub fn run(containerd: &'a Containerd, cgroup_root: &Cgroup, spec: PodSpec) -> Result<Self> {
+        let sandbox = PodSandbox::run(containerd, cgroup_root, spec, pod_namespaces())?;
+        Ok(CriPod {
+            containerd,
+            cri: containerd.cri(),
+            sandbox,
             removed: false,
         })
     }
 
     /// Creates and starts a container in the pod; its ID.
     pub fn start_container(&self, config: api::ContainerConfig) -> Result<String> {
-        let sandbox = self.config.clone();
-        let id = self
-            .cri
-            .call(async |client| client.create_container(&self.id, config, sandbox).await)
-            .with_context(|| self.containerd.diagnostics())?;
-        self.cri
-            .call(async |client| client.start_container(&id).await)
-            .with_context(|| self.containerd.diagnostics())?;
-        Ok(id)
+        self.sandbox.start_container(self.containerd, config)
     }
 
     /// The pod's IPv4 address, as the CNI result gave it to the runtime.
@@ -616,11 +693,7 @@ impl<'a> CriPod<'a> {
     /// stays until the pod is dropped.
     pub fn remove(&mut self) -> Result<()> {
         self.removed = true;
-        self.cri
-            .call(async |client| client.stop_pod_sandbox(&self.id).await)?;
-        self.cri
-            .call(async |client| client.remove_pod_sandbox(&self.id).await)?;
-        Ok(())
+        self.containerd.remove_pod(&self.id)
     }
 }
 
@@ -629,16 +702,8 @@ impl Drop for CriPod<'_> {
         if self.removed {
             return;
         }
-        let id = &self.id;
-        let removed = self
-            .cri
-            .call(async |client| client.stop_pod_sandbox(id).await)
-            .and_then(|()| {
-                self.cri
-                    .call(async |client| client.remove_pod_sandbox(id).await)
-            });
-        if let Err(error) = removed {
-            eprintln!("cleanup: removing pod sandbox {id}: {error:#}");
+        if let Err(error) = self.containerd.remove_pod(&self.id) {
+            eprintln!("cleanup: removing pod sandbox {}: {error:#}", self.id);
         }
     }
 }

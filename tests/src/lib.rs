@@ -15,6 +15,7 @@ pub mod bpffs;
 pub mod cgroup;
 pub mod cni;
 pub mod containerd;
+pub mod daemonset;
 pub mod dns;
 pub mod golden;
 pub mod haproxy;

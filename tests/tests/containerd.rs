@@ -11,6 +11,10 @@
 //!
 //! Each test starts its own containerd (own root, state, socket, CNI directories) in a "node"
 //! network namespace of its own, and stops it and removes everything it made, even on panic.
+//! The agent runs as a host process, or (the `daemonset_agent_pod_` tests) as deploy/
+//! daemonset.yaml's agent container from the release image (`REDIRECTOR_IMAGE`), in a pod of
+//! that containerd, with the manifest's security context and host mounts as kubelet passes
+//! them, the test's private directories standing for the node's.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
@@ -18,10 +22,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
+use redirector_tests::bpffs::BPFFS_MOUNT;
 use redirector_tests::containerd::{
-    container_config, e2e_image_archive, start_agent, CgroupV1Mirror, Containerd,
-    ContainerdSettings, CriPod, PodSpec, E2E_IMAGE,
+    container_config, e2e_image_archive, redirector_image_archive, start_agent, CgroupV1Mirror,
+    Containerd, ContainerdSettings, CriPod, PodSpec, E2E_IMAGE,
 };
+use redirector_tests::daemonset::{AgentPod, NodeDirs, SharedBind, AGENT_CONFIG};
 use redirector_tests::inbound::{
     any_v4, assert_forwarded_inbound, APP_PORT, INBOUND_PORT, PASSTHROUGH,
 };
@@ -45,15 +51,49 @@ const WAIT: Duration = Duration::from_secs(30);
 const HELPER: &str = "/usr/local/bin/e2e-helper";
 const PROXY: &str = "/usr/local/bin/redirector-proxy";
 
-/// A test's node: the agent on the host, redirector-cni chained into the pod network by
-/// `redirector install-cni`, a server in the node netns, and containerd. Fields drop in order:
-/// containerd first (it removes its pods, through CNI DEL, while the agent still runs), then
-/// the server, the agent, runc's cgroup v1 directories, the directories, the network and the
-/// sandbox.
+/// How a test's node runs the agent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum AgentRun {
+    /// A process on the host, as the tests' own build.
+    HostProcess,
+    /// The DaemonSet's agent container, from the release image, in a pod of the node's
+    /// containerd with the DaemonSet's security context and host mounts.
+    DaemonSetPod,
+}
+
+/// The node's agent.
+enum NodeAgent {
+    Process(Agent),
+    Pod(AgentPod),
+}
+
+impl NodeAgent {
+    fn setup(&self) -> &AgentSetup {
+        match self {
+            NodeAgent::Process(agent) => &agent.setup,
+            NodeAgent::Pod(pod) => &pod.setup,
+        }
+    }
+
+    /// The host process, for the tests that signal or restart it.
+    fn process(&mut self) -> Result<&mut Agent> {
+        match self {
+            NodeAgent::Process(agent) => Ok(agent),
+            NodeAgent::Pod(_) => anyhow::bail!("this test needs the agent as a host process"),
+        }
+    }
+}
+
+/// A test's node: the agent (on the host or in a pod), redirector-cni chained into the pod
+/// network by `redirector install-cni`, a server in the node netns, and containerd. Fields
+/// drop in order: containerd first (it removes its pods, through CNI DEL, while the agent still
+/// runs; the agent's pod last), then the server, the agent (its pod's cgroup), the shared bind
+/// of bpffs, runc's cgroup v1 directories, the directories, the network and the sandbox.
 struct Node {
     containerd: Containerd,
     servers: Vec<(Child, Cgroup)>,
-    agent: Agent,
+    agent: NodeAgent,
+    _bpffs: Option<SharedBind>,
     _cgroups_v1: CgroupV1Mirror,
     /// 10.202.<subnet>.0/24, the pods' network.
     subnet: u8,
@@ -64,16 +104,32 @@ struct Node {
     sandbox: Sandbox,
 }
 
+/// The agent pod's metrics address, in the node netns: the DaemonSet's port on the node's
+/// address (127.0.0.1 stands for it: the node netns has no other before the first pod).
+const AGENT_POD_METRICS: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::LOCALHOST), 15099);
+
 impl Node {
-    fn start(tag: &str) -> Result<Node> {
+    fn start(tag: &str, run: AgentRun) -> Result<Node> {
         let sandbox = Sandbox::new(tag)?;
         let scratch = TempDir::create(tag)?;
         let node = Netns::create("node")?;
         let cgroups_v1 = CgroupV1Mirror::of(&sandbox.cgroups)?;
-        let setup = AgentSetup::new(&sandbox, &scratch)?;
+        let mut setup = AgentSetup::new(&sandbox, &scratch)?;
+        let mut images = vec![e2e_image_archive()?];
+        if run == AgentRun::DaemonSetPod {
+            // /run/redirector on the node: the socket and state directory the DaemonSet
+            // mounts.
+            let run_dir = scratch.path().join("run");
+            std::fs::create_dir_all(&run_dir)?;
+            setup.socket = run_dir.join("agent.sock");
+            setup.state_dir = run_dir.join("pods");
+            setup.metrics_addr = AGENT_POD_METRICS;
+            images.push(redirector_image_archive()?);
+        }
         let settings = ContainerdSettings {
             sandbox_image: E2E_IMAGE.into(),
-            images: vec![e2e_image_archive()?],
+            images,
             cni_conf_dir: scratch.path().join("net.d"),
             cni_bin_dir: scratch.path().join("cni-bin"),
         };
@@ -90,11 +146,41 @@ impl Node {
             servers.push(serve(&node, &sandbox, port)?);
         }
         let containerd = Containerd::start(&node, sandbox.cgroup("containerd")?, &settings)?;
-        let agent = start_agent(&setup, &containerd, &[])?;
+        let (agent, bpffs) = match run {
+            AgentRun::HostProcess => (
+                NodeAgent::Process(start_agent(&setup, &containerd, &[])?),
+                None,
+            ),
+            AgentRun::DaemonSetPod => {
+                let bpffs = SharedBind::new(Path::new(BPFFS_MOUNT), &scratch.path().join("bpffs"))?;
+                let config = scratch.path().join("config");
+                std::fs::create_dir_all(&config)?;
+                std::fs::copy(AGENT_CONFIG, config.join("agent.toml"))?;
+                let dirs = NodeDirs {
+                    bpffs: bpffs.path(),
+                    run: &scratch.path().join("run"),
+                    runtime: &containerd.socket_dir(),
+                    cni_conf_dir: &settings.cni_conf_dir,
+                    cni_bin_dir: &settings.cni_bin_dir,
+                    config: &config,
+                };
+                let spec = PodSpec {
+                    name: "redirector-agent".into(),
+                    namespace: "redirector-system".into(),
+                    uid: pod_uid(),
+                    annotations: BTreeMap::new(),
+                    log_directory: scratch.path().join("logs").join("redirector-agent"),
+                };
+                let pod =
+                    AgentPod::start(&containerd, &sandbox.cgroups, &node, &dirs, spec, setup)?;
+                (NodeAgent::Pod(pod), Some(bpffs))
+            }
+        };
         Ok(Node {
             containerd,
             servers,
             agent,
+            _bpffs: bpffs,
             _cgroups_v1: cgroups_v1,
             subnet,
             conflist,
@@ -126,11 +212,10 @@ impl Node {
 
     /// A new pod of this node (for [`CriPod::run`] where the pod borrows containerd alone).
     fn pod_spec(&self, name: &str, annotations: BTreeMap<String, String>) -> PodSpec {
-        let n = NEXT_POD.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         PodSpec {
             name: name.into(),
             namespace: "default".into(),
-            uid: format!("5e1f0c2a-7d3b-4e6f-{n:04x}-{:012x}", std::process::id()),
+            uid: pod_uid(),
             annotations,
             // Not below the agent's state directory (scratch/pods).
             log_directory: self.scratch.path().join("logs").join(name),
@@ -139,7 +224,7 @@ impl Node {
 
     /// The pod's status in the agent, which must hold it.
     fn enrolled(&self, pod: &CriPod) -> Result<PodStatus> {
-        let status = self.agent.setup.status()?;
+        let status = self.agent.setup().status()?;
         status
             .pod_by_uid(&pod.spec.uid)
             .cloned()
@@ -148,6 +233,12 @@ impl Node {
 }
 
 static NEXT_POD: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+
+/// A fresh pod UID.
+fn pod_uid() -> String {
+    let n = NEXT_POD.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("5e1f0c2a-7d3b-4e6f-{n:04x}-{:012x}", std::process::id())
+}
 
 /// The node's pod network, as a cluster's installer leaves it before redirector: a bridge with
 /// host-local addresses in a fresh private /24, and the plugins' directory. Returns the
@@ -364,7 +455,7 @@ fn processes_mentioning(text: &str) -> Result<BTreeSet<i32>> {
 
 #[test]
 fn private_containerd_answers_cri_and_leaves_nothing() -> Result<()> {
-    let node = Node::start("containerd-private")?;
+    let node = Node::start("containerd-private", AgentRun::HostProcess)?;
     let version = node
         .containerd
         .cri()
@@ -383,13 +474,28 @@ fn private_containerd_answers_cri_and_leaves_nothing() -> Result<()> {
             && plugins["plugins"][1]["capabilities"]["io.kubernetes.cri.pod-annotations"] == true,
         "install-cni did not chain redirector-cni with the annotations capability: {plugins}"
     );
+    tear_down_leaves_nothing(node)
+}
+
+/// Stops the node as the tests' drop does, checking on the way that nothing is left: the agent
+/// pod (if the agent runs in one) exits 0 on SIGTERM; containerd's directory, its mounts and
+/// every process naming it (its shims, the pods', the agent pod's) are gone with containerd;
+/// no mount is left in the test's directory (the shared bind of bpffs), and no pin once the
+/// sandbox has uninstalled.
+fn tear_down_leaves_nothing(mut node: Node) -> Result<()> {
     let dir = node.containerd.path();
     let dir_text = dir.display().to_string();
-    // The agent names containerd's socket as its runtime.
-    let agent_pid = node.agent.process.pid().as_raw();
+    // A host agent names containerd's socket as its runtime, and stays until the end.
+    let host_agent = match &mut node.agent {
+        NodeAgent::Process(agent) => Some(agent.process.pid().as_raw()),
+        NodeAgent::Pod(pod) => {
+            pod.stop(&node.containerd)?;
+            None
+        }
+    };
     let containerd_processes = || -> Result<BTreeSet<i32>> {
         let mut found = processes_mentioning(&dir_text)?;
-        found.remove(&agent_pid);
+        found.retain(|pid| Some(*pid) != host_agent);
         Ok(found)
     };
     ensure!(
@@ -401,6 +507,7 @@ fn private_containerd_answers_cri_and_leaves_nothing() -> Result<()> {
         containerd,
         servers,
         agent,
+        _bpffs,
         _cgroups_v1,
         scratch,
         node: netns,
@@ -413,7 +520,12 @@ fn private_containerd_answers_cri_and_leaves_nothing() -> Result<()> {
     ensure!(mounts.is_empty(), "mounts left: {mounts:?}");
     let processes = containerd_processes()?;
     ensure!(processes.is_empty(), "processes left: {processes:?}");
-    drop((servers, agent, _cgroups_v1, scratch, netns, sandbox));
+    let (scratch_dir, pin_root) = (scratch.path().to_owned(), sandbox.root().to_owned());
+    drop((servers, agent, _bpffs, _cgroups_v1));
+    let mounts = mounts_below(&scratch_dir)?;
+    ensure!(mounts.is_empty(), "mounts left: {mounts:?}");
+    drop((scratch, netns, sandbox));
+    ensure!(!pin_root.exists(), "pins left in {}", pin_root.display());
     Ok(())
 }
 
@@ -421,10 +533,31 @@ fn private_containerd_answers_cri_and_leaves_nothing() -> Result<()> {
 /// proxy container; removing the sandbox unenrolls the pod and leaves nothing of it.
 #[test]
 fn injected_pod_goes_through_its_proxy_and_removal_leaves_nothing() -> Result<()> {
-    let node = Node::start("containerd-injected")?;
+    injected_pod_case(&Node::start("containerd-injected", AgentRun::HostProcess)?)
+}
+
+/// Cases 1 and 2, and the node's teardown, against the DaemonSet's agent container (from the
+/// release image, with deploy/daemonset.yaml's security context and host mounts) instead of a
+/// host process. Case 1 here, case 2 below.
+#[test]
+fn daemonset_agent_pod_sends_an_injected_pod_through_its_proxy() -> Result<()> {
+    injected_pod_case(&Node::start(
+        "containerd-dsinjected",
+        AgentRun::DaemonSetPod,
+    )?)
+}
+
+#[test]
+fn daemonset_agent_pod_leaves_a_plain_pod_alone_and_stops_leaving_nothing() -> Result<()> {
+    let node = Node::start("containerd-dsplain", AgentRun::DaemonSetPod)?;
+    plain_pod_case(&node)?;
+    tear_down_leaves_nothing(node)
+}
+
+fn injected_pod_case(node: &Node) -> Result<()> {
     let pins_before = files_below(node.sandbox.root())?;
     let mut pod = node.pod("injected", istio_injected_annotations())?;
-    let status = node.agent.setup.status()?;
+    let status = node.agent.setup().status()?;
     let enrolled = status
         .pod_by_uid(&pod.spec.uid)
         .with_context(|| format!("the injected pod is not enrolled: {status:?}"))?;
@@ -449,7 +582,7 @@ fn injected_pod_goes_through_its_proxy_and_removal_leaves_nothing() -> Result<()
         netns.display()
     );
     let (cgroup, uid) = (pod.cgroup.path(), &pod.spec.uid);
-    let status = node.agent.setup.status()?;
+    let status = node.agent.setup().status()?;
     ensure!(
         status.pod_by_uid(uid).is_none(),
         "the removed pod is still enrolled: {status:?}"
@@ -465,7 +598,7 @@ fn injected_pod_goes_through_its_proxy_and_removal_leaves_nothing() -> Result<()
         "pins left: {:?}",
         files_below(node.sandbox.root())?
     );
-    let state = node.agent.setup.state_files()?;
+    let state = node.agent.setup().state_files()?;
     ensure!(state.is_empty(), "state files left: {state:?}");
     Ok(())
 }
@@ -474,9 +607,12 @@ fn injected_pod_goes_through_its_proxy_and_removal_leaves_nothing() -> Result<()
 /// connects directly.
 #[test]
 fn pod_without_annotations_is_not_enrolled_and_connects_directly() -> Result<()> {
-    let node = Node::start("containerd-plain")?;
+    plain_pod_case(&Node::start("containerd-plain", AgentRun::HostProcess)?)
+}
+
+fn plain_pod_case(node: &Node) -> Result<()> {
     let pod = node.pod("plain", BTreeMap::new())?;
-    let status = node.agent.setup.status()?;
+    let status = node.agent.setup().status()?;
     ensure!(
         status.pod_by_uid(&pod.spec.uid).is_none() && status.pods.is_empty(),
         "a pod without annotations was enrolled: {status:?}"
@@ -499,7 +635,7 @@ fn pod_without_annotations_is_not_enrolled_and_connects_directly() -> Result<()>
 /// those connections direct, and the rest still through the proxy.
 #[test]
 fn excluded_outbound_ports_and_ranges_go_direct() -> Result<()> {
-    let node = Node::start("containerd-excluded")?;
+    let node = Node::start("containerd-excluded", AgentRun::HostProcess)?;
     // A second address of the node, in a range the pod excludes.
     let excluded_range = format!("10.203.{}.0/24", node.subnet);
     let excluded_addr = Ipv4Addr::new(10, 203, node.subnet, 1);
@@ -542,7 +678,7 @@ fn excluded_outbound_ports_and_ranges_go_direct() -> Result<()> {
 #[test]
 fn inbound_connection_reaches_the_app_through_the_proxy() -> Result<()> {
     const MESSAGE: &str = "inbound from the node";
-    let node = Node::start("containerd-inbound")?;
+    let node = Node::start("containerd-inbound", AgentRun::HostProcess)?;
     let pod = node.pod("inbound", istio_injected_annotations())?;
     let inbound = any_v4(INBOUND_PORT).to_string();
     start_listening(
@@ -589,7 +725,7 @@ fn inbound_connection_reaches_the_app_through_the_proxy() -> Result<()> {
 /// 127.0.0.1:15006 must accept it and read 127.0.0.6:15002 as the original destination.
 #[test]
 fn istio_validation_init_container_passes() -> Result<()> {
-    let node = Node::start("containerd-validation")?;
+    let node = Node::start("containerd-validation", AgentRun::HostProcess)?;
     let pod = node.pod("validated", istio_injected_annotations())?;
     let validation = pod.start_container(container_config(
         "istio-validation",
@@ -629,7 +765,7 @@ fn istio_validation_init_container_passes() -> Result<()> {
 /// still go through its proxy.
 #[test]
 fn restarting_containerd_and_the_agent_leaves_running_pods_captured() -> Result<()> {
-    let mut node = Node::start("containerd-restart")?;
+    let mut node = Node::start("containerd-restart", AgentRun::HostProcess)?;
     // Borrowing containerd alone, so that the agent can be restarted while the pod runs.
     let spec = node.pod_spec("restarted", istio_injected_annotations());
     let pod = CriPod::run(&node.containerd, &node.sandbox.cgroups, spec)?;
@@ -646,7 +782,9 @@ fn restarting_containerd_and_the_agent_leaves_running_pods_captured() -> Result<
     };
     let links_before = link_ids(pod.cgroup.path())?;
 
-    node.agent.restart(|| node.containerd.restart())?;
+    node.agent
+        .process()?
+        .restart(|| node.containerd.restart())?;
     let report = connect_from(&pod, &app, server, "after the restarts")?;
     assert_through_proxy(&pod, &report, server)?;
 
@@ -660,7 +798,7 @@ fn restarting_containerd_and_the_agent_leaves_running_pods_captured() -> Result<
         link_ids(pod.cgroup.path())? == links_before,
         "the pod's programs were attached again: {links_before:?} before"
     );
-    let status = node.agent.setup.status()?;
+    let status = node.agent.setup().status()?;
     let agent = status.agent.context("no agent report")?;
     let startup = agent.startup.context("no startup report")?;
     ensure!(

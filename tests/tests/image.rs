@@ -5,13 +5,9 @@
 //! `cargo xtask test` builds the image and names it in `REDIRECTOR_IMAGE`. Host only: the VM
 //! carries no containerd.
 
-use std::path::PathBuf;
-
 use anyhow::{ensure, Context, Result};
+use redirector_tests::containerd::redirector_image_archive;
 use redirector_tests::{plain_containerd::Containerd, redirector};
-
-/// The archive's path, set by `cargo xtask test`.
-const IMAGE_VARIABLE: &str = "REDIRECTOR_IMAGE";
 
 /// `redirector --version` of the `redirector` built with these tests (`redirector 0.1.0`) and
 /// the name the image of that version carries.
@@ -25,16 +21,9 @@ fn version_and_image_name() -> Result<(String, String)> {
     Ok((line, name))
 }
 
-fn archive() -> Result<PathBuf> {
-    let path = std::env::var_os(IMAGE_VARIABLE).with_context(|| {
-        format!("{IMAGE_VARIABLE} is not set: run this suite through `cargo xtask test`, which builds the image")
-    })?;
-    Ok(path.into())
-}
-
 #[test]
 fn containerd_imports_the_image_and_runs_both_binaries_in_it() -> Result<()> {
-    let archive = archive()?;
+    let archive = redirector_image_archive()?;
     let (version_line, name) = version_and_image_name()?;
     let containerd = Containerd::start()?;
     let images = containerd.import(&archive)?;
