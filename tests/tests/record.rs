@@ -42,9 +42,12 @@ fn pod_with_proxy(
 /// lines to those sections.
 fn haproxy_config(global: &[&str], bind: &str) -> String {
     let global: String = global.iter().map(|line| format!("  {line}\n")).collect();
+    // Idle connections are kept past both hold phases of the capacity test: in a VM under TCG
+    // the first pod's connections wait minutes for the second pod's to open.
+    let idle = 2 * HOLD_PHASE.as_secs();
     format!(
-        "global\n{global}defaults\n  mode tcp\n  timeout connect 5s\n  timeout client 2m\n  \
-         timeout server 2m\nfrontend outbound\n  bind {PROXY_ADDR}{bind}\n  \
+        "global\n{global}defaults\n  mode tcp\n  timeout connect 5s\n  timeout client {idle}s\n  \
+         timeout server {idle}s\nfrontend outbound\n  bind {PROXY_ADDR}{bind}\n  \
          default_backend original\nbackend original\n  server original 0.0.0.0:0\n"
     )
 }
