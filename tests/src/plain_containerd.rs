@@ -12,6 +12,8 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use nix::sys::signal::Signal;
 
+use crate::cgroup::Cgroup;
+use crate::containerd::CgroupV1Mirror;
 use crate::names::TempDir;
 use crate::process::{run, wait_for, Child, Output};
 
@@ -26,10 +28,14 @@ const SHIM_SOCKET_DIRS: &[&str] = &["/run/containerd/s", "/run/containerd"];
 
 /// A running private containerd; dropping it stops containerd and removes its folders.
 pub struct Containerd {
-    // Declared before `dir`, so it is stopped before its folders are removed.
+    // Declared before `dir` and the cgroups, so it is stopped before they are removed.
     process: Option<Child>,
     socket: PathBuf,
     dir: TempDir,
+    /// The containers' parent cgroup (runc's default, `/<namespace>/<id>`, would stay behind in
+    /// every hierarchy), and its twins in the v1 hierarchies of a hybrid host.
+    _cgroups_v1: CgroupV1Mirror,
+    cgroups: Cgroup,
     /// Those of [`SHIM_SOCKET_DIRS`] that did not exist before.
     made_shim_dirs: Vec<&'static str>,
 }
@@ -39,6 +45,8 @@ impl Containerd {
     /// until it answers.
     pub fn start() -> Result<Containerd> {
         let dir = TempDir::create("containerd")?;
+        let cgroups = Cgroup::create_root("ctr")?;
+        let cgroups_v1 = CgroupV1Mirror::of(&cgroups)?;
         let socket = dir.path().join("containerd.sock");
         let config = dir.path().join("config.toml");
         std::fs::write(&config, config_toml(dir.path(), &socket))
@@ -54,6 +62,8 @@ impl Containerd {
             process: Some(Child::spawn("containerd", command)?),
             socket,
             dir,
+            _cgroups_v1: cgroups_v1,
+            cgroups,
             made_shim_dirs,
         };
         wait_for("containerd to answer", CONTAINERD_TIMEOUT, || {
@@ -90,6 +100,8 @@ impl Containerd {
         let mut command: Vec<OsString> = vec!["run".into(), "--rm".into()];
         command.extend(["--fifo-dir".into(), self.dir.path().join("fifo").into()]);
         command.extend(["--runc-root".into(), self.dir.path().join("runc").into()]);
+        let cgroup = CgroupV1Mirror::cgroup_parent(&self.cgroups.path().join(id))?;
+        command.extend(["--cgroup".into(), cgroup.into()]);
         for variable in env {
             command.extend(["--env".into(), variable.into()]);
         }

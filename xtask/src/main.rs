@@ -1,5 +1,6 @@
 //! Developer and CI tasks for the redirector workspace, run as `cargo xtask <task>`.
 
+mod bpffs;
 mod cmd;
 mod debian;
 mod image;
@@ -204,7 +205,9 @@ fn test(root: &Path, kernel: Option<&str>, host_only: bool, args: &[String]) -> 
         let name = "end-to-end tests on the host".to_owned();
         step(&name);
         let started = Instant::now();
+        let bpffs = bpffs::BpffsForRun::ensure()?;
         let outcome = host_suites(root, &built.suites, &images, args);
+        drop(bpffs);
         parts.push((name, started.elapsed(), outcome));
     }
     // Without --kernel, the VM run is CI's: its kernel, its suites.
@@ -253,6 +256,7 @@ fn soak(root: &Path, minutes: f64, connections: Option<u64>) -> Result<()> {
     if let Some(connections) = connections {
         command.env(suites::SOAK_CONNECTIONS_ENV, connections.to_string());
     }
+    let _bpffs = bpffs::BpffsForRun::ensure()?;
     run(&mut command)
 }
 
