@@ -18,7 +18,7 @@ use redirector_common::{map_names, SocketRecord, AF_INET, AF_INET6, RECORD_PROXY
 use crate::{loader::LoadError, maps, pins::PinRoot};
 
 /// `SO_ORIGINAL_DST` from linux/netfilter_ipv4.h (`IP6T_SO_ORIGINAL_DST` has the same value).
-const SO_ORIGINAL_DST: libc::c_int = 80;
+pub const SO_ORIGINAL_DST: libc::c_int = 80;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OriginalDstError {

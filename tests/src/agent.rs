@@ -165,20 +165,11 @@ impl Agent {
     }
 }
 
-/// [`http_get`] from the network namespace whose file is `netns` (a thread of ours enters it).
+/// [`http_get`] from the network namespace whose file is `netns`, on a thread that enters it
+/// (the library's own way).
 pub fn http_get_in(netns: &Path, addr: SocketAddr, path: &str) -> Result<(u16, String)> {
-    let namespace =
-        std::fs::File::open(netns).with_context(|| format!("opening {}", netns.display()))?;
-    std::thread::scope(|scope| {
-        scope
-            .spawn(|| {
-                nix::sched::setns(&namespace, nix::sched::CloneFlags::CLONE_NEWNET)
-                    .with_context(|| format!("entering {}", netns.display()))?;
-                http_get(addr, path)
-            })
-            .join()
-            .unwrap_or_else(|_| bail!("the thread in {} panicked", netns.display()))
-    })
+    let namespace = redirector::netns::open_nsfs(netns)?;
+    redirector::netns::within(&namespace, netns, || http_get(addr, path))?
 }
 
 /// A plain HTTP/1.1 GET on loopback: (status code, body).

@@ -381,65 +381,13 @@ impl Container {
     }
 }
 
-/// Capabilities by number, as capability(7) names them without `CAP_`.
-const CAPABILITIES: [&str; 41] = [
-    "CHOWN",
-    "DAC_OVERRIDE",
-    "DAC_READ_SEARCH",
-    "FOWNER",
-    "FSETID",
-    "KILL",
-    "SETGID",
-    "SETUID",
-    "SETPCAP",
-    "LINUX_IMMUTABLE",
-    "NET_BIND_SERVICE",
-    "NET_BROADCAST",
-    "NET_ADMIN",
-    "NET_RAW",
-    "IPC_LOCK",
-    "IPC_OWNER",
-    "SYS_MODULE",
-    "SYS_RAWIO",
-    "SYS_CHROOT",
-    "SYS_PTRACE",
-    "SYS_PACCT",
-    "SYS_ADMIN",
-    "SYS_BOOT",
-    "SYS_NICE",
-    "SYS_RESOURCE",
-    "SYS_TIME",
-    "SYS_TTY_CONFIG",
-    "MKNOD",
-    "LEASE",
-    "AUDIT_WRITE",
-    "AUDIT_CONTROL",
-    "SETFCAP",
-    "MAC_OVERRIDE",
-    "MAC_ADMIN",
-    "SYSLOG",
-    "WAKE_ALARM",
-    "BLOCK_SUSPEND",
-    "AUDIT_READ",
-    "PERFMON",
-    "BPF",
-    "CHECKPOINT_RESTORE",
-];
-
 /// Whether this process may grant capability `name` (`NET_ADMIN`): it is in its bounding set.
 fn in_bounding_set(name: &str) -> Result<bool> {
-    let number = CAPABILITIES
-        .iter()
-        .position(|known| known.eq_ignore_ascii_case(name))
+    let capability: caps::Capability = format!("CAP_{}", name.to_ascii_uppercase())
+        .parse()
         .with_context(|| format!("unknown capability {name:?} in {MANIFEST}"))?;
-    // SAFETY: PR_CAPBSET_READ reads a flag of this process; no memory is passed.
-    let answer = unsafe { libc::prctl(libc::PR_CAPBSET_READ, number as libc::c_ulong, 0, 0, 0) };
-    ensure!(
-        answer >= 0,
-        "PR_CAPBSET_READ {name}: {}",
-        std::io::Error::last_os_error()
-    );
-    Ok(answer == 1)
+    caps::has_cap(None, caps::CapSet::Bounding, capability)
+        .with_context(|| format!("reading the bounding set for CAP_{name}"))
 }
 
 /// A bind mount of `source` at `target` made shared, as systemd leaves /sys/fs/bpf on a node

@@ -110,7 +110,7 @@ struct Soak<'a> {
     setup: &'a AgentSetup,
     pod: &'a Pod,
     destinations: &'a [SocketAddr],
-    agent: Option<Agent>,
+    agent: Agent,
     proxy: Option<Proxy>,
     /// Other pods' cgroups, and whether each is enrolled.
     others: Vec<(Cgroup, bool)>,
@@ -120,10 +120,6 @@ struct Soak<'a> {
 }
 
 impl Soak<'_> {
-    fn agent(&self) -> Result<&Agent> {
-        self.agent.as_ref().context("no agent runs")
-    }
-
     /// `redirector enroll` of the soaked pod, with its netns, through the agent.
     fn enroll_pod(&self, exclude_port: bool) -> Result<()> {
         let port = TOGGLED_EXCLUDED_PORT.to_string();
@@ -146,7 +142,7 @@ impl Soak<'_> {
     /// Records held against capacity, and the agent's resident memory.
     fn sample(&mut self) -> Result<()> {
         let records = self.setup.status()?.records;
-        let rss = resident_kib(self.agent()?.process.pid().as_raw())?;
+        let rss = resident_kib(self.agent.process.pid().as_raw())?;
         let tally = &mut self.tally;
         tally.samples += 1;
         tally.records_capacity = records.capacity;
@@ -191,8 +187,7 @@ impl Soak<'_> {
     /// SIGTERM (the agent must exit 0), a new agent, and the pod still held by it.
     fn restart_agent(&mut self) -> Result<()> {
         let stopped = Instant::now();
-        self.agent.take().context("no agent runs")?.stop()?;
-        self.agent = Some(Agent::start(self.setup)?);
+        self.agent.restart(|| Ok(()))?;
         let gap = stopped.elapsed();
         self.tally.longest_agent_gap = self.tally.longest_agent_gap.max(gap);
         self.tally.agent_restarts += 1;
@@ -331,7 +326,7 @@ fn soak_short_connections_through_restarts_and_changes() -> Result<()> {
         setup: &setup,
         pod: &pod,
         destinations,
-        agent: Some(Agent::start(&setup)?),
+        agent: Agent::start(&setup)?,
         proxy: None,
         others,
         next_other: 0,
@@ -413,9 +408,10 @@ fn soak_short_connections_through_restarts_and_changes() -> Result<()> {
     });
     soak.sample()?;
     let counters_at_end = soak.counters()?;
-    soak.agent.take().context("no agent runs")?.stop()?;
+    let Soak { agent, tally, .. } = soak;
+    agent.stop()?;
 
-    let tally = &soak.tally;
+    let tally = &tally;
     let (restart_failures, unexpected): (Vec<&LoopIncident>, Vec<&LoopIncident>) = incidents
         .iter()
         .partition(|incident| during_proxy_restart(incident, &tally.proxy_down));

@@ -205,9 +205,7 @@ fn test(root: &Path, kernel: Option<&str>, host_only: bool, args: &[String]) -> 
         let name = "end-to-end tests on the host".to_owned();
         step(&name);
         let started = Instant::now();
-        let bpffs = bpffs::BpffsForRun::ensure()?;
         let outcome = host_suites(root, &built.suites, &images, args);
-        drop(bpffs);
         parts.push((name, started.elapsed(), outcome));
     }
     // Without --kernel, the VM run is CI's: its kernel, its suites.
@@ -382,6 +380,7 @@ struct Images {
 /// The end-to-end suites on the host, through cargo, one test thread, told where the image
 /// archives are.
 fn host_suites(root: &Path, suites: &[Suite], images: &Images, args: &[String]) -> Result<()> {
+    let _bpffs = bpffs::BpffsForRun::ensure()?;
     let mut test = cargo(root, "test");
     test.env("REDIRECTOR_IMAGE", &images.redirector);
     test.env("REDIRECTOR_E2E_IMAGE", &images.e2e);

@@ -13,14 +13,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use nix::libc;
+use redirector::original_dst::SO_ORIGINAL_DST;
 use redirector_tests::{IstioValidationReport, ValidationAccept};
 use socket2::{Domain, Protocol, Socket, Type};
 
 use crate::probes::raw_getsockopt;
 use crate::tcp_listener;
 
-/// linux/netfilter_ipv4.h.
-const SO_ORIGINAL_DST: i32 = 80;
 /// Istio asks with a Go `IPv6MTUInfo` (32 bytes, larger than a `sockaddr_in`).
 const ORIGINAL_DST_BUFFER: u32 = 32;
 /// Between two connects of the client (Istio's waits longer; a test waits for it).
