@@ -33,6 +33,7 @@ pub mod map_names {
     pub const POD_STATS: &str = "POD_STATS";
     pub const SOCKET_RECORDS: &str = "SOCKET_RECORDS";
     pub const HANDSHAKES: &str = "HANDSHAKES";
+    pub const HANDSHAKE_TALLY: &str = "HANDSHAKE_TALLY";
     pub const SETTINGS: &str = "SETTINGS";
     pub const LISTENERS: &str = "LISTENERS";
     pub const INBOUND_ADDRS: &str = "INBOUND_ADDRS";
@@ -342,6 +343,19 @@ pub struct Handshake {
     pub _pad: u32,
 }
 
+/// The handshake map's entries the programs made and removed, on one CPU (a per-CPU array of
+/// one element), so that its occupancy is read from a sum instead of a walk of the map. Added to
+/// atomically, like [`PodStats`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HandshakeTally {
+    /// Entries made at the client's connect callback.
+    pub published: u64,
+    /// Entries removed by the programs: taken over by the proxy's socket, or left by a
+    /// handshake that failed.
+    pub settled: u64,
+}
+
 /// What a socket of a captured connection carries in its socket-local storage: it lives and
 /// dies with the socket, so no table grows with connections and nothing evicts a live record.
 #[repr(C)]
@@ -399,6 +413,7 @@ mod pod_impls {
     unsafe impl aya::Pod for RawSockAddr {}
     unsafe impl aya::Pod for HandshakeKey {}
     unsafe impl aya::Pod for Handshake {}
+    unsafe impl aya::Pod for HandshakeTally {}
     unsafe impl aya::Pod for SocketRecord {}
     unsafe impl aya::Pod for Settings {}
     unsafe impl aya::Pod for InboundAddrKey {}

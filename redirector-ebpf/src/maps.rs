@@ -6,11 +6,11 @@ use aya_ebpf::{
     bindings::{bpf_map_def, bpf_map_type::BPF_MAP_TYPE_CGROUP_STORAGE, BPF_F_NO_PREALLOC},
     btf_maps::SkStorage,
     macros::{btf_map, map},
-    maps::{lpm_trie::LpmTrie, Array, HashMap, PerCpuHashMap, SockHash},
+    maps::{lpm_trie::LpmTrie, Array, HashMap, PerCpuArray, PerCpuHashMap, SockHash},
 };
 use redirector_common::{
-    Handshake, HandshakeKey, InboundAddrKey, InboundPod, ListenerKey, OwnerKey, PodAddrKey,
-    PodConfig, PodStats, PortKey, Settings, SocketRecord, DEFAULT_HANDSHAKE_CAPACITY,
+    Handshake, HandshakeKey, HandshakeTally, InboundAddrKey, InboundPod, ListenerKey, OwnerKey,
+    PodAddrKey, PodConfig, PodStats, PortKey, Settings, SocketRecord, DEFAULT_HANDSHAKE_CAPACITY,
     LISTENER_SLOTS, MAX_ADDR_PREFIXES, MAX_INBOUND_ADDRS, MAX_OWNERS, MAX_PODS, MAX_PORTS,
 };
 
@@ -75,6 +75,11 @@ pub static POD_STATS: PerCpuHashMap<u64, PodStats> = PerCpuHashMap::pinned(MAX_P
 #[map]
 pub static HANDSHAKES: HashMap<HandshakeKey, Handshake> =
     HashMap::pinned(DEFAULT_HANDSHAKE_CAPACITY, BPF_F_NO_PREALLOC as u32);
+
+/// How many entries of `HANDSHAKES` the programs made and removed (one element per CPU): the
+/// agent reads the map's occupancy from it without walking the map.
+#[map]
+pub static HANDSHAKE_TALLY: PerCpuArray<HandshakeTally> = PerCpuArray::pinned(1, 0);
 
 /// The record of each socket of a captured connection, freed with the socket.
 #[btf_map]

@@ -1,7 +1,7 @@
 //! The enrolled pod of the running program, its counters and the logging switch.
 use redirector_common::PodConfig;
 
-use crate::maps::{POD_SETTINGS, POD_STATS, SETTINGS};
+use crate::maps::{HANDSHAKE_TALLY, POD_SETTINGS, POD_STATS, SETTINGS};
 
 /// The settings of the pod whose cgroup the running program is attached to; `None` until
 /// the loader has written them. Programs are attached to the pod's cgroup only, and the
@@ -52,10 +52,43 @@ pub fn count(pod: u64, counter: Counter) {
             Counter::DnsRedirected => &raw mut (*stats).dns_redirected,
         }
     };
-    // An atomic add (BPF_XADD; the result is not used, so no BPF_FETCH, which needs 5.12):
-    // another program run on this CPU (after preemption, or from a softirq) may be adding to
-    // the same counter. The BPF target has no `AtomicU64::fetch_add`, hence the intrinsic.
-    // SAFETY: the u64 is 8-byte aligned in the map value.
+    // SAFETY: a field of the map value just looked up.
+    unsafe { add_one(field) };
+}
+
+/// Which side of the handshake map's tally to add to.
+#[derive(Clone, Copy)]
+pub enum Tally {
+    /// An entry was made.
+    Published,
+    /// An entry was removed by a program.
+    Settled,
+}
+
+/// Adds one to the handshake map's tally on this CPU.
+#[inline(always)]
+pub fn tally(side: Tally) {
+    let Some(tally) = HANDSHAKE_TALLY.get_ptr_mut(0) else {
+        return;
+    };
+    // SAFETY: a per-CPU array element, valid for the program's run.
+    unsafe {
+        add_one(match side {
+            Tally::Published => &raw mut (*tally).published,
+            Tally::Settled => &raw mut (*tally).settled,
+        });
+    }
+}
+
+/// An atomic add (BPF_XADD; the result is not used, so no BPF_FETCH, which needs 5.12):
+/// another program run on this CPU (after preemption, or from a softirq) may be adding to the
+/// same counter. The BPF target has no `AtomicU64::fetch_add`, hence the intrinsic.
+///
+/// # Safety
+/// `field` points to an 8-byte aligned u64 of a map value valid for the program's run.
+#[inline(always)]
+unsafe fn add_one(field: *mut u64) {
+    // SAFETY: as the caller promises.
     unsafe {
         core::intrinsics::atomic_xadd::<u64, u64, { core::intrinsics::AtomicOrdering::Relaxed }>(
             field, 1,

@@ -34,7 +34,7 @@ use redirector_common::{
 use crate::{
     addr,
     maps::{HANDSHAKES, LISTENERS, SOCKET_RECORDS},
-    pod::{count, current_pod, logging_enabled, Counter},
+    pod::{count, current_pod, logging_enabled, tally, Counter, Tally},
     raw,
 };
 
@@ -103,8 +103,9 @@ fn on_connect(ctx: &SockOpsContext) {
         count(config.pod, Counter::HandshakeFailed);
         return;
     }
+    tally(Tally::Published);
     // Told when the handshake ends, to remove the entry if it failed. Without the callback a
-    // failed handshake's entry stays until the LRU evicts it.
+    // failed handshake's entry stays until the agent expires it.
     if ctx
         .set_cb_flags((ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG) as i32)
         .is_err()
@@ -128,7 +129,13 @@ fn on_state_change(ctx: &SockOpsContext) {
         return;
     }
     if let Some(config) = current_pod() {
-        let _ = HANDSHAKES.remove(&handshake_key(ctx, config.pod, true));
+        // Absent when the agent expired it meanwhile.
+        if HANDSHAKES
+            .remove(&handshake_key(ctx, config.pod, true))
+            .is_ok()
+        {
+            tally(Tally::Settled);
+        }
     }
 }
 
@@ -147,7 +154,11 @@ fn on_passive_established(ctx: &SockOpsContext) {
     };
     // SAFETY: a map value, valid for the run (freed after an RCU grace period only).
     let handshake = unsafe { *entry };
-    let _ = HANDSHAKES.remove(&key);
+    // Only the remover of an entry counts it: the client's failure callback cannot race this
+    // one for the same entry, but the agent's expiry can.
+    if HANDSHAKES.remove(&key).is_ok() {
+        tally(Tally::Settled);
+    }
     let Some(record) = raw::socket_storage(&SOCKET_RECORDS, ctx, true) else {
         count(config.pod, Counter::HandoffFailed);
         return;

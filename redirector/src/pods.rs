@@ -14,7 +14,7 @@ use redirector_common::{
 };
 use serde::{Deserialize, Serialize};
 
-pub use crate::maps::records::RecordCounts;
+pub use crate::maps::records::{Expired, RecordCounts};
 use crate::{
     cgroup::{Cgroup, CgroupError},
     kernel::{self, KernelError},
@@ -313,15 +313,20 @@ impl Redirector {
         }
         // The switch. Then inbound follows, and what neither policy needs any more goes.
         self.maps.settings.set(&config)?;
-        self.set_inbound_addresses(&config, inbound)?;
+        self.set_inbound_addresses(&config, inbound, known)?;
         for hook in Hook::ALL {
             if hook != Hook::Inbound && !hooks.contains(&hook) {
                 self.detach(&self.root.pod_dir(pod).join(hook.pin_name()))?;
             }
         }
-        self.maps
-            .policy_sets
-            .remove_other_generations(pod, Some(generation))?;
+        // A pod enrolled for the first time has no other generation: the walk of every pod's
+        // sets is skipped, so that setting up a pod does not slow down with the pods already
+        // on the node.
+        if known {
+            self.maps
+                .policy_sets
+                .remove_other_generations(pod, Some(generation))?;
+        }
         Ok(())
     }
 
@@ -365,11 +370,13 @@ impl Redirector {
         Ok(())
     }
 
-    /// The pod's inbound addresses with its current generation; addresses it no longer has go.
+    /// The pod's inbound addresses with its current generation; addresses it no longer has go
+    /// (looked for only when the pod was `known` before: a new pod has none).
     fn set_inbound_addresses(
         &mut self,
         config: &PodConfig,
         netns: Option<&PodNetns>,
+        known: bool,
     ) -> Result<(), Error> {
         let wanted = inbound_addresses(netns);
         let value = InboundPod {
@@ -381,6 +388,9 @@ impl Redirector {
         };
         for &addr in &wanted {
             self.maps.inbound.set(addr, value)?;
+        }
+        if !known {
+            return Ok(());
         }
         let wanted_keys: Vec<_> = wanted.into_iter().map(address_key).collect();
         self.maps
@@ -535,7 +545,9 @@ impl Redirector {
         }
     }
 
-    pub fn records(&self) -> Result<RecordCounts, Error> {
+    /// The record counts; `baseline` is the last [`Redirector::expire_handshakes`]'s (0
+    /// without one).
+    pub fn records(&self, baseline: i64) -> Result<RecordCounts, Error> {
         let overflowed = self
             .maps
             .counters
@@ -543,12 +555,12 @@ impl Redirector {
             .into_iter()
             .map(|pod| self.maps.counters.total(pod).handshake_failed)
             .sum();
-        Ok(self.maps.records.counts(overflowed)?)
+        Ok(self.maps.records.counts(overflowed, baseline)?)
     }
 
-    /// Removes handshakes no proxy side took over within `age` (see
-    /// [`crate::maps::records::Records::expire`]); returns how many went.
-    pub fn expire_handshakes(&mut self, age: std::time::Duration) -> Result<usize, Error> {
+    /// Removes handshakes no proxy side took over within `age`, and counts what stays (see
+    /// [`crate::maps::records::Records::expire`]).
+    pub fn expire_handshakes(&mut self, age: std::time::Duration) -> Result<Expired, Error> {
         let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
             .map(|now| std::time::Duration::from(now).as_nanos() as u64)
             .unwrap_or(0);

@@ -1622,3 +1622,67 @@ fn the_agent_chains_again_after_the_primary_rewrites_its_config() -> Result<()> 
     agent.stop()?;
     Ok(())
 }
+
+/// The handshake map's occupancy is read from the programs' tally of the entries they make and
+/// remove, which cannot see an entry it did not make (one an older build's programs left before
+/// an upgrade in place); the agent's pass over the map, at start and on every reconcile,
+/// corrects it. An entry written into the map from outside, as such a program leaves it, must be
+/// counted by `status` once a restarted agent has made its first pass (from the tally alone it
+/// reads 0), and the map's walk must not expire it (it was published just now).
+#[test]
+fn handshakes_the_programs_did_not_tally_are_counted_after_the_agent_walked_the_map() -> Result<()>
+{
+    let test = TestNode::new("tally")?;
+    let mut agent = Agent::start(&test.setup)?;
+    let before = test.setup.status()?.records;
+    ensure!(
+        before.in_flight == 0,
+        "a new node has handshakes: {before:?}"
+    );
+    let map = test.setup.bpffs.join("maps").join("HANDSHAKES");
+    agent.restart(|| write_untallied_handshake(&map))?;
+    let after = test.setup.status()?.records;
+    ensure!(
+        after.in_flight == 1,
+        "the entry the programs did not tally is not counted after the agent's pass: {after:?}"
+    );
+    Ok(())
+}
+
+/// One entry in the pinned handshake map `map`, published now (CLOCK_MONOTONIC) for a made-up
+/// pod and client, as a program that keeps no tally leaves it.
+fn write_untallied_handshake(map: &Path) -> Result<()> {
+    let shown = run(
+        "bpftool",
+        {
+            let mut command = Command::new("bpftool");
+            command.args(["-j", "map", "show", "pinned"]).arg(map);
+            command
+        },
+        WAIT,
+    )?
+    .ensure_success()?;
+    let shown: Value = serde_json::from_str(&shown.stdout)?;
+    let size = |field: &str| {
+        shown[field]
+            .as_u64()
+            .with_context(|| format!("no {field} in {shown}"))
+    };
+    let mut key = vec![0_u8; size("bytes_key")? as usize];
+    key[0] = 1; // pod 1, client 0.0.0.0:0
+    let mut value = vec![0_u8; size("bytes_value")? as usize];
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
+    let now_ns = Duration::from(now).as_nanos() as u64;
+    value[..8].copy_from_slice(&now_ns.to_le_bytes());
+    let hex = |bytes: &[u8]| -> Vec<String> { bytes.iter().map(|b| format!("{b:#04x}")).collect() };
+    let mut command = Command::new("bpftool");
+    command
+        .args(["map", "update", "pinned"])
+        .arg(map)
+        .arg("key")
+        .args(hex(&key))
+        .arg("value")
+        .args(hex(&value));
+    run("bpftool", command, WAIT)?.ensure_success()?;
+    Ok(())
+}

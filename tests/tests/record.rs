@@ -642,6 +642,27 @@ fn memlock(pin: &std::path::Path) -> Result<u64> {
         .with_context(|| format!("no bytes_memlock in {shown}"))
 }
 
+/// Far fewer bpf() calls than [`SMALL_CAPACITY`]: a `status` opens the pins and reads each
+/// pod's entries (41 calls for one pod here), while a walk of a full handshake map makes
+/// one call per entry.
+const STATUS_BPF_CALLS_BOUND: u64 = 300;
+
+/// The bpf() system calls of one `redirector status` on `sandbox`, traced by strace.
+fn bpf_calls_of_status(sandbox: &Sandbox) -> Result<u64> {
+    let dir = TempDir::create("status-trace")?;
+    let trace = dir.path().join("trace");
+    let mut command = std::process::Command::new("strace");
+    command
+        .args(["-f", "-qq", "-e", "trace=bpf", "-e", "signal=none", "-o"])
+        .arg(&trace)
+        .arg(binary("redirector")?)
+        .args(["status", "--output", "json"])
+        .args(sandbox.node_args());
+    redirector_tests::run("strace", command, EVENT_TIMEOUT)?.ensure_success()?;
+    let trace = std::fs::read_to_string(&trace).context("reading strace's output")?;
+    Ok(trace.lines().filter(|line| line.contains("bpf(")).count() as u64)
+}
+
 /// More captured connections in their handshake at once than the handshake map holds (the one
 /// node-wide bounded map: an entry lives from the client's connect until the proxy's socket is
 /// created, whatever the proxy's accept does), with a capacity of 1,024 given to standalone
@@ -651,7 +672,8 @@ fn memlock(pin: &std::path::Path) -> Result<u64> {
 /// destination; the 1,024 kept must carry their own line to their own destination and back;
 /// the 476 others must fail visibly (the proxy's original-destination lookup misses and it
 /// closes them); no byte may reach another connection's destination; and `status -o json`
-/// must count exactly those 476 as `records.overflowed`, with the map full while they waited.
+/// must count exactly those 476 as `records.overflowed`, with the map full while they waited;
+/// and `status` must read that occupancy from the programs' tally, not from a walk of the map.
 ///
 /// Without the overflow accounting (a refused entry not counted as `handshake_failed`, or
 /// `records.overflowed` not summed from it) status reports 0 overflowed and the test fails
@@ -701,6 +723,7 @@ fn more_connections_in_their_handshake_than_the_handshake_capacity() -> Result<(
         connecting.opened
     );
     let while_held = sandbox.status()?.records;
+    let status_bpf_calls = bpf_calls_of_status(&sandbox)?;
     let full_memlock = memlock(&handshakes)?;
     pod.netns.run("iptables", &syn_ack_hold("-D"))?;
     std::fs::write(&go_file, "")?;
@@ -730,7 +753,7 @@ fn more_connections_in_their_handshake_than_the_handshake_capacity() -> Result<(
     .with_context(|| format!("holder {report:?}"))?;
     let after = sandbox.status()?.records;
     eprintln!(
-        "overflow test: {IN_HANDSHAKE} connects started in {} ms; handshake map while held          {while_held:?}, memlock {empty_memlock} B empty, {full_memlock} B with {} entries          ({} B each); after {after:?}; {} forwarded, {misses} original-destination misses;          holder {report:?}; counters {:?}; {:?} in all",
+        "overflow test: {IN_HANDSHAKE} connects started in {} ms; handshake map while held (read by `status` in {status_bpf_calls} bpf() calls)          {while_held:?}, memlock {empty_memlock} B empty, {full_memlock} B with {} entries          ({} B each); after {after:?}; {} forwarded, {misses} original-destination misses;          holder {report:?}; counters {:?}; {:?} in all",
         connecting.connect_ms,
         while_held.in_flight,
         (full_memlock - empty_memlock) / while_held.in_flight.max(1),
@@ -741,6 +764,13 @@ fn more_connections_in_their_handshake_than_the_handshake_capacity() -> Result<(
     ensure!(
         while_held.capacity == SMALL_CAPACITY && while_held.in_flight == SMALL_CAPACITY,
         "the handshake map was not full while the SYN-ACKs were held back: {while_held:?}"
+    );
+    ensure!(
+        status_bpf_calls < STATUS_BPF_CALLS_BOUND,
+        "`redirector status` made {status_bpf_calls} bpf() calls with {} handshakes in flight \
+         (at most {STATUS_BPF_CALLS_BOUND} expected): it walked the handshake map instead of \
+         reading the programs' tally",
+        while_held.in_flight
     );
     ensure!(
         report.wrong_peer == 0,

@@ -30,6 +30,8 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     // also start a system-wide service), its `dig`; glibc's `getent` comes with libc-bin.
     ("dnsmasq-base", "tests"),
     ("bind9-dnsutils", "tests"),
+    // The record suite counts the bpf() calls of a `redirector status`.
+    ("strace", "tests"),
     // The reference bridge, host-local and loopback CNI plugins, in /usr/lib/cni.
     ("containernetworking-plugins", "tests"),
     // Private containerds (their CRI plugin) with runc: the containerd suite runs pods in them,

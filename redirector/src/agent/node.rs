@@ -5,6 +5,10 @@ use std::{
     fs, io,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
+    sync::{
+        atomic::{AtomicI64, Ordering},
+        Arc,
+    },
 };
 
 use nix::sys::statfs::{statfs, NSFS_MAGIC};
@@ -70,6 +74,10 @@ pub struct Node {
     pub pending: Option<PendingDeletes>,
     /// How the maps are made when this node installs redirector.
     pub load: LoadOptions,
+    /// What the handshake map's tally misses, as the agent's last walk of the map found
+    /// (see [`crate::maps::records::Expired`]); 0 for a node that never walked it (the CLI
+    /// without an agent).
+    pub handshake_baseline: Arc<AtomicI64>,
 }
 
 impl Node {
@@ -80,6 +88,7 @@ impl Node {
             pod_cgroups: PodCgroups::default(),
             pending: None,
             load: LoadOptions::default(),
+            handshake_baseline: Arc::default(),
         }
     }
 
@@ -249,7 +258,7 @@ impl Node {
             });
         };
         let records = match query.after {
-            None => redirector.records()?,
+            None => redirector.records(self.handshake_baseline.load(Ordering::Relaxed))?,
             Some(_) => RecordCounts::default(),
         };
         let programs_build = Some(redirector.programs_build()?);

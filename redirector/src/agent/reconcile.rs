@@ -78,7 +78,9 @@ impl Node {
             return Ok((0, RecordCounts::default()));
         };
         let expired = redirector.expire_handshakes(HANDSHAKE_EXPIRY)?;
-        Ok((expired, redirector.records()?))
+        self.handshake_baseline
+            .store(expired.baseline, std::sync::atomic::Ordering::Relaxed);
+        Ok((expired.removed, redirector.records(expired.baseline)?))
     }
 
     /// Looks at every enrolled pod, pin and state file, and decides (with `suspects`, the

@@ -640,7 +640,7 @@ impl Agent {
     /// take no lock, so a slow one never delays an enroll.
     fn carry_out(self: &Arc<Self>, request: &Request) -> Result<Reply, NodeError> {
         let _running = self.in_flight.track(request.name());
-        let one_at_a_time = match request {
+        let _one_at_a_time = match request {
             Request::Status(_) | Request::Pod(_) => None,
             _ => Some(lock(&self.operations)),
         };
@@ -654,7 +654,10 @@ impl Agent {
         if let (Some((cgroup_id, watch)), Ok(Reply::Enrolled(_))) = (watch, &result) {
             lock(&self.watches).insert(cgroup_id, watch);
         }
-        if one_at_a_time.is_some() {
+        // Only these take pods away (an enroll's pending deletes are left to the next of them
+        // or to reconcile): the check looks at every watched pod's state file, which would make
+        // each enroll slower the more pods the node has.
+        if matches!(request, Request::Unenroll(_) | Request::Gc(_)) {
             self.forget_departed();
         }
         match request {

@@ -1,15 +1,17 @@
 //! The connection records: `SOCKET_RECORDS` (socket storage, freed with each socket: nothing to
 //! manage) and `HANDSHAKES` (captured connections between the client's connect callback and the
-//! creation of the proxy's socket; LRU and bounded).
-use aya::maps::{HashMap, Map, MapData};
-use redirector_common::{map_names, Handshake, HandshakeKey};
+//! creation of the proxy's socket; bounded), with `HANDSHAKE_TALLY`, the programs' count of the
+//! entries they made and removed.
+use aya::maps::{HashMap, Map, MapData, PerCpuArray};
+use redirector_common::{map_names, Handshake, HandshakeKey, HandshakeTally};
 use serde::{Deserialize, Serialize};
 
-use super::{access_error, ignore_missing, MapAccessError};
+use super::{access_error, ignore_missing, open_map, MapAccessError};
 use crate::{loader::LoadError, pins::PinRoot};
 
 pub struct Records {
     handshakes: HashMap<MapData, HandshakeKey, Handshake>,
+    tally: PerCpuArray<MapData, HandshakeTally>,
     capacity: u32,
 }
 
@@ -34,6 +36,18 @@ impl RecordCounts {
     }
 }
 
+/// What [`Records::expire`] did, and what it found.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Expired {
+    /// Entries removed.
+    pub removed: usize,
+    /// What the tally misses of the map's true occupancy, as the walk found it: entries the
+    /// programs' tally never saw (made by programs that kept none, before an upgrade in place)
+    /// or saw twice (an entry replaced under the same key), and those the walk removed.
+    /// [`Records::counts`] adds it.
+    pub baseline: i64,
+}
+
 impl Records {
     pub fn open(root: &PinRoot) -> Result<Self, LoadError> {
         let name = map_names::HANDSHAKES;
@@ -46,22 +60,33 @@ impl Records {
             open().map_err(|source| LoadError::OpenMap { name, source })?;
         Ok(Self {
             handshakes,
+            tally: open_map(root, map_names::HANDSHAKE_TALLY)?,
             capacity,
         })
     }
 
-    /// Counts the handshakes in flight: a walk of the map, which holds next to nothing when
-    /// connections complete (entries leave as the proxy side takes them over). `overflowed`
-    /// comes from the pods' counters.
-    pub fn counts(&self, overflowed: u64) -> Result<RecordCounts, MapAccessError> {
+    /// Entries the programs made less those they removed, over every CPU.
+    fn tallied(&self) -> Result<i64, MapAccessError> {
+        let per_cpu = self
+            .tally
+            .get(&0, 0)
+            .map_err(access_error(map_names::HANDSHAKE_TALLY))?;
+        Ok(per_cpu.iter().fold(0_i64, |sum, cpu| {
+            sum.wrapping_add(cpu.published.wrapping_sub(cpu.settled) as i64)
+        }))
+    }
+
+    /// The handshakes in flight, from the programs' tally and the `baseline` of the last
+    /// [`Records::expire`] (0 without one): no walk of the map, however full it is, so that a
+    /// status or a scrape costs the same at any load. `overflowed` comes from the pods'
+    /// counters.
+    pub fn counts(&self, overflowed: u64, baseline: i64) -> Result<RecordCounts, MapAccessError> {
         let in_flight = self
-            .handshakes
-            .keys()
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(access_error(map_names::HANDSHAKES))?
-            .len();
+            .tallied()?
+            .saturating_add(baseline)
+            .clamp(0, i64::from(self.capacity));
         Ok(RecordCounts {
-            in_flight,
+            in_flight: in_flight as usize,
             capacity: self.capacity,
             overflowed,
         })
@@ -69,20 +94,29 @@ impl Records {
 
     /// Removes the handshakes published before `published_before_ns` (CLOCK_MONOTONIC): no
     /// proxy side took them over long after any handshake could have completed (a client
-    /// gives up after its SYN retries, about two minutes by default). Returns how many went.
-    pub fn expire(&mut self, published_before_ns: u64) -> Result<usize, MapAccessError> {
-        let stale: Vec<HandshakeKey> = self
-            .handshakes
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(_, handshake)| handshake.created_ns < published_before_ns)
-            .map(|(key, _)| key)
-            .collect();
+    /// gives up after its SYN retries, about two minutes by default). The walk also counts what
+    /// stays, which sets the tally's baseline (exact up to the handshakes that began or ended
+    /// during the walk; the next walk corrects that).
+    pub fn expire(&mut self, published_before_ns: u64) -> Result<Expired, MapAccessError> {
+        let mut stale = Vec::new();
+        let mut walked = 0_i64;
+        for entry in self.handshakes.iter() {
+            // aya's walk skips entries removed between a key and its lookup.
+            let (key, handshake) = entry.map_err(access_error(map_names::HANDSHAKES))?;
+            walked += 1;
+            if handshake.created_ns < published_before_ns {
+                stale.push(key);
+            }
+        }
         for key in &stale {
             ignore_missing(self.handshakes.remove(key))
                 .map_err(access_error(map_names::HANDSHAKES))?;
         }
-        Ok(stale.len())
+        let remaining = walked - stale.len() as i64;
+        Ok(Expired {
+            removed: stale.len(),
+            baseline: remaining - self.tallied()?,
+        })
     }
 }
 

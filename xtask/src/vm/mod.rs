@@ -46,6 +46,8 @@ const TOOLS: &[&str] = &[
     "dnsmasq",
     "dig",
     "getent",
+    // The record suite counts a command's bpf() calls.
+    "strace",
     "modprobe",
     "lsmod",
 ];
