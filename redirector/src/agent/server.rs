@@ -640,13 +640,15 @@ impl Agent {
     /// take no lock, so a slow one never delays an enroll.
     fn carry_out(self: &Arc<Self>, request: &Request) -> Result<Reply, NodeError> {
         let _running = self.in_flight.track(request.name());
-        let _one_at_a_time = match request {
-            Request::Status(_) | Request::Pod(_) => None,
-            _ => Some(lock(&self.operations)),
-        };
+        // Started before the lock is taken (entering the pod's netns, two threads): enrolls that
+        // arrive together wait for each other only for the maps and links.
         let watch = match request {
             Request::Enroll(enroll) if !enroll.dry_run => self.watch_before_enroll(enroll),
             _ => None,
+        };
+        let _one_at_a_time = match request {
+            Request::Status(_) | Request::Pod(_) => None,
+            _ => Some(lock(&self.operations)),
         };
         let started = Instant::now();
         let result = self.node.handle(request, &self.config.node.default_policy);
