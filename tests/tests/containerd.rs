@@ -581,11 +581,13 @@ fn daemonset_agent_pod_captures_injected_pods() -> Result<()> {
 }
 
 /// Case 5's restarts, the agent's as a rollout (its pod stopped, containerd restarted, a new
-/// pod from the image), then case 2 and the node's teardown, against the DaemonSet's pod.
+/// pod from the image, whose install-cni runs again on the chained conflist), then case 2 and
+/// the node's teardown, against the DaemonSet's pod.
 #[test]
 fn daemonset_agent_pod_rollout_keeps_pods_captured_and_stops_leaving_nothing() -> Result<()> {
     let mut node = Node::start("containerd-dsrollout", AgentRun::DaemonSetPod)?;
     restart_case(&mut node)?;
+    assert_installed(&node)?;
     plain_pod_case(&node)?;
     tear_down_leaves_nothing(node)
 }
