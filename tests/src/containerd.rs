@@ -285,25 +285,6 @@ impl Containerd {
         cri.call(async |client| client.remove_pod_sandbox(id).await)?;
         Ok(())
     }
-
-    /// Unmounts, deepest first, whatever containerd left mounted below its directory (container
-    /// rootfs overlays, shm mounts).
-    fn unmount_leftovers(&self) -> Result<()> {
-        let dir = self.dir();
-        let mountinfo = std::fs::read_to_string("/proc/self/mountinfo")?;
-        let mut mounts: Vec<PathBuf> = mountinfo
-            .lines()
-            .filter_map(|line| line.split(' ').nth(4))
-            .map(PathBuf::from)
-            .filter(|mount| mount.starts_with(dir))
-            .collect();
-        mounts.sort_by_key(|mount| std::cmp::Reverse(mount.components().count()));
-        for mount in mounts {
-            umount2(&mount, MntFlags::MNT_DETACH)
-                .with_context(|| format!("unmounting {}", mount.display()))?;
-        }
-        Ok(())
-    }
 }
 
 impl Drop for Containerd {
@@ -319,11 +300,33 @@ impl Drop for Containerd {
         }
         // Kills the shims (and any container process a failed removal left).
         self.cgroup = None;
-        if let Err(error) = self.unmount_leftovers() {
+        // Container rootfs overlays, shm mounts.
+        if let Err(error) = unmount_below(self.dir()) {
             eprintln!("cleanup: containerd's mounts: {error:#}");
         }
         self.dir = None;
     }
+}
+
+/// Mount points below `dir`.
+pub fn mounts_below(dir: &Path) -> Result<Vec<PathBuf>> {
+    Ok(std::fs::read_to_string("/proc/self/mountinfo")?
+        .lines()
+        .filter_map(|line| line.split(' ').nth(4))
+        .map(PathBuf::from)
+        .filter(|mount| mount.starts_with(dir))
+        .collect())
+}
+
+/// Unmounts, deepest first, whatever a runtime left mounted below `dir`.
+pub fn unmount_below(dir: &Path) -> Result<()> {
+    let mut mounts = mounts_below(dir)?;
+    mounts.sort_by_key(|mount| std::cmp::Reverse(mount.components().count()));
+    for mount in mounts {
+        umount2(&mount, MntFlags::MNT_DETACH)
+            .with_context(|| format!("unmounting {}", mount.display()))?;
+    }
+    Ok(())
 }
 
 /// containerd's configuration: everything it writes goes below `dir`; its CRI plugin runs pods

@@ -1,7 +1,8 @@
-//! deploy/daemonset.yaml as kubelet hands it to the runtime: the agent container's command,
-//! environment, security context and host mounts, read from the manifest itself and translated
-//! into CRI as kubelet translates a pod spec, so that a test running the agent this way breaks
-//! when the DaemonSet changes. [`AgentPod`] runs it in a test's private containerd.
+//! deploy/daemonset.yaml as kubelet hands it to the runtime: the init and agent containers'
+//! commands, environment, security contexts and host mounts, read from the manifest itself and
+//! translated into CRI as kubelet translates a pod spec, so that a test running the DaemonSet's
+//! pod this way breaks when the DaemonSet changes. [`AgentPod`] runs it in a test's private
+//! containerd.
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -27,6 +28,8 @@ pub const AGENT_CONFIG: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../deploy/a
 const READY_TIMEOUT: Duration = Duration::from_secs(90);
 /// The DaemonSet's terminationGracePeriodSeconds is 30: kubelet's SIGTERM then SIGKILL.
 const GRACE: Duration = Duration::from_secs(30);
+/// install-cni copies a binary and rewrites a file; kubelet would wait for ever.
+const INIT_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// One document of the manifest; only the DaemonSet's spec is read.
 #[derive(Debug, Deserialize)]
@@ -51,6 +54,9 @@ struct PodTemplate {
 pub struct PodTemplateSpec {
     #[serde(default)]
     pub host_network: bool,
+    /// Run in order before the containers, each to a zero exit (install-cni).
+    #[serde(default)]
+    pub init_containers: Vec<Container>,
     pub containers: Vec<Container>,
     #[serde(default)]
     pub volumes: Vec<Volume>,
@@ -224,6 +230,39 @@ impl PodTemplateSpec {
                 })
             })
             .collect()
+    }
+
+    /// kubelet's CRI config for `container` of this pod on the test's node (`dirs`, the node's
+    /// address `host_ip`), its command followed by `node_flags`.
+    fn container_config(
+        &self,
+        container: &Container,
+        host_ip: &str,
+        dirs: &NodeDirs,
+        node_flags: &[String],
+    ) -> Result<api::ContainerConfig> {
+        let envs = container.envs(host_ip)?;
+        let mut command = container.expanded_command(&envs);
+        command.extend_from_slice(node_flags);
+        Ok(api::ContainerConfig {
+            metadata: Some(api::ContainerMetadata {
+                name: container.name.clone(),
+                attempt: 0,
+            }),
+            image: Some(api::ImageSpec {
+                image: container.image.clone(),
+                ..Default::default()
+            }),
+            command,
+            envs,
+            mounts: self.mounts(container, |volume| dirs.source(volume))?,
+            log_path: format!("{}.log", container.name),
+            linux: Some(api::LinuxContainerConfig {
+                security_context: Some(container.security_context(self.namespaces())?),
+                ..Default::default()
+            }),
+            ..Default::default()
+        })
     }
 }
 
@@ -434,22 +473,22 @@ impl Drop for SharedBind {
     }
 }
 
-/// The node's directories a test gives the DaemonSet's agent, as the volumes name them on a
-/// node.
-pub struct NodeDirs<'a> {
+/// The node's directories a test gives the DaemonSet's pod, as the volumes name them on a node.
+#[derive(Debug, Clone)]
+pub struct NodeDirs {
     /// /sys/fs/bpf: a [`SharedBind`] of the host's bpffs.
-    pub bpffs: &'a Path,
+    pub bpffs: PathBuf,
     /// /run/redirector: the agent's socket and state.
-    pub run: &'a Path,
+    pub run: PathBuf,
     /// /run/containerd: the directory of the private containerd's socket.
-    pub runtime: &'a Path,
-    pub cni_conf_dir: &'a Path,
-    pub cni_bin_dir: &'a Path,
+    pub runtime: PathBuf,
+    pub cni_conf_dir: PathBuf,
+    pub cni_bin_dir: PathBuf,
     /// The `redirector` ConfigMap: a directory with deploy/agent.toml.
-    pub config: &'a Path,
+    pub config: PathBuf,
 }
 
-impl NodeDirs<'_> {
+impl NodeDirs {
     /// The test's directory for `volume`; the node's own for the cgroup hierarchy and the netns
     /// directories (containerd 1.6 puts its netns files in /var/run/netns, the test's are in
     /// /run/netns).
@@ -461,28 +500,27 @@ impl NodeDirs<'_> {
                 config_map.name
             );
             return Ok(VolumeSource {
-                host_path: self.config.to_owned(),
+                host_path: self.config.clone(),
                 same_path_inside: false,
             });
         }
         let host = volume.host_path.as_ref().with_context(|| {
             format!("volume {:?} is neither hostPath nor ConfigMap", volume.name)
         })?;
-        let node_path;
         let (host_path, same_path_inside) = match host.path.to_str() {
-            Some(BPFFS_MOUNT) => (self.bpffs, false),
+            Some(BPFFS_MOUNT) => (self.bpffs.clone(), false),
             Some("/sys/fs/cgroup" | "/run/netns" | "/var/run/netns") => {
                 // Resolved (/var/run is a link to /run): containerd 1.6 checks the propagation
                 // of the mount the path it is given is on, without following the link, and
                 // finds the root mount, which is private where no systemd made it shared.
-                node_path = std::fs::canonicalize(&host.path)
+                let node_path = std::fs::canonicalize(&host.path)
                     .with_context(|| format!("resolving {}", host.path.display()))?;
-                (node_path.as_path(), false)
+                (node_path, false)
             }
-            Some("/run/redirector") => (self.run, true),
-            Some("/run/containerd") => (self.runtime, true),
-            Some("/etc/cni/net.d") => (self.cni_conf_dir, false),
-            Some("/opt/cni/bin") => (self.cni_bin_dir, false),
+            Some("/run/redirector") => (self.run.clone(), true),
+            Some("/run/containerd") => (self.runtime.clone(), true),
+            Some("/etc/cni/net.d") => (self.cni_conf_dir.clone(), false),
+            Some("/opt/cni/bin") => (self.cni_bin_dir.clone(), false),
             _ => bail!(
                 "{MANIFEST} mounts host path {} (volume {:?}), which this test has no private \
                  equivalent for",
@@ -491,106 +529,121 @@ impl NodeDirs<'_> {
             ),
         };
         Ok(VolumeSource {
-            host_path: host_path.to_owned(),
+            host_path,
             same_path_inside,
         })
     }
 }
 
-/// The DaemonSet's agent container, run by a test's containerd in a pod sandbox as kubelet runs
-/// it, with the test's node directories for its volumes. The pod is stopped and removed by
-/// containerd's drop (after the test's other pods) or by [`AgentPod::stop`]; its cgroup goes
-/// with this value.
+/// The DaemonSet's pod, run by a test's containerd in a pod sandbox as kubelet runs it, with the
+/// test's node directories for its volumes: its init containers (install-cni) each to a zero
+/// exit, then the agent container. The pod is stopped and removed by containerd's drop (after
+/// the test's other pods) or by [`AgentPod::stop`]; its cgroup goes with this value.
 pub struct AgentPod {
     pub setup: AgentSetup,
     pub sandbox_id: String,
     pub container_id: String,
     /// The node's netns, where its metrics port is.
     node: PathBuf,
-    log: PathBuf,
+    dirs: NodeDirs,
+    /// The pod's log directory, with a `NAME.log` per container.
+    log_directory: PathBuf,
     _cgroup: Cgroup,
 }
 
 impl AgentPod {
-    /// Runs the agent pod and waits until /readyz says ready. `setup` names the test's pin
-    /// root, pod cgroups, socket and state directory, which the container sees under the same
-    /// paths; they, the cgroup layout and the runtime's socket are appended to the DaemonSet's
-    /// command as flags, where a node's agent.toml would carry them.
+    /// Runs the DaemonSet's pod and waits until the agent's /readyz says ready. `setup` names
+    /// the test's pin root, pod cgroups, socket and state directory, which the containers see
+    /// under the same paths; they and the cgroup layout are appended to each container's
+    /// command as flags (and the runtime's socket to the agent's), where a node's agent.toml
+    /// would carry them.
     pub fn start(
         containerd: &Containerd,
         cgroup_root: &Cgroup,
         node: &Netns,
-        dirs: &NodeDirs,
+        dirs: NodeDirs,
+        spec: PodSpec,
+        setup: AgentSetup,
+    ) -> Result<AgentPod> {
+        Self::launch(containerd, cgroup_root, node.path(), dirs, spec, setup)
+    }
+
+    fn launch(
+        containerd: &Containerd,
+        cgroup_root: &Cgroup,
+        node: PathBuf,
+        dirs: NodeDirs,
         spec: PodSpec,
         setup: AgentSetup,
     ) -> Result<AgentPod> {
         let template = pod_template()?;
-        let agent = template.container("agent")?;
         let host_ip = setup.metrics_addr.ip().to_string();
-        let envs = agent.envs(&host_ip)?;
-        let mut command = agent.expanded_command(&envs);
-        let cgroup_root_path = setup.pod_cgroup_root.display().to_string();
-        command.extend(
-            setup
-                .node_args()
-                .into_iter()
-                .map(|arg| arg.to_string_lossy().into_owned()),
-        );
-        command.extend([
+        let mut node_flags: Vec<String> = setup
+            .node_args()
+            .into_iter()
+            .map(|arg| arg.to_string_lossy().into_owned())
+            .collect();
+        node_flags.extend([
             "--cgroup-root".to_owned(),
-            cgroup_root_path,
+            setup.pod_cgroup_root.display().to_string(),
             "--cgroup-driver".to_owned(),
             "cgroupfs".to_owned(),
+        ]);
+        let init_configs = template
+            .init_containers
+            .iter()
+            .map(|init| template.container_config(init, &host_ip, &dirs, &node_flags))
+            .collect::<Result<Vec<_>>>()?;
+        let mut agent_config = template.container_config(
+            template.container("agent")?,
+            &host_ip,
+            &dirs,
+            &node_flags,
+        )?;
+        agent_config.command.extend([
             "--runtime-endpoint".to_owned(),
             format!("unix://{}", containerd.socket().display()),
         ]);
-        let metrics: SocketAddr = command
+        let metrics: SocketAddr = agent_config
+            .command
             .iter()
             .skip_while(|arg| *arg != "--metrics-addr")
             .nth(1)
             .and_then(|addr| addr.parse().ok())
-            .with_context(|| format!("no --metrics-addr in the agent's command {command:?}"))?;
+            .with_context(|| {
+                format!(
+                    "no --metrics-addr in the agent's command {:?}",
+                    agent_config.command
+                )
+            })?;
         ensure!(
             metrics == setup.metrics_addr,
             "the agent listens on {metrics}, the test expects {}",
             setup.metrics_addr
         );
-        let namespaces = template.namespaces();
-        let config = api::ContainerConfig {
-            metadata: Some(api::ContainerMetadata {
-                name: agent.name.clone(),
-                attempt: 0,
-            }),
-            image: Some(api::ImageSpec {
-                image: agent.image.clone(),
-                ..Default::default()
-            }),
-            command,
-            envs,
-            mounts: template.mounts(agent, |volume| dirs.source(volume))?,
-            log_path: format!("{}.log", agent.name),
-            linux: Some(api::LinuxContainerConfig {
-                security_context: Some(agent.security_context(namespaces.clone())?),
-                ..Default::default()
-            }),
-            ..Default::default()
-        };
-        let log = spec.log_directory.join(format!("{}.log", agent.name));
-        let sandbox = PodSandbox::run(containerd, cgroup_root, spec, namespaces)?;
-        let created = sandbox.start_container(containerd, config);
+        let log_directory = spec.log_directory.clone();
+        let sandbox = PodSandbox::run(containerd, cgroup_root, spec, template.namespaces())?;
+        let started = run_containers(
+            containerd,
+            &sandbox,
+            &log_directory,
+            init_configs,
+            agent_config,
+        );
         let mut pod = AgentPod {
             setup,
             sandbox_id: sandbox.id.clone(),
             container_id: String::new(),
-            node: node.path(),
-            log,
+            node,
+            dirs,
+            log_directory,
             _cgroup: sandbox.cgroup,
         };
-        let started = created.and_then(|id| {
+        let ready = started.and_then(|id| {
             pod.container_id = id;
             pod.wait_ready(containerd)
         });
-        if let Err(error) = started {
+        if let Err(error) = ready {
             // Before its cgroup goes, with this value.
             if let Err(cleanup) = containerd.remove_pod(&pod.sandbox_id) {
                 eprintln!("cleanup: removing the agent pod: {cleanup:#}");
@@ -603,7 +656,7 @@ impl AgentPod {
     /// Waits until /readyz says ready, failing at once if the container exits.
     fn wait_ready(&self, containerd: &Containerd) -> Result<()> {
         wait_for("the agent pod to be ready", READY_TIMEOUT, || {
-            if let Some(exit_code) = self.exit_code(containerd)? {
+            if let Some(exit_code) = exit_code(containerd, &self.container_id)? {
                 bail!("the agent container exited {exit_code}");
             }
             Ok(matches!(
@@ -627,27 +680,9 @@ impl AgentPod {
         Ok(())
     }
 
-    /// The container's exit code once it has exited.
-    fn exit_code(&self, containerd: &Containerd) -> Result<Option<i32>> {
-        let id = &self.container_id;
-        let answer = containerd
-            .cri()
-            .call(async |client| client.container_status(id).await)?;
-        let status = answer.status.context("no container status")?;
-        Ok(
-            (status.state == api::ContainerState::ContainerExited as i32)
-                .then_some(status.exit_code),
-        )
-    }
-
     /// The agent's log (stdout and stderr), last lines.
     pub fn log_tail(&self) -> String {
-        let mut lines = Vec::new();
-        for stream in ["stdout", "stderr"] {
-            lines.extend(container_log(&self.log, stream).unwrap_or_default());
-        }
-        let tail = lines.len().saturating_sub(30);
-        format!("agent container log:\n{}", lines[tail..].join("\n"))
+        log_tail(&self.log_directory, "agent")
     }
 
     /// Stops the agent as kubelet deletes the pod: SIGTERM with the grace period, which it must
@@ -657,7 +692,7 @@ impl AgentPod {
         containerd
             .cri()
             .call(async |client| client.stop_container(id, GRACE.as_secs() as i64).await)?;
-        let exit_code = self.exit_code(containerd)?;
+        let exit_code = exit_code(containerd, id)?;
         ensure!(
             exit_code == Some(0),
             "the agent exited {exit_code:?} on SIGTERM: {}",
@@ -665,4 +700,78 @@ impl AgentPod {
         );
         containerd.remove_pod(&self.sandbox_id)
     }
+
+    /// Replaces this pod as a DaemonSet rollout does: it is stopped ([`AgentPod::stop`]),
+    /// `while_down` runs, then pod `spec` runs from the image on the same node (init containers
+    /// included) with the same setup, ready.
+    pub fn roll(
+        &mut self,
+        containerd: &Containerd,
+        cgroup_root: &Cgroup,
+        spec: PodSpec,
+        while_down: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
+        self.stop(containerd)?;
+        while_down()?;
+        *self = Self::launch(
+            containerd,
+            cgroup_root,
+            self.node.clone(),
+            self.dirs.clone(),
+            spec,
+            self.setup.clone(),
+        )?;
+        Ok(())
+    }
+}
+
+/// The pod's init containers in order, each to a zero exit as kubelet requires before it goes
+/// on, then the agent container; the agent's ID.
+fn run_containers(
+    containerd: &Containerd,
+    sandbox: &PodSandbox,
+    log_directory: &Path,
+    init_configs: Vec<api::ContainerConfig>,
+    agent_config: api::ContainerConfig,
+) -> Result<String> {
+    for config in init_configs {
+        let name = config
+            .metadata
+            .as_ref()
+            .map(|metadata| metadata.name.clone())
+            .unwrap_or_default();
+        let id = sandbox.start_container(containerd, config)?;
+        let exited = wait_for(
+            &format!("init container {name} to exit"),
+            INIT_TIMEOUT,
+            || exit_code(containerd, &id),
+        )
+        .with_context(|| log_tail(log_directory, &name))?;
+        ensure!(
+            exited == 0,
+            "init container {name} exited {exited}: {}",
+            log_tail(log_directory, &name)
+        );
+    }
+    sandbox.start_container(containerd, agent_config)
+}
+
+/// Container `id`'s exit code once it has exited.
+fn exit_code(containerd: &Containerd, id: &str) -> Result<Option<i32>> {
+    let answer = containerd
+        .cri()
+        .call(async |client| client.container_status(id).await)?;
+    let status = answer.status.context("no container status")?;
+    Ok((status.state == api::ContainerState::ContainerExited as i32).then_some(status.exit_code))
+}
+
+/// The last lines (stdout and stderr) of container `name` of the pod logging to `log_directory`.
+pub fn log_tail(log_directory: &Path, name: &str) -> String {
+    let log = log_directory.join(format!("{name}.log"));
+    let mut lines = Vec::new();
+    for stream in ["stdout", "stderr"] {
+        lines.extend(container_log(&log, stream).unwrap_or_default());
+    }
+    let tail = lines.len().saturating_sub(30);
+    format!("{name} container log:\n{}", lines[tail..].join("\n"))
 }

@@ -25,6 +25,7 @@ pub mod netns;
 pub mod parity;
 pub mod plain_containerd;
 pub mod pod;
+pub mod podman;
 pub mod process;
 pub mod protocol;
 pub mod socklb;

@@ -11,21 +11,24 @@
 //!
 //! Each test starts its own containerd (own root, state, socket, CNI directories) in a "node"
 //! network namespace of its own, and stops it and removes everything it made, even on panic.
-//! The agent runs as a host process, or (the `daemonset_agent_pod_` tests) as deploy/
-//! daemonset.yaml's agent container from the release image (`REDIRECTOR_IMAGE`), in a pod of
-//! that containerd, with the manifest's security context and host mounts as kubelet passes
-//! them, the test's private directories standing for the node's.
+//! The agent runs as a host process after `redirector install-cni` on the host, or (the
+//! `daemonset_agent_pod_` tests) as deploy/daemonset.yaml's pod from the release image
+//! (`REDIRECTOR_IMAGE`) in that containerd: its install-cni init container, then its agent
+//! container, with the manifest's commands, security contexts and host mounts as kubelet passes
+//! them, the test's private directories standing for the node's. The same case functions run
+//! against both.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddr};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
 use redirector_tests::bpffs::BPFFS_MOUNT;
 use redirector_tests::containerd::{
-    container_config, e2e_image_archive, redirector_image_archive, start_agent, CgroupV1Mirror,
-    Containerd, ContainerdSettings, CriPod, PodSpec, E2E_IMAGE,
+    container_config, e2e_image_archive, mounts_below, redirector_image_archive, start_agent,
+    CgroupV1Mirror, Containerd, ContainerdSettings, CriPod, PodSpec, E2E_IMAGE,
 };
 use redirector_tests::daemonset::{AgentPod, NodeDirs, SharedBind, AGENT_CONFIG};
 use redirector_tests::inbound::{
@@ -75,20 +78,30 @@ impl NodeAgent {
         }
     }
 
-    /// The host process, for the tests that signal or restart it.
-    fn process(&mut self) -> Result<&mut Agent> {
+    /// Stops the agent, runs `while_down`, and starts it again: the host process with the same
+    /// flags, or a new pod from the image, as a DaemonSet rollout replaces the agent's pod.
+    fn restart(
+        &mut self,
+        containerd: &Containerd,
+        cgroup_root: &Cgroup,
+        scratch: &TempDir,
+        while_down: impl FnOnce() -> Result<()>,
+    ) -> Result<()> {
         match self {
-            NodeAgent::Process(agent) => Ok(agent),
-            NodeAgent::Pod(_) => anyhow::bail!("this test needs the agent as a host process"),
+            NodeAgent::Process(agent) => agent.restart(while_down),
+            NodeAgent::Pod(pod) => {
+                pod.roll(containerd, cgroup_root, agent_pod_spec(scratch), while_down)
+            }
         }
     }
 }
 
-/// A test's node: the agent (on the host or in a pod), redirector-cni chained into the pod
-/// network by `redirector install-cni`, a server in the node netns, and containerd. Fields
-/// drop in order: containerd first (it removes its pods, through CNI DEL, while the agent still
-/// runs; the agent's pod last), then the server, the agent (its pod's cgroup), the shared bind
-/// of bpffs, runc's cgroup v1 directories, the directories, the network and the sandbox.
+/// A test's node: the agent (on the host or in the DaemonSet's pod), redirector-cni chained
+/// into the pod network by `redirector install-cni` (on the host, or the pod's init container),
+/// a server in the node netns, and containerd. Fields drop in order: containerd first (it
+/// removes its pods, through CNI DEL, while the agent still runs; the agent's pod last), then
+/// the server, the agent (its pod's cgroup), the shared bind of bpffs, runc's cgroup v1
+/// directories, the directories, the network and the sandbox.
 struct Node {
     containerd: Containerd,
     servers: Vec<(Child, Cgroup)>,
@@ -140,7 +153,9 @@ impl Node {
             scratch.path(),
             subnet,
         )?;
-        install_cni(&settings, &sandbox, &setup)?;
+        if run == AgentRun::HostProcess {
+            install_cni(&settings, &sandbox, &setup)?;
+        }
         let mut servers = Vec::new();
         for port in [SERVER_PORT, EXCLUDED_PORT] {
             servers.push(serve(&node, &sandbox, port)?);
@@ -157,22 +172,15 @@ impl Node {
                 std::fs::create_dir_all(&config)?;
                 std::fs::copy(AGENT_CONFIG, config.join("agent.toml"))?;
                 let dirs = NodeDirs {
-                    bpffs: bpffs.path(),
-                    run: &scratch.path().join("run"),
-                    runtime: &containerd.socket_dir(),
-                    cni_conf_dir: &settings.cni_conf_dir,
-                    cni_bin_dir: &settings.cni_bin_dir,
-                    config: &config,
+                    bpffs: bpffs.path().to_owned(),
+                    run: scratch.path().join("run"),
+                    runtime: containerd.socket_dir(),
+                    cni_conf_dir: settings.cni_conf_dir.clone(),
+                    cni_bin_dir: settings.cni_bin_dir.clone(),
+                    config,
                 };
-                let spec = PodSpec {
-                    name: "redirector-agent".into(),
-                    namespace: "redirector-system".into(),
-                    uid: pod_uid(),
-                    annotations: BTreeMap::new(),
-                    log_directory: scratch.path().join("logs").join("redirector-agent"),
-                };
-                let pod =
-                    AgentPod::start(&containerd, &sandbox.cgroups, &node, &dirs, spec, setup)?;
+                let spec = agent_pod_spec(&scratch);
+                let pod = AgentPod::start(&containerd, &sandbox.cgroups, &node, dirs, spec, setup)?;
                 (NodeAgent::Pod(pod), Some(bpffs))
             }
         };
@@ -238,6 +246,18 @@ static NEXT_POD: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::ne
 fn pod_uid() -> String {
     let n = NEXT_POD.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     format!("5e1f0c2a-7d3b-4e6f-{n:04x}-{:012x}", std::process::id())
+}
+
+/// A new pod of the DaemonSet on the node (a rollout's replacement gets a new UID and logs).
+fn agent_pod_spec(scratch: &TempDir) -> PodSpec {
+    let uid = pod_uid();
+    PodSpec {
+        name: "redirector-agent".into(),
+        namespace: "redirector-system".into(),
+        log_directory: scratch.path().join("logs").join(&uid),
+        uid,
+        annotations: BTreeMap::new(),
+    }
 }
 
 /// The node's pod network, as a cluster's installer leaves it before redirector: a bridge with
@@ -425,16 +445,6 @@ fn assert_direct(pod: &CriPod, report: &ConnectReport, server: SocketAddr) -> Re
     Ok(())
 }
 
-/// Mount points below `dir`.
-fn mounts_below(dir: &Path) -> Result<Vec<PathBuf>> {
-    Ok(std::fs::read_to_string("/proc/self/mountinfo")?
-        .lines()
-        .filter_map(|line| line.split(' ').nth(4))
-        .map(PathBuf::from)
-        .filter(|mount| mount.starts_with(dir))
-        .collect())
-}
-
 /// Processes whose command line mentions `text`.
 fn processes_mentioning(text: &str) -> Result<BTreeSet<i32>> {
     let mut found = BTreeSet::new();
@@ -468,13 +478,33 @@ fn private_containerd_answers_cri_and_leaves_nothing() -> Result<()> {
         version.runtime_name == "containerd" && version.runtime_api_version == "v1",
         "unexpected runtime: {version:?}"
     );
-    let plugins: Value = serde_json::from_str(&std::fs::read_to_string(&node.conflist)?)?;
-    ensure!(
-        plugins["plugins"][1]["type"] == "redirector-cni"
-            && plugins["plugins"][1]["capabilities"]["io.kubernetes.cri.pod-annotations"] == true,
-        "install-cni did not chain redirector-cni with the annotations capability: {plugins}"
-    );
+    assert_installed(&node)?;
     tear_down_leaves_nothing(node)
+}
+
+/// install-cni's work on the node: redirector-cni in the CNI bin dir (the agent's chain_cni
+/// only rewrites the conflist), and chained last in the conflist with the annotations
+/// capability, pointing at the node's agent socket and pod cgroups.
+fn assert_installed(node: &Node) -> Result<()> {
+    let binary = node.scratch.path().join("cni-bin").join("redirector-cni");
+    let mode = std::fs::metadata(&binary)
+        .with_context(|| format!("install-cni left no {}", binary.display()))?
+        .permissions()
+        .mode();
+    ensure!(mode & 0o111 != 0, "{} has mode {mode:o}", binary.display());
+    let conflist: Value = serde_json::from_str(&std::fs::read_to_string(&node.conflist)?)?;
+    let entry = &conflist["plugins"][1];
+    let setup = node.agent.setup();
+    ensure!(
+        entry["type"] == "redirector-cni"
+            && entry["capabilities"]["io.kubernetes.cri.pod-annotations"] == true
+            && entry["agentSocket"] == json!(setup.socket)
+            && entry["cgroupRoot"] == json!(setup.pod_cgroup_root)
+            && entry["cgroupDriver"] == "cgroupfs",
+        "install-cni did not chain redirector-cni with the annotations capability, the agent's \
+         socket and the pods' cgroups: {conflist}"
+    );
+    Ok(())
 }
 
 /// Stops the node as the tests' drop does, checking on the way that nothing is left: the agent
@@ -536,20 +566,28 @@ fn injected_pod_goes_through_its_proxy_and_removal_leaves_nothing() -> Result<()
     injected_pod_case(&Node::start("containerd-injected", AgentRun::HostProcess)?)
 }
 
-/// Cases 1 and 2, and the node's teardown, against the DaemonSet's agent container (from the
-/// release image, with deploy/daemonset.yaml's security context and host mounts) instead of a
-/// host process. Case 1 here, case 2 below.
+/// The cases against the DaemonSet's pod from the release image instead of the host's agent
+/// and install-cni: its install-cni init container chains redirector-cni, and its agent
+/// container (deploy/daemonset.yaml's security context and host mounts) captures pods. Here
+/// case 1 (outbound with removal, and inbound), 3 and 4, one after the other on one node.
 #[test]
-fn daemonset_agent_pod_sends_an_injected_pod_through_its_proxy() -> Result<()> {
-    injected_pod_case(&Node::start(
-        "containerd-dsinjected",
-        AgentRun::DaemonSetPod,
-    )?)
+fn daemonset_agent_pod_captures_injected_pods() -> Result<()> {
+    let node = Node::start("containerd-dsinjected", AgentRun::DaemonSetPod)?;
+    assert_installed(&node)?;
+    injected_pod_case(&node)?;
+    inbound_case(&node)?;
+    excluded_case(&node)?;
+    validation_case(&node)
 }
 
+/// Case 5's restarts, the agent's as a rollout (its pod stopped, containerd restarted, a new
+/// pod from the image, whose install-cni runs again on the chained conflist), then case 2 and
+/// the node's teardown, against the DaemonSet's pod.
 #[test]
-fn daemonset_agent_pod_leaves_a_plain_pod_alone_and_stops_leaving_nothing() -> Result<()> {
-    let node = Node::start("containerd-dsplain", AgentRun::DaemonSetPod)?;
+fn daemonset_agent_pod_rollout_keeps_pods_captured_and_stops_leaving_nothing() -> Result<()> {
+    let mut node = Node::start("containerd-dsrollout", AgentRun::DaemonSetPod)?;
+    restart_case(&mut node)?;
+    assert_installed(&node)?;
     plain_pod_case(&node)?;
     tear_down_leaves_nothing(node)
 }
@@ -635,7 +673,10 @@ fn plain_pod_case(node: &Node) -> Result<()> {
 /// those connections direct, and the rest still through the proxy.
 #[test]
 fn excluded_outbound_ports_and_ranges_go_direct() -> Result<()> {
-    let node = Node::start("containerd-excluded", AgentRun::HostProcess)?;
+    excluded_case(&Node::start("containerd-excluded", AgentRun::HostProcess)?)
+}
+
+fn excluded_case(node: &Node) -> Result<()> {
     // A second address of the node, in a range the pod excludes.
     let excluded_range = format!("10.203.{}.0/24", node.subnet);
     let excluded_addr = Ipv4Addr::new(10, 203, node.subnet, 1);
@@ -677,8 +718,11 @@ fn excluded_outbound_ports_and_ranges_go_direct() -> Result<()> {
 /// for as its original destination, and hands it to the app container from 127.0.0.6.
 #[test]
 fn inbound_connection_reaches_the_app_through_the_proxy() -> Result<()> {
+    inbound_case(&Node::start("containerd-inbound", AgentRun::HostProcess)?)
+}
+
+fn inbound_case(node: &Node) -> Result<()> {
     const MESSAGE: &str = "inbound from the node";
-    let node = Node::start("containerd-inbound", AgentRun::HostProcess)?;
     let pod = node.pod("inbound", istio_injected_annotations())?;
     let inbound = any_v4(INBOUND_PORT).to_string();
     start_listening(
@@ -725,7 +769,13 @@ fn inbound_connection_reaches_the_app_through_the_proxy() -> Result<()> {
 /// 127.0.0.1:15006 must accept it and read 127.0.0.6:15002 as the original destination.
 #[test]
 fn istio_validation_init_container_passes() -> Result<()> {
-    let node = Node::start("containerd-validation", AgentRun::HostProcess)?;
+    validation_case(&Node::start(
+        "containerd-validation",
+        AgentRun::HostProcess,
+    )?)
+}
+
+fn validation_case(node: &Node) -> Result<()> {
     let pod = node.pod("validated", istio_injected_annotations())?;
     let validation = pod.start_container(container_config(
         "istio-validation",
@@ -760,12 +810,19 @@ fn istio_validation_init_container_passes() -> Result<()> {
 }
 
 /// Case 5, second half: containerd and the agent are stopped and started again (containerd on
-/// the same root, state and socket) while an injected pod runs. The pod stays enrolled as it
+/// the same root, state and socket; the agent's pod, where it runs in one, replaced by a new
+/// one as a rollout does) while an injected pod runs. The pod stays enrolled as it
 /// was (no unenroll: the same programs' links, its counters kept) and its new connections
 /// still go through its proxy.
 #[test]
 fn restarting_containerd_and_the_agent_leaves_running_pods_captured() -> Result<()> {
-    let mut node = Node::start("containerd-restart", AgentRun::HostProcess)?;
+    restart_case(&mut Node::start(
+        "containerd-restart",
+        AgentRun::HostProcess,
+    )?)
+}
+
+fn restart_case(node: &mut Node) -> Result<()> {
     // Borrowing containerd alone, so that the agent can be restarted while the pod runs.
     let spec = node.pod_spec("restarted", istio_injected_annotations());
     let pod = CriPod::run(&node.containerd, &node.sandbox.cgroups, spec)?;
@@ -782,9 +839,12 @@ fn restarting_containerd_and_the_agent_leaves_running_pods_captured() -> Result<
     };
     let links_before = link_ids(pod.cgroup.path())?;
 
-    node.agent
-        .process()?
-        .restart(|| node.containerd.restart())?;
+    node.agent.restart(
+        &node.containerd,
+        &node.sandbox.cgroups,
+        &node.scratch,
+        || node.containerd.restart(),
+    )?;
     let report = connect_from(&pod, &app, server, "after the restarts")?;
     assert_through_proxy(&pod, &report, server)?;
 

@@ -1,13 +1,21 @@
-//! The image `cargo xtask image` writes, under a real runtime: a private containerd (Debian's, with
+//! The image `cargo xtask image` writes, under real runtimes: a private containerd (Debian's, with
 //! runc) imports the archive under the name the DaemonSet uses, and both binaries start in the
-//! image's otherwise empty root filesystem (no base image: they are statically linked).
+//! image's otherwise empty root filesystem (no base image: they are statically linked); Debian's
+//! podman, on a store of its own, loads it under that name and runs its entrypoint.
 //!
 //! `cargo xtask test` builds the image and names it in `REDIRECTOR_IMAGE`. Host only: the VM
-//! carries no containerd.
+//! carries no containerd or podman.
+
+use std::path::Path;
 
 use anyhow::{ensure, Context, Result};
 use redirector_tests::containerd::redirector_image_archive;
-use redirector_tests::{plain_containerd::Containerd, redirector};
+use redirector_tests::{
+    containerd::mounts_below,
+    plain_containerd::Containerd,
+    podman::{Podman, BLOB_INFO_CACHE},
+    redirector,
+};
 
 /// `redirector --version` of the `redirector` built with these tests (`redirector 0.1.0`) and
 /// the name the image of that version carries.
@@ -68,6 +76,48 @@ fn containerd_imports_the_image_and_runs_both_binaries_in_it() -> Result<()> {
     ensure!(
         !shell.success() && shell.stderr.contains("/bin/sh"),
         "/bin/sh in the image: {shell:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn podman_loads_the_image_and_runs_its_entrypoint() -> Result<()> {
+    let archive = redirector_image_archive()?;
+    let (version_line, name) = version_and_image_name()?;
+    let cache_before = Path::new(BLOB_INFO_CACHE).exists();
+    let podman = Podman::new()?;
+    let images = podman.load(&archive)?;
+    ensure!(
+        images == [name.as_str()],
+        "podman load of {} gave {images:?}, not {name}",
+        archive.display()
+    );
+    // The entrypoint is `redirector`: the arguments go to it.
+    let version = podman.run(&name, &["--version"])?.ensure_success()?;
+    ensure!(
+        version.stdout.trim() == version_line,
+        "`redirector --version` in the image under podman printed {:?}, the host's build \
+         {version_line:?}",
+        version.stdout
+    );
+
+    let (store, cgroup) = (podman.path(), podman.cgroup());
+    drop(podman);
+    ensure!(
+        !store.exists(),
+        "podman's store {} is left",
+        store.display()
+    );
+    ensure!(
+        !cgroup.exists(),
+        "the containers' cgroup {} is left",
+        cgroup.display()
+    );
+    let mounts = mounts_below(&store)?;
+    ensure!(mounts.is_empty(), "mounts left: {mounts:?}");
+    ensure!(
+        cache_before || !Path::new(BLOB_INFO_CACHE).exists(),
+        "podman's blob info cache {BLOB_INFO_CACHE} is left"
     );
     Ok(())
 }

@@ -39,6 +39,8 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     // never used.
     ("containerd", "tests"),
     ("runc", "tests"),
+    // The image suite loads and runs the archive in a store of its own, too.
+    ("podman", "tests"),
     // The VM runs (xtask/src/vm): depmod on the host and modprobe in the guest, the guest's
     // shell and utilities, packing the initramfs, stripping debug info from what it carries.
     ("kmod", "VM tests"),

@@ -26,7 +26,7 @@ pub const NOT_IN_VM: &[(&str, &str)] = &[
     ),
     (
         "image",
-        "starts a private containerd and runc, which the VM does not carry",
+        "starts a private containerd and runc, and podman, which the VM does not carry",
     ),
 ];
 
