@@ -1,5 +1,7 @@
-//! Unique names for the objects a test creates, and a temporary directory guard.
+//! Unique names for the objects a test creates, a temporary directory guard, and a guard for the
+//! folders a runtime makes outside it.
 
+use std::io::ErrorKind;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -96,6 +98,61 @@ impl Drop for TempDir {
                 "cleanup: removing temp dir {}: {error}",
                 self.path.display()
             );
+        }
+    }
+}
+
+/// Folders a runtime makes outside its own directories whatever its flags (e.g. the socket folder
+/// of containerd's shims): those that did not exist when the guard was made are removed when it
+/// is dropped.
+#[derive(Debug)]
+pub struct DirsMadeOutside {
+    made: Vec<OutsideDir>,
+}
+
+/// A folder [`DirsMadeOutside`] watches, and what the runtime leaves in it.
+#[derive(Debug, Clone, Copy)]
+pub struct OutsideDir {
+    pub path: &'static str,
+    /// Removed with what is in it (a cache the runtime made); otherwise only once empty, since a
+    /// runtime of the machine may have started meanwhile and put its own things there.
+    pub with_content: bool,
+}
+
+impl DirsMadeOutside {
+    /// Those of `dirs` (children before their parents) that do not exist now.
+    pub fn absent(dirs: &[OutsideDir]) -> DirsMadeOutside {
+        DirsMadeOutside {
+            made: dirs
+                .iter()
+                .copied()
+                .filter(|dir| !Path::new(dir.path).exists())
+                .collect(),
+        }
+    }
+
+    /// The folders it removes when dropped.
+    pub fn paths(&self) -> Vec<&'static str> {
+        self.made.iter().map(|dir| dir.path).collect()
+    }
+}
+
+impl Drop for DirsMadeOutside {
+    fn drop(&mut self) {
+        for dir in &self.made {
+            let removed = if dir.with_content {
+                std::fs::remove_dir_all(dir.path)
+            } else {
+                std::fs::remove_dir(dir.path)
+            };
+            if let Err(error) = removed {
+                // Gone already, or still used by a runtime of the machine: nothing to remove.
+                let expected = error.kind() == ErrorKind::NotFound
+                    || (!dir.with_content && error.kind() == ErrorKind::DirectoryNotEmpty);
+                if !expected {
+                    eprintln!("cleanup: removing {}: {error}", dir.path);
+                }
+            }
         }
     }
 }

@@ -14,7 +14,7 @@ use nix::sys::signal::Signal;
 
 use crate::cgroup::Cgroup;
 use crate::containerd::CgroupV1Mirror;
-use crate::names::TempDir;
+use crate::names::{DirsMadeOutside, OutsideDir, TempDir};
 use crate::process::{run, wait_for, Child, Output};
 
 /// Starting containerd and importing or running a small image, on a loaded machine.
@@ -23,8 +23,18 @@ const CONTAINERD_TIMEOUT: Duration = Duration::from_secs(60);
 const NAMESPACE: &str = "redirector-test";
 
 /// Where containerd's shims put their sockets whatever the state dir (`/run/containerd/s`), and
-/// its parent: removed at the end when this containerd made them (and they are empty).
-const SHIM_SOCKET_DIRS: &[&str] = &["/run/containerd/s", "/run/containerd"];
+/// its parent: removed at the end when this containerd made them (and they are empty). A
+/// containerd that dockerd starts puts them there too.
+pub const SHIM_SOCKET_DIRS: &[OutsideDir] = &[
+    OutsideDir {
+        path: "/run/containerd/s",
+        with_content: false,
+    },
+    OutsideDir {
+        path: "/run/containerd",
+        with_content: false,
+    },
+];
 
 /// A running private containerd; dropping it stops containerd and removes its folders.
 pub struct Containerd {
@@ -37,7 +47,7 @@ pub struct Containerd {
     _cgroups_v1: CgroupV1Mirror,
     cgroups: Cgroup,
     /// Those of [`SHIM_SOCKET_DIRS`] that did not exist before.
-    made_shim_dirs: Vec<&'static str>,
+    _made_shim_dirs: DirsMadeOutside,
 }
 
 impl Containerd {
@@ -53,18 +63,14 @@ impl Containerd {
             .with_context(|| format!("writing {}", config.display()))?;
         let mut command = Command::new("containerd");
         command.arg("--config").arg(&config);
-        let made_shim_dirs = SHIM_SOCKET_DIRS
-            .iter()
-            .copied()
-            .filter(|dir| !Path::new(dir).exists())
-            .collect();
+        let made_shim_dirs = DirsMadeOutside::absent(SHIM_SOCKET_DIRS);
         let containerd = Containerd {
             process: Some(Child::spawn("containerd", command)?),
             socket,
             dir,
             _cgroups_v1: cgroups_v1,
             cgroups,
-            made_shim_dirs,
+            _made_shim_dirs: made_shim_dirs,
         };
         wait_for("containerd to answer", CONTAINERD_TIMEOUT, || {
             if let Some(process) = &containerd.process {
@@ -129,10 +135,6 @@ impl Drop for Containerd {
             if let Err(error) = stopped {
                 eprintln!("cleanup: stopping containerd: {error:#}");
             }
-        }
-        for dir in &self.made_shim_dirs {
-            // Only when empty: a containerd of the machine may have started meanwhile.
-            let _ = std::fs::remove_dir(dir);
         }
     }
 }

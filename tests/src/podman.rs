@@ -4,7 +4,7 @@
 //! podman or CRI-O the machine may have. The one thing podman 4.3 writes elsewhere whatever its
 //! flags, its blob info cache, is removed too when the store made it.
 
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsStr;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
@@ -12,8 +12,9 @@ use std::time::Duration;
 use anyhow::{ensure, Result};
 
 use crate::cgroup::Cgroup;
+use crate::container_cli::ContainerCli;
 use crate::containerd::{unmount_below, CgroupV1Mirror};
-use crate::names::TempDir;
+use crate::names::{DirsMadeOutside, OutsideDir, TempDir};
 use crate::process::{run, Output};
 
 pub const PODMAN: &str = "/usr/bin/podman";
@@ -22,8 +23,17 @@ const PODMAN_TIMEOUT: Duration = Duration::from_secs(60);
 /// Where podman 4.3 keeps root's blob info cache, not below `--root` (later versions put it
 /// there).
 pub const BLOB_INFO_CACHE: &str = "/var/lib/containers/cache";
-/// Its parent, removed (when empty) if the store made it.
-const BLOB_INFO_CACHE_PARENT: &str = "/var/lib/containers";
+/// The cache and its parent, removed (the parent when empty) if the store made them.
+const BLOB_INFO_CACHE_DIRS: &[OutsideDir] = &[
+    OutsideDir {
+        path: BLOB_INFO_CACHE,
+        with_content: true,
+    },
+    OutsideDir {
+        path: "/var/lib/containers",
+        with_content: false,
+    },
+];
 
 /// A private podman store; dropping it removes its containers, mounts, cgroups and folders.
 pub struct Podman {
@@ -32,7 +42,7 @@ pub struct Podman {
     cgroups: Cgroup,
     dir: TempDir,
     /// The blob info cache and its parent, where they did not exist before.
-    made_outside: Vec<&'static str>,
+    _made_outside: DirsMadeOutside,
 }
 
 impl Podman {
@@ -46,25 +56,12 @@ impl Podman {
             _cgroups_v1: CgroupV1Mirror::of(&cgroups)?,
             cgroups,
             dir: TempDir::create("podman")?,
-            made_outside: [BLOB_INFO_CACHE, BLOB_INFO_CACHE_PARENT]
-                .into_iter()
-                .filter(|dir| !Path::new(dir).exists())
-                .collect(),
+            _made_outside: DirsMadeOutside::absent(BLOB_INFO_CACHE_DIRS),
         })
     }
 
-    /// The folder of its store, gone once it is dropped.
-    pub fn path(&self) -> PathBuf {
-        self.dir.path().to_owned()
-    }
-
-    /// The cgroup2 directory its containers run below, gone once it is dropped.
-    pub fn cgroup(&self) -> PathBuf {
-        self.cgroups.path().to_owned()
-    }
-
     /// `podman` on the private store with `args`; a non-zero exit is returned, not an error.
-    pub fn podman<I, S>(&self, args: I) -> Result<Output>
+    fn podman<I, S>(&self, args: I) -> Result<Output>
     where
         I: IntoIterator<Item = S>,
         S: AsRef<OsStr>,
@@ -87,39 +84,19 @@ impl Podman {
             .args(args);
         run("podman", command, PODMAN_TIMEOUT)
     }
+}
 
-    /// `podman load` of an image archive; the names of the store's images afterwards.
-    pub fn load(&self, archive: &Path) -> Result<Vec<String>> {
-        self.podman([OsStr::new("load"), "--input".as_ref(), archive.as_os_str()])?
-            .ensure_success()?;
-        let listed = self
-            .podman(["images", "--format", "{{.Repository}}:{{.Tag}}"])?
-            .ensure_success()?;
-        Ok(listed.stdout.lines().map(str::to_owned).collect())
+impl ContainerCli for Podman {
+    fn cli(&self, args: &[&OsStr]) -> Result<Output> {
+        self.podman(args)
     }
 
-    /// `podman run --rm` of `image` with no network, `args` after the image's entrypoint, in a
-    /// cgroup below the test's; its output, whatever its exit status. podman's default limits
-    /// for root (1048576 open files, 4194304 processes) are above the hard limits a root without
-    /// CAP_SYS_RESOURCE (CI's) may set, and runc fails: small ones instead.
-    pub fn run(&self, image: &str, args: &[&str]) -> Result<Output> {
-        let parent = CgroupV1Mirror::cgroup_parent(self.cgroups.path())?;
-        let mut command: Vec<OsString> = [
-            "run",
-            "--rm",
-            "--network",
-            "none",
-            "--ulimit",
-            "nofile=1024:1024",
-            "--ulimit",
-            "nproc=1024:1024",
-            "--cgroup-parent",
-        ]
-        .map(OsString::from)
-        .to_vec();
-        command.extend([parent.into(), image.into()]);
-        command.extend(args.iter().map(OsString::from));
-        self.podman(command)
+    fn path(&self) -> PathBuf {
+        self.dir.path().to_owned()
+    }
+
+    fn cgroup(&self) -> PathBuf {
+        self.cgroups.path().to_owned()
     }
 }
 
@@ -135,17 +112,6 @@ impl Drop for Podman {
         }
         if let Err(error) = unmount_below(self.dir.path()) {
             eprintln!("cleanup: podman's mounts: {error:#}");
-        }
-        for dir in &self.made_outside {
-            let removed = if *dir == BLOB_INFO_CACHE {
-                std::fs::remove_dir_all(dir)
-            } else {
-                // Only when empty: a podman of the machine may have started meanwhile.
-                std::fs::remove_dir(dir)
-            };
-            if let Err(error) = removed {
-                eprintln!("cleanup: removing {dir}: {error}");
-            }
         }
     }
 }

@@ -1,17 +1,20 @@
 //! The image `cargo xtask image` writes, under real runtimes: a private containerd (Debian's, with
 //! runc) imports the archive under the name the DaemonSet uses, and both binaries start in the
 //! image's otherwise empty root filesystem (no base image: they are statically linked); Debian's
-//! podman, on a store of its own, loads it under that name and runs its entrypoint.
+//! podman, on a store of its own, and Debian's docker, a dockerd of the test's own, load it
+//! under that name and run its entrypoint.
 //!
 //! `cargo xtask test` builds the image and names it in `REDIRECTOR_IMAGE`. Host only: the VM
-//! carries no containerd or podman.
+//! carries no containerd, podman or docker.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{ensure, Context, Result};
-use redirector_tests::containerd::redirector_image_archive;
 use redirector_tests::{
-    containerd::mounts_below,
+    cgroup::{cgroup2_mount, cgroup_v1_mounts},
+    container_cli::ContainerCli,
+    containerd::{mounts_below, redirector_image_archive},
+    docker::{self, Docker},
     plain_containerd::Containerd,
     podman::{Podman, BLOB_INFO_CACHE},
     redirector,
@@ -80,44 +83,93 @@ fn containerd_imports_the_image_and_runs_both_binaries_in_it() -> Result<()> {
     Ok(())
 }
 
-#[test]
-fn podman_loads_the_image_and_runs_its_entrypoint() -> Result<()> {
+/// `engine` loads the archive under the name the DaemonSet runs, and no other, and runs its
+/// entrypoint, `redirector`, with `--version`: it prints what the host's build prints.
+fn loads_the_image_and_runs_its_entrypoint(engine: &impl ContainerCli, what: &str) -> Result<()> {
     let archive = redirector_image_archive()?;
     let (version_line, name) = version_and_image_name()?;
-    let cache_before = Path::new(BLOB_INFO_CACHE).exists();
-    let podman = Podman::new()?;
-    let images = podman.load(&archive)?;
+    let images = engine.load(&archive)?;
     ensure!(
         images == [name.as_str()],
-        "podman load of {} gave {images:?}, not {name}",
+        "{what} load of {} gave {images:?}, not {name}",
         archive.display()
     );
-    // The entrypoint is `redirector`: the arguments go to it.
-    let version = podman.run(&name, &["--version"])?.ensure_success()?;
+    let version = engine.run(&name, &["--version"])?.ensure_success()?;
     ensure!(
         version.stdout.trim() == version_line,
-        "`redirector --version` in the image under podman printed {:?}, the host's build \
+        "`redirector --version` in the image under {what} printed {:?}, the host's build \
          {version_line:?}",
         version.stdout
     );
+    Ok(())
+}
 
+/// What an engine's guard must have removed once dropped: the folder of its store, the mounts
+/// below it, and the containers' cgroup in every hierarchy (runc makes it in the v1 ones too).
+fn ensure_removed(store: &Path, cgroup: &Path) -> Result<()> {
+    ensure!(!store.exists(), "the store {} is left", store.display());
+    let mounts = mounts_below(store)?;
+    ensure!(mounts.is_empty(), "mounts left: {mounts:?}");
+    let relative = cgroup.strip_prefix(cgroup2_mount()?)?;
+    for hierarchy in std::iter::once(cgroup2_mount()?).chain(cgroup_v1_mounts()?) {
+        let left = hierarchy.join(relative);
+        ensure!(
+            !left.exists(),
+            "the containers' cgroup {} is left",
+            left.display()
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn podman_loads_the_image_and_runs_its_entrypoint() -> Result<()> {
+    let cache_before = Path::new(BLOB_INFO_CACHE).exists();
+    let podman = Podman::new()?;
+    loads_the_image_and_runs_its_entrypoint(&podman, "podman")?;
     let (store, cgroup) = (podman.path(), podman.cgroup());
     drop(podman);
-    ensure!(
-        !store.exists(),
-        "podman's store {} is left",
-        store.display()
-    );
-    ensure!(
-        !cgroup.exists(),
-        "the containers' cgroup {} is left",
-        cgroup.display()
-    );
-    let mounts = mounts_below(&store)?;
-    ensure!(mounts.is_empty(), "mounts left: {mounts:?}");
+    ensure_removed(&store, &cgroup)?;
     ensure!(
         cache_before || !Path::new(BLOB_INFO_CACHE).exists(),
         "podman's blob info cache {BLOB_INFO_CACHE} is left"
+    );
+    Ok(())
+}
+
+#[test]
+fn docker_loads_the_image_and_runs_its_entrypoint() -> Result<()> {
+    // Where dockerd would have written, had its flags not pointed it elsewhere.
+    let hierarchies: Vec<PathBuf> = std::iter::once(cgroup2_mount()?)
+        .chain(cgroup_v1_mounts()?)
+        .collect();
+    let defaults: Vec<PathBuf> = docker::DEFAULT_PATHS
+        .iter()
+        .map(PathBuf::from)
+        .chain(
+            hierarchies
+                .iter()
+                .map(|hierarchy| hierarchy.join(docker::DEFAULT_CGROUP_PARENT)),
+        )
+        .filter(|path| !path.exists())
+        .collect();
+
+    let mut docker = Docker::start()?;
+    loads_the_image_and_runs_its_entrypoint(&docker, "docker")?;
+    let (store, cgroup, made_outside) = (docker.path(), docker.cgroup(), docker.made_outside());
+    docker.stop()?;
+    drop(docker);
+    ensure_removed(&store, &cgroup)?;
+    for path in made_outside {
+        ensure!(
+            !Path::new(path).exists(),
+            "{path}, which dockerd made, is left"
+        );
+    }
+    let written: Vec<&PathBuf> = defaults.iter().filter(|path| path.exists()).collect();
+    ensure!(
+        written.is_empty(),
+        "dockerd wrote its default paths {written:?}"
     );
     Ok(())
 }

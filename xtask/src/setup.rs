@@ -41,6 +41,10 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("runc", "tests"),
     // The image suite loads and runs the archive in a store of its own, too.
     ("podman", "tests"),
+    // ... and in a dockerd of its own (docker.io brings dockerd and the docker client, and
+    // needs containerd, runc, tini and iptables). The packaged service is never used nor
+    // started: see DPKG_PATH_EXCLUDES.
+    ("docker.io", "tests"),
     // The VM runs (xtask/src/vm): depmod on the host and modprobe in the guest, the guest's
     // shell and utilities, packing the initramfs, stripping debug info from what it carries.
     ("kmod", "VM tests"),
@@ -48,6 +52,13 @@ const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("cpio", "VM tests"),
     ("binutils", "VM tests"),
 ];
+
+/// Left out of the packages' install: docker.io's init script and systemd units. Its postinst
+/// starts the machine's dockerd through them (the init script wherever no policy-rc.d forbids
+/// it, /sbin/init being systemd's even where systemd does not run; the units where it runs),
+/// which would take /var/lib/docker and the host's iptables; without them nothing starts it,
+/// then or later.
+const DPKG_PATH_EXCLUDES: &[&str] = &["/etc/init.d/docker", "/lib/systemd/system/docker.*"];
 
 /// qemu for the VM runs; see [`qemu`] for the version.
 const QEMU_PACKAGE: &str = "qemu-system-x86";
@@ -148,8 +159,12 @@ fn debian_packages() -> Result<Option<String>> {
         bail!("installing {list} needs root: run this as root, or `apt-get install {list}`");
     }
     run(Command::new("apt-get").arg("update"))?;
-    run(Command::new("apt-get")
-        .args(["install", "-y", "--no-install-recommends"])
+    let mut install = Command::new("apt-get");
+    install.args(["install", "-y", "--no-install-recommends"]);
+    for pattern in DPKG_PATH_EXCLUDES {
+        install.arg(format!("-oDPkg::Options::=--path-exclude={pattern}"));
+    }
+    run(install
         .args(&missing)
         .env("DEBIAN_FRONTEND", "noninteractive"))?;
     Ok(Some(format!("debian packages ({list})")))
