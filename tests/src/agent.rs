@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{bail, ensure, Context, Result};
+use anyhow::{ensure, Context, Result};
 use nix::sys::signal::Signal;
 
 use crate::names::TempDir;
@@ -131,9 +131,7 @@ impl Agent {
             flags: extra.iter().map(|flag| (*flag).to_owned()).collect(),
         };
         wait_for("the agent to be ready", READY_TIMEOUT, || {
-            if let Some(status) = agent.process.try_exit_status()? {
-                bail!("the agent exited ({status}){}", agent.process.diagnostics());
-            }
+            agent.process.ensure_running()?;
             Ok(matches!(http_get(setup.metrics_addr, "/readyz"), Ok((200, _))).then_some(()))
         })?;
         Ok(agent)

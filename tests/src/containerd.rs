@@ -192,9 +192,7 @@ impl Containerd {
         let socket = self.socket();
         wait_for("containerd to answer CRI Version", START_TIMEOUT, || {
             if let Some(process) = self.process.borrow().as_ref() {
-                if let Some(status) = process.try_exit_status()? {
-                    bail!("containerd exited ({status}){}", process.diagnostics());
-                }
+                process.ensure_running()?;
             }
             Ok(if socket.exists() { answered() } else { None })
         })

@@ -138,9 +138,7 @@ impl Docker {
         };
         wait_for("dockerd to answer", DOCKER_TIMEOUT, || {
             if let Some(process) = &docker.process {
-                if let Some(status) = process.try_exit_status()? {
-                    anyhow::bail!("dockerd exited ({status}){}", process.diagnostics());
-                }
+                process.ensure_running()?;
             }
             // Until the socket exists, a client would only fail.
             Ok((docker.socket.exists() && docker.docker(["version"])?.success()).then_some(()))

@@ -74,9 +74,7 @@ impl Containerd {
         };
         wait_for("containerd to answer", CONTAINERD_TIMEOUT, || {
             if let Some(process) = &containerd.process {
-                if let Some(status) = process.try_exit_status()? {
-                    anyhow::bail!("containerd exited ({status}){}", process.diagnostics());
-                }
+                process.ensure_running()?;
             }
             Ok(containerd.ctr(["version"])?.success().then_some(()))
         })?;

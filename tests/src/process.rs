@@ -342,6 +342,15 @@ impl Child {
             .with_context(|| format!("checking whether {} exited", self.label))
     }
 
+    /// Fails, naming the process with its exit status and output, once it has exited: for waits
+    /// that must end as soon as the process they wait on is gone.
+    pub fn ensure_running(&self) -> Result<()> {
+        if let Some(status) = self.try_exit_status()? {
+            bail!("{} exited ({status}){}", self.label, self.diagnostics());
+        }
+        Ok(())
+    }
+
     /// Send `signal` (e.g. SIGSTOP/SIGCONT) to the process; refused once it has been reaped, so a
     /// recycled pid is never signalled.
     pub fn signal(&self, signal: Signal) -> Result<()> {

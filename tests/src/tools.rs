@@ -63,6 +63,35 @@ pub fn status_json(root: &Path) -> Result<Status> {
     })
 }
 
+/// `bpftool map show` of a pinned map: its fields as bpftool names them (`type`, `bytes_key`,
+/// `bytes_value`, `max_entries`, `bytes_memlock`...).
+pub struct PinnedMapInfo(Value);
+
+impl PinnedMapInfo {
+    pub fn read(pin: &Path) -> Result<PinnedMapInfo> {
+        let mut command = Command::new("bpftool");
+        command.args(["-j", "map", "show", "pinned"]).arg(pin);
+        let output = run("bpftool", command, TOOL_TIMEOUT)?
+            .ensure_success()
+            .with_context(|| format!("showing pinned map {}", pin.display()))?;
+        let info = serde_json::from_str(&output.stdout)
+            .with_context(|| format!("bpftool's map show: {}", output.stdout))?;
+        Ok(PinnedMapInfo(info))
+    }
+
+    pub fn number(&self, field: &str) -> Result<u64> {
+        self.0[field]
+            .as_u64()
+            .with_context(|| format!("no {field} in {}", self.0))
+    }
+
+    pub fn text(&self, field: &str) -> Result<&str> {
+        self.0[field]
+            .as_str()
+            .with_context(|| format!("no {field} in {}", self.0))
+    }
+}
+
 /// The `-A` lines of the nat table in `netns`. The product never creates any.
 pub fn nat_rules(netns: &Netns) -> Result<Vec<String>> {
     let mut command = netns.command("iptables-save");

@@ -21,8 +21,8 @@ use redirector_tests::{
     attached_programs, binary, bridge_chain, client_result, cni_error, connect, files_below,
     istio_injected_annotations, normalized_result, redirector, run, spawn_client, spawn_in_pod,
     start_proxy, wait_for, Agent, AgentSetup, Cgroup, CgroupDriver, Child, CniRuntime,
-    ConnectOptions, ConnectSummary, Identity, KubePod, Netns, Proxy, Qos, Sandbox, Status, TempDir,
-    POD_ANNOTATIONS,
+    ConnectOptions, ConnectSummary, Identity, KubePod, Netns, PinnedMapInfo, Proxy, Qos, Sandbox,
+    Status, TempDir, POD_ANNOTATIONS,
 };
 use serde_json::{json, Value};
 
@@ -339,9 +339,7 @@ fn agent_restart_under_load_loses_no_connection_and_adopts_pods() -> Result<()> 
             &format!("{count} connections through the proxy"),
             WAIT,
             || {
-                if let Some(status) = client.try_exit_status()? {
-                    anyhow::bail!("the client ended early ({status}){}", client.diagnostics());
-                }
+                client.ensure_running()?;
                 let forwarded = proxy.forward_events().len();
                 Ok((forwarded >= count).then_some(forwarded))
             },
@@ -1652,25 +1650,10 @@ fn handshakes_the_programs_did_not_tally_are_counted_after_the_agent_walked_the_
 /// One entry in the pinned handshake map `map`, published now (CLOCK_MONOTONIC) for a made-up
 /// pod and client, as a program that keeps no tally leaves it.
 fn write_untallied_handshake(map: &Path) -> Result<()> {
-    let shown = run(
-        "bpftool",
-        {
-            let mut command = Command::new("bpftool");
-            command.args(["-j", "map", "show", "pinned"]).arg(map);
-            command
-        },
-        WAIT,
-    )?
-    .ensure_success()?;
-    let shown: Value = serde_json::from_str(&shown.stdout)?;
-    let size = |field: &str| {
-        shown[field]
-            .as_u64()
-            .with_context(|| format!("no {field} in {shown}"))
-    };
-    let mut key = vec![0_u8; size("bytes_key")? as usize];
+    let shown = PinnedMapInfo::read(map)?;
+    let mut key = vec![0_u8; shown.number("bytes_key")? as usize];
     key[0] = 1; // pod 1, client 0.0.0.0:0
-    let mut value = vec![0_u8; size("bytes_value")? as usize];
+    let mut value = vec![0_u8; shown.number("bytes_value")? as usize];
     let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
     let now_ns = Duration::from(now).as_nanos() as u64;
     value[..8].copy_from_slice(&now_ns.to_le_bytes());

@@ -17,8 +17,8 @@ use nix::sys::signal::Signal;
 use redirector_tests::{
     binary, client_result, netstat_counters, run_helper, spawn_in_pod_with_nofile, tcp_sockets,
     tcp_state, wait_for, Child, ConnectOptions, ConnectTwiceOptions, ConnectTwiceReport, Haproxy,
-    HoldOpened, HoldOptions, HoldReport, Identity, Pod, Proxy, ProxyEvent, ProxySettings, Sandbox,
-    ServerReply, TempDir, EVENT_TIMEOUT, PROXY_ADDR, PROXY_PORT,
+    HoldOpened, HoldOptions, HoldReport, Identity, PinnedMapInfo, Pod, Proxy, ProxyEvent,
+    ProxySettings, Sandbox, ServerReply, TempDir, EVENT_TIMEOUT, PROXY_ADDR, PROXY_PORT,
 };
 
 const MESSAGE: &str = "sent before the proxy accepted";
@@ -625,21 +625,7 @@ const IN_HANDSHAKE: u32 = 1_500;
 /// `bytes_memlock` of a pinned map as `bpftool map show` reports it (for a hash map without
 /// preallocation, the kernel counts the elements it holds at the moment).
 fn memlock(pin: &std::path::Path) -> Result<u64> {
-    let output = std::process::Command::new("bpftool")
-        .args(["-j", "map", "show", "pinned"])
-        .arg(pin)
-        .output()
-        .context("running bpftool")?;
-    ensure!(
-        output.status.success(),
-        "bpftool map show pinned {}: {}",
-        pin.display(),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let shown: serde_json::Value = serde_json::from_slice(&output.stdout)?;
-    shown["bytes_memlock"]
-        .as_u64()
-        .with_context(|| format!("no bytes_memlock in {shown}"))
+    PinnedMapInfo::read(pin)?.number("bytes_memlock")
 }
 
 /// Far fewer bpf() calls than [`SMALL_CAPACITY`]: a `status` opens the pins and reads each

@@ -18,7 +18,7 @@ use anyhow::{ensure, Context, Result};
 use redirector_tests::{
     attached_programs, binary, client_result, files_below, run, spawn_in_pod, wait_for, Child,
     ConnectOptions, ConnectSummary, Counters, HoldOpened, HoldOptions, HoldReport, Identity,
-    Output, Pod, Proxy, ProxyEvent, ProxySettings, Sandbox, Status, TempDir,
+    Output, PinnedMapInfo, Pod, Proxy, ProxyEvent, ProxySettings, Sandbox, Status, TempDir,
 };
 
 /// The variable that makes this build's programs another build's (see the module comment).
@@ -418,24 +418,12 @@ fn a_map_layout_mismatch_is_refused_and_changes_nothing() -> Result<()> {
 
 /// `bpftool map show` of a pinned map: (type, key size, value size, entries).
 fn pinned_map_shape(pin: &Path) -> Result<(String, u64, u64, u64)> {
-    let mut command = Command::new("bpftool");
-    command.args(["-j", "map", "show", "pinned"]).arg(pin);
-    let output = run("bpftool", command, WAIT)?.ensure_success()?;
-    let map: serde_json::Value = serde_json::from_str(&output.stdout)
-        .with_context(|| format!("bpftool's map show: {}", output.stdout))?;
-    let number = |field: &str| {
-        map[field]
-            .as_u64()
-            .with_context(|| format!("no {field} in {map}"))
-    };
+    let map = PinnedMapInfo::read(pin)?;
     Ok((
-        map["type"]
-            .as_str()
-            .with_context(|| format!("no type in {map}"))?
-            .to_owned(),
-        number("bytes_key")?,
-        number("bytes_value")?,
-        number("max_entries")?,
+        map.text("type")?.to_owned(),
+        map.number("bytes_key")?,
+        map.number("bytes_value")?,
+        map.number("max_entries")?,
     ))
 }
 

@@ -334,13 +334,7 @@ impl Rig {
 
     /// The server is still up (a crash would show as failed runs, but say why).
     pub fn check_server(&self) -> Result<()> {
-        if let Some(status) = self.server.try_exit_status()? {
-            bail!(
-                "the lab server exited ({status}){}",
-                self.server.diagnostics()
-            );
-        }
-        Ok(())
+        self.server.ensure_running()
     }
 }
 
