@@ -1,5 +1,6 @@
 //! The library API: enroll, unenroll and list pods on one pin root.
 use std::{
+    collections::BTreeMap,
     net::IpAddr,
     os::fd::AsFd as _,
     path::{Path, PathBuf},
@@ -450,18 +451,50 @@ impl Redirector {
     /// Removes a pod: its links (detached), sets, inbound addresses and counters. Returns
     /// whether anything was there.
     pub fn unenroll(&mut self, pod: u64) -> Result<bool, Error> {
+        let existed = self.unenroll_leaving_sets(pod)?;
+        self.maps.policy_sets.remove_other_generations(pod, None)?;
+        Ok(existed)
+    }
+
+    /// [`Redirector::unenroll`] without the walk of every pod's policy sets: the pod's stay in
+    /// the maps, unused (no program runs for it), until [`Redirector::remove_unused_sets`]
+    /// removes those of every pod unenrolled so far in one walk. The pod must not be enrolled
+    /// again before that: its new sets would mix with the old ones.
+    pub fn unenroll_leaving_sets(&mut self, pod: u64) -> Result<bool, Error> {
         let pod_dir = self.root.pod_dir(pod);
         let existed = pod_dir.exists() || self.maps.counters.contains(pod);
         // Links first, detached at once: then no program runs for the pod. The counters go
-        // last: a pod without them has no other entries (enroll relies on that).
+        // last: a pod without them has no other entries but departed sets (enroll relies on
+        // that).
         for hook in Hook::ALL {
             self.detach(&pod_dir.join(hook.pin_name()))?;
         }
         self.root.remove_pod(pod)?;
-        self.maps.policy_sets.remove_other_generations(pod, None)?;
         self.maps.inbound.remove_where(pod, |_| false)?;
         self.maps.counters.remove(pod)?;
         Ok(existed)
+    }
+
+    /// Removes every policy set no program can use: those of pods not enrolled (no counters),
+    /// which [`Redirector::unenroll_leaving_sets`] or an interrupted unenroll left, and those
+    /// of an enrolled pod's other generations. One walk of each map.
+    pub fn remove_unused_sets(&mut self) -> Result<(), Error> {
+        let mut in_use = BTreeMap::new();
+        for pod in self.maps.counters.pods()? {
+            in_use.insert(
+                pod,
+                self.maps.settings.get(pod)?.map(|config| config.generation),
+            );
+        }
+        self.maps
+            .policy_sets
+            .remove_where(|pod, generation| match in_use.get(&pod) {
+                None => true,
+                // Enrolled, its settings not written: none of its sets is known to be unused.
+                Some(None) => false,
+                Some(&Some(current)) => current != generation,
+            })?;
+        Ok(())
     }
 
     /// The cgroup ids of the enrolled pods.
@@ -618,17 +651,29 @@ pub fn enroll(
     policy: &Policy,
     netns: Option<&Path>,
 ) -> Result<Enrolled, Error> {
-    let Enrolled { cgroup, netns } = read_pod(cgroup_path, policy, netns)?;
+    let pod = read_pod(Cgroup::open(cgroup_path)?, policy, netns)?;
+    enroll_read(root, options, &pod, policy)?;
+    Ok(pod)
+}
+
+/// [`enroll`] of a pod [`read_pod`] has read (its addresses are known before anything is
+/// touched).
+pub fn enroll_read(
+    root: &PinRoot,
+    options: &LoadOptions,
+    pod: &Enrolled,
+    policy: &Policy,
+) -> Result<(), Error> {
     let fresh = !root.exists();
     let result = Redirector::install(root.clone(), options)
-        .and_then(|mut redirector| redirector.enroll(&cgroup, policy, netns.as_ref()));
+        .and_then(|mut redirector| redirector.enroll(&pod.cgroup, policy, pod.netns.as_ref()));
     if let Err(error) = result {
         if fresh {
             let _ = root.remove_all();
         }
         return Err(error);
     }
-    Ok(Enrolled { cgroup, netns })
+    Ok(())
 }
 
 /// Every check [`enroll`] makes, and nothing else: a dry run. The checks are the same functions
@@ -640,7 +685,7 @@ pub fn check_enroll(
     policy: &Policy,
     netns: Option<&Path>,
 ) -> Result<Enrolled, Error> {
-    let pod = read_pod(cgroup_path, policy, netns)?;
+    let pod = read_pod(Cgroup::open(cgroup_path)?, policy, netns)?;
     check_installable(root)?;
     let inbound_netns = pod.netns.as_ref().filter(|_| policy.captures_inbound());
     if let Some(redirector) = Redirector::read_only(root.clone())? {
@@ -649,9 +694,8 @@ pub fn check_enroll(
     Ok(pod)
 }
 
-/// The pod's cgroup and network namespace, checked against the policy.
-fn read_pod(cgroup_path: &Path, policy: &Policy, netns: Option<&Path>) -> Result<Enrolled, Error> {
-    let cgroup = Cgroup::open(cgroup_path)?;
+/// The pod's cgroup and network namespace (with its addresses), checked against the policy.
+pub fn read_pod(cgroup: Cgroup, policy: &Policy, netns: Option<&Path>) -> Result<Enrolled, Error> {
     let netns = netns.map(PodNetns::read).transpose()?;
     if policy.captures_inbound() && netns.is_none() {
         return Err(Error::InboundNeedsNetns);

@@ -4,11 +4,13 @@
 use std::ffi::{OsStr, OsString};
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::unix::process::CommandExt as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
+use nix::sys::resource::{getrlimit, setrlimit, Resource};
 use nix::sys::signal::Signal;
 
 use crate::names::TempDir;
@@ -114,7 +116,24 @@ impl Agent {
 
     /// [`Agent::start`] with more flags.
     pub fn start_with(setup: &AgentSetup, extra: &[&str]) -> Result<Agent> {
+        Self::spawn(setup, extra, Command::new(binary("redirector")?))
+    }
+
+    /// [`Agent::start`] with the soft limit on open files lowered to `soft` (the hard limit
+    /// kept), as a runtime may start it.
+    pub fn start_with_open_files(setup: &AgentSetup, soft: u64) -> Result<Agent> {
+        let (_, hard) = getrlimit(Resource::RLIMIT_NOFILE)?;
         let mut command = Command::new(binary("redirector")?);
+        // SAFETY: the closure only makes a system call, as is allowed between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                setrlimit(Resource::RLIMIT_NOFILE, soft, hard).map_err(std::io::Error::from)
+            });
+        }
+        Self::spawn(setup, &[], command)
+    }
+
+    fn spawn(setup: &AgentSetup, extra: &[&str], mut command: Command) -> Result<Agent> {
         command
             .arg("agent")
             .args(extra)

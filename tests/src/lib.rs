@@ -60,7 +60,7 @@ pub use protocol::{
 };
 pub use socklb::{AttachedLb, SockLb};
 pub use tools::{
-    attached_programs, nat_rules, netstat_counters, redirector, redirector_processes_mentioning,
-    redirector_with_env, status_json, tcp_sockets, tcp_state, udp_sockets, wait_for_tcp_listener,
-    InetSocket, PinnedMapInfo,
+    attached_programs, nat_rules, netstat_counters, pinned_map_entries, redirector,
+    redirector_processes_mentioning, redirector_with_env, status_json, tcp_sockets, tcp_state,
+    udp_sockets, wait_for_tcp_listener, InetSocket, PinnedMapInfo,
 };

@@ -72,7 +72,7 @@ pub fn stale_entries(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-/// A fresh directory under the system temp dir, removed with its content on drop.
+/// A fresh directory (under the system temp dir unless told), removed with its content on drop.
 #[derive(Debug)]
 pub struct TempDir {
     path: PathBuf,
@@ -80,7 +80,12 @@ pub struct TempDir {
 
 impl TempDir {
     pub fn create(tag: &str) -> Result<TempDir> {
-        let path = std::env::temp_dir().join(unique_name(tag));
+        Self::create_in(&std::env::temp_dir(), tag)
+    }
+
+    /// A fresh directory under `parent` instead of the system temp dir.
+    pub fn create_in(parent: &Path, tag: &str) -> Result<TempDir> {
+        let path = parent.join(unique_name(tag));
         std::fs::create_dir(&path)
             .with_context(|| format!("creating temp dir {}", path.display()))?;
         Ok(TempDir { path })

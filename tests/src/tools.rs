@@ -69,14 +69,7 @@ pub struct PinnedMapInfo(Value);
 
 impl PinnedMapInfo {
     pub fn read(pin: &Path) -> Result<PinnedMapInfo> {
-        let mut command = Command::new("bpftool");
-        command.args(["-j", "map", "show", "pinned"]).arg(pin);
-        let output = run("bpftool", command, TOOL_TIMEOUT)?
-            .ensure_success()
-            .with_context(|| format!("showing pinned map {}", pin.display()))?;
-        let info = serde_json::from_str(&output.stdout)
-            .with_context(|| format!("bpftool's map show: {}", output.stdout))?;
-        Ok(PinnedMapInfo(info))
+        bpftool_map("show", pin).map(PinnedMapInfo)
     }
 
     pub fn number(&self, field: &str) -> Result<u64> {
@@ -90,6 +83,26 @@ impl PinnedMapInfo {
             .as_str()
             .with_context(|| format!("no {field} in {}", self.0))
     }
+}
+
+/// How many entries a pinned map holds (`bpftool map dump`).
+pub fn pinned_map_entries(pin: &Path) -> Result<usize> {
+    let entries = bpftool_map("dump", pin)?;
+    entries
+        .as_array()
+        .map(Vec::len)
+        .with_context(|| format!("bpftool's map dump is not a list: {entries}"))
+}
+
+/// `bpftool -j map <verb> pinned <pin>`, parsed.
+fn bpftool_map(verb: &str, pin: &Path) -> Result<Value> {
+    let mut command = Command::new("bpftool");
+    command.args(["-j", "map", verb, "pinned"]).arg(pin);
+    let output = run("bpftool", command, TOOL_TIMEOUT)?
+        .ensure_success()
+        .with_context(|| format!("bpftool map {verb} of pinned map {}", pin.display()))?;
+    serde_json::from_str(&output.stdout)
+        .with_context(|| format!("bpftool's map {verb}: {}", output.stdout))
 }
 
 /// The `-A` lines of the nat table in `netns`. The product never creates any.

@@ -19,10 +19,10 @@ use anyhow::{ensure, Context, Result};
 use redirector_tests::names::next_subnet;
 use redirector_tests::{
     attached_programs, binary, bridge_chain, client_result, cni_error, connect, files_below,
-    istio_injected_annotations, normalized_result, redirector, run, spawn_client, spawn_in_pod,
-    start_proxy, wait_for, Agent, AgentSetup, Cgroup, CgroupDriver, Child, CniRuntime,
-    ConnectOptions, ConnectSummary, Identity, KubePod, Netns, PinnedMapInfo, Proxy, Qos, Sandbox,
-    Status, TempDir, POD_ANNOTATIONS,
+    istio_injected_annotations, normalized_result, pinned_map_entries, redirector, run,
+    spawn_client, spawn_in_pod, start_proxy, wait_for, Agent, AgentSetup, Cgroup, CgroupDriver,
+    Child, CniRuntime, ConnectOptions, ConnectSummary, Identity, KubePod, Netns, PinnedMapInfo,
+    Proxy, Qos, Sandbox, Status, TempDir, POD_ANNOTATIONS,
 };
 use serde_json::{json, Value};
 
@@ -1374,6 +1374,118 @@ fn a_refused_pod_fails_alone_and_the_next_pod_is_enrolled() -> Result<()> {
     assert_eq!(failed("unsupported"), Some(2.0), "{metrics:?}");
     assert_eq!(failed("bad_annotation"), Some(3.0));
     assert_eq!(failed("no_annotations"), Some(0.0));
+    Ok(())
+}
+
+/// A DEL leaves the pod's policy sets for one walk of the maps later (each DEL walked every
+/// pod's sets, with the node's lock held, so DELs slowed down with the pods on the node). The
+/// same pod added again before that walk (here: never, within the test) gets exactly its new
+/// policy, and the maps hold that policy's sets only. A restarted agent's walk (after one that
+/// stopped before its walk) and the agent's own walk after a DEL leave no set behind.
+#[test]
+fn a_pod_added_again_right_after_its_del_has_only_its_new_policy() -> Result<()> {
+    const NEVER: &str = "3600000";
+    let test = TestNode::new("cni-readd")?;
+    let mut agent = Agent::start_with(&test.setup, &["--sweep-delay-ms", NEVER])?;
+    let plugin = Plugin::new(&test)?;
+    let maps = test.sandbox.root().join("maps");
+    let sets_held = || -> Result<usize> {
+        let mut held = 0;
+        for map in ["OWNERS", "PORTS", "POD_ADDRS"] {
+            held += pinned_map_entries(&maps.join(map))?;
+        }
+        Ok(held)
+    };
+    let mut pod = test.pod(CgroupDriver::Cgroupfs, Qos::BestEffort, "readd")?;
+    let add = |pod: &mut KubePod, port: &str| -> Result<Value> {
+        pod.annotate(&[("traffic.sidecar.istio.io/excludeOutboundPorts", Some(port))]);
+        let annotations = json!({POD_ANNOTATIONS: pod.annotations});
+        let config = plugin.config(
+            "1.0.0",
+            Some(&previous_result(&pod.netns)),
+            json!({"runtimeConfig": annotations}),
+        );
+        plugin
+            .call("ADD", &pod.attachment().env(), &config)?
+            .ensure_success()?;
+        let status = test.setup.status()?;
+        let held = status.pod_by_uid(&pod.uid).context("the pod")?;
+        assert_eq!(
+            ports_in(held, "outbound_exclude"),
+            [port],
+            "{:?}",
+            held.ports
+        );
+        Ok(config)
+    };
+    let del = |pod: &KubePod, config: &Value| -> Result<()> {
+        plugin
+            .call("DEL", &pod.attachment().env(), config)?
+            .ensure_success()?;
+        ensure!(test.setup.status()?.pods.is_empty(), "enrolled after DEL");
+        Ok(())
+    };
+
+    let config = add(&mut pod, "5432")?;
+    let one_policy = sets_held()?;
+    del(&pod, &config)?;
+    assert_eq!(sets_held()?, one_policy, "the DEL left the sets for later");
+    let config = add(&mut pod, "6379")?;
+    assert_eq!(
+        sets_held()?,
+        one_policy,
+        "sets of the pod's first policy left"
+    );
+    del(&pod, &config)?;
+    agent.restart(|| Ok(()))?;
+    assert_eq!(sets_held()?, 0, "left after the restarted agent's walk");
+
+    drop(agent);
+    let _agent = Agent::start_with(&test.setup, &["--sweep-delay-ms", "100"])?;
+    let config = add(&mut pod, "5432")?;
+    del(&pod, &config)?;
+    wait_for(
+        "the agent's walk after the DEL",
+        Duration::from_secs(10),
+        || Ok((sets_held()? == 0).then_some(())),
+    )
+}
+
+/// The agent holds a few descriptors for each pod it follows. Started with a soft limit on open
+/// files that a node's pods outgrow (runtimes commonly give containers 1024; here 64 and 24
+/// pods), it raises the limit to the hard one and enrolls every pod.
+#[test]
+fn an_agent_started_with_a_low_limit_on_open_files_enrolls_every_pod() -> Result<()> {
+    const PODS: usize = 24;
+    let test = TestNode::new("cni-nofile")?;
+    let agent = Agent::start_with_open_files(&test.setup, 64)?;
+    let plugin = Plugin::new(&test)?;
+    let mut pods = Vec::new();
+    for n in 0..PODS {
+        let pod = test.pod(
+            CgroupDriver::Cgroupfs,
+            Qos::BestEffort,
+            &format!("nofile{n}"),
+        )?;
+        let config = plugin.config("1.0.0", Some(&previous_result(&pod.netns)), json!({}));
+        plugin
+            .call("ADD", &pod.attachment().env(), &config)
+            .and_then(|output| output.ensure_success())
+            .with_context(|| format!("ADD of pod {n} of {PODS}"))?;
+        pods.push(pod);
+    }
+    assert_eq!(test.setup.status()?.pods.len(), PODS);
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", agent.process.pid()))?;
+    let open_files: Vec<&str> = limits
+        .lines()
+        .find(|line| line.starts_with("Max open files"))
+        .context("no open files limit")?
+        .split_whitespace()
+        .collect();
+    assert_eq!(
+        open_files[3], open_files[4],
+        "soft limit not raised: {limits}"
+    );
     Ok(())
 }
 

@@ -91,7 +91,17 @@ pub fn run_setup(plan: &SetupPlan) -> Result<SetupResults> {
                 ensure_enrolled(&node, &set)?;
                 // As the runtime does when the pods go (untimed): the agent forgets them.
                 let set: Vec<SetupPod> = warm_up.into_iter().chain(set).collect();
-                in_parallel(set.len(), plan.parallel, |i| cni(&node, &set[i], "DEL"))?;
+                let mut dels =
+                    in_parallel(set.len(), plan.parallel, |i| cni(&node, &set[i], "DEL"))?;
+                dels.sort_unstable();
+                let at = |q: f64| dels[((dels.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e3;
+                eprintln!(
+                    "lab: setup round {round} DEL  {} at once N={:<5} p50 {:.2} ms, p99 {:.2} ms per pod (untimed)",
+                    plan.parallel,
+                    dels.len(),
+                    at(0.5),
+                    at(0.99)
+                );
                 remove_pods(set);
             }
         }

@@ -5,12 +5,13 @@
 //! removed in bulk by a few threads.
 
 use std::net::Ipv4Addr;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
+use nix::sys::statfs::{statfs, TMPFS_MAGIC};
 use redirector_tests::{
     binary, Agent, AgentSetup, CgroupDriver, Child, KubePod, Qos, Sandbox, TempDir, POD_ANNOTATIONS,
 };
@@ -43,7 +44,7 @@ impl KubeNode {
     /// A fresh sandbox with the agent started in it and ready (programs loaded).
     pub fn start() -> Result<KubeNode> {
         let sandbox = Sandbox::new("labnode")?;
-        let scratch = TempDir::create("labnode")?;
+        let scratch = TempDir::create_in(&node_run_dir()?, "labnode")?;
         let agent = Agent::start(&AgentSetup::new(&sandbox, &scratch)?)?;
         Ok(KubeNode {
             agent,
@@ -125,6 +126,21 @@ impl KubeNode {
         });
         Ok((command, serde_json::to_vec(&config)?))
     }
+}
+
+/// Where the agent keeps its socket and pod state: a tmpfs, as `/run` (the DaemonSet's
+/// `/run/redirector`) is on a node. `/run` need not be one on the lab's machine (on this machine
+/// kind it is on the root disk, where every state write creates an ext4 inode); `/dev/shm` is
+/// a tmpfs wherever glibc's shared memory works.
+fn node_run_dir() -> Result<PathBuf> {
+    let dir = PathBuf::from("/dev/shm");
+    let fs = statfs(&dir).with_context(|| format!("statfs {}", dir.display()))?;
+    ensure!(
+        fs.filesystem_type() == TMPFS_MAGIC,
+        "{} is not a tmpfs: the setup rig keeps the agent's state on a tmpfs, as /run is on a node",
+        dir.display()
+    );
+    Ok(dir)
 }
 
 /// Removes pods (their cgroups and network namespaces) a few at once. Their CNI DEL, if

@@ -19,6 +19,7 @@
 //! pod_cgroup_roots = []               # pod roots besides kubelet's (see pod_cgroup.rs)
 //! per_pod_metrics = 0                 # per-pod series for the N busiest pods (0: none)
 //! operation_deadline_seconds = 60     # /healthz fails while an operation runs longer
+//! sweep_delay_ms = 1000               # departed pods' policy sets removed this long after
 //! runtime_endpoint = "unix:///run/containerd/containerd.sock"  # the CRI socket (see runtime.rs)
 //!
 //! [policy]                            # for pods enrolled without one
@@ -29,6 +30,7 @@
 use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
+    sync::Arc,
     time::Duration,
 };
 
@@ -58,6 +60,10 @@ pub const DEFAULT_RECONCILE_INTERVAL: Duration = Duration::from_secs(60);
 pub const DEFAULT_CNI_BIN_DIR: &str = "/opt/cni/bin";
 pub const DEFAULT_CNI_CONF_DIR: &str = "/etc/cni/net.d";
 pub const DEFAULT_OPERATION_DEADLINE: Duration = Duration::from_secs(60);
+/// How long after a pod is unenrolled its policy sets are removed, in one walk of the maps for
+/// every pod unenrolled meanwhile (a walk takes tens of ms with a thousand pods; each CNI DEL
+/// made one, with the node's lock held, before).
+pub const DEFAULT_SWEEP_DELAY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -109,6 +115,7 @@ pub struct ConfigFile {
     pub pod_cgroup_roots: Option<Vec<PathBuf>>,
     pub per_pod_metrics: Option<usize>,
     pub operation_deadline_seconds: Option<u64>,
+    pub sweep_delay_ms: Option<u64>,
     pub max_connections: Option<u32>,
     pub runtime_endpoint: Option<String>,
     pub policy: Option<Policy>,
@@ -233,6 +240,10 @@ pub struct AgentFlags {
     /// /healthz fails while a request or pass runs longer than this [default: 60].
     #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
     pub operation_deadline_seconds: Option<u64>,
+    /// Milliseconds after a pod is unenrolled until its policy sets are removed, in one walk
+    /// of the maps for every pod unenrolled meanwhile [default: 1000].
+    #[arg(long)]
+    pub sweep_delay_ms: Option<u64>,
     /// Watch the CNI conf dir and keep redirector-cni chained in the runtime's network config
     /// (primary CNIs rewrite it on restart) [default: off].
     #[arg(long)]
@@ -305,6 +316,7 @@ impl NodeConfig {
         };
         node.pending = Some(PendingDeletes::beside(&self.socket));
         node.load = self.load;
+        node.departed = Some(Arc::default());
         node
     }
 }
@@ -327,6 +339,7 @@ pub struct AgentConfig {
     pub reconcile_interval: Duration,
     pub per_pod_metrics: usize,
     pub operation_deadline: Duration,
+    pub sweep_delay: Duration,
     pub chain_cni: bool,
     /// The CRI socket reconcile asks (None: the node's files alone).
     pub runtime_endpoint: Option<PathBuf>,
@@ -360,6 +373,10 @@ impl AgentConfig {
                 .operation_deadline_seconds
                 .or(file.operation_deadline_seconds)
                 .map_or(DEFAULT_OPERATION_DEADLINE, Duration::from_secs),
+            sweep_delay: flags
+                .sweep_delay_ms
+                .or(file.sweep_delay_ms)
+                .map_or(DEFAULT_SWEEP_DELAY, Duration::from_millis),
             chain_cni: flags.chain_cni || file.chain_cni.unwrap_or(false),
             runtime_endpoint: flags
                 .runtime_endpoint

@@ -14,6 +14,7 @@ pub mod addrwatch;
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod descriptors;
 pub mod evidence;
 pub mod metrics;
 pub mod node;

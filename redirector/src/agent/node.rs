@@ -1,13 +1,13 @@
 //! One node's redirector state: the bpffs pins (programs, maps, links) and the pod state files.
 //! Every API request is carried out here, by the agent or, when none runs, by the CLI itself.
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     fs, io,
     os::unix::fs::MetadataExt as _,
     path::{Path, PathBuf},
     sync::{
         atomic::{AtomicI64, Ordering},
-        Arc,
+        Arc, Mutex,
     },
 };
 
@@ -21,9 +21,11 @@ use super::{
     },
     evidence::EvidenceError,
     pod_cgroup::{self, PodCgroups},
+    server::lock,
     store::{Attachment, FileId, Follow, PodRecord, PodStore, RecordedIdentity, StoreError},
 };
 use crate::{
+    atomic_file::{self, Durability},
     cgroup::{self, Cgroup, CgroupError},
     loader::LoadOptions,
     netns::NetnsError,
@@ -78,6 +80,9 @@ pub struct Node {
     /// (see [`crate::maps::records::Expired`]); 0 for a node that never walked it (the CLI
     /// without an agent).
     pub handshake_baseline: Arc<AtomicI64>,
+    /// Pods unenrolled whose policy sets were left in the maps, for one walk to remove them all
+    /// ([`Node::remove_departed_sets`]; the agent's). None: every unenroll walks the maps.
+    pub departed: Option<Arc<Mutex<BTreeSet<u64>>>>,
 }
 
 impl Node {
@@ -89,7 +94,27 @@ impl Node {
             pending: None,
             load: LoadOptions::default(),
             handshake_baseline: Arc::default(),
+            departed: None,
         }
+    }
+
+    /// Whether pods left policy sets for [`Node::remove_departed_sets`].
+    pub fn has_departed_sets(&self) -> bool {
+        self.departed
+            .as_ref()
+            .is_some_and(|departed| !lock(departed).is_empty())
+    }
+
+    /// Removes every policy set no program can use (those unenrolled pods left, first), in one
+    /// walk of each map.
+    pub fn remove_departed_sets(&self) -> Result<(), NodeError> {
+        if let Some(mut redirector) = Redirector::open(self.root.clone())? {
+            redirector.remove_unused_sets()?;
+        }
+        if let Some(departed) = &self.departed {
+            lock(departed).clear();
+        }
+        Ok(())
     }
 
     /// Carries out one API request; pods enrolled without a policy get `default_policy`.
@@ -172,50 +197,48 @@ impl Node {
             .as_ref()
             .map(|record| record.follow.clone())
             .unwrap_or_default();
-        let mut record = PodRecord {
-            cgroup_id: cgroup.id,
-            cgroup: cgroup.path.clone(),
-            identity: Some(identity(&cgroup, meta.netns.as_deref())?),
-            meta: meta.clone(),
-            follow: Follow {
-                policy: Some(policy.clone()),
-                ..before.clone()
-            },
+        let identity = identity(&cgroup, meta.netns.as_deref())?;
+        // Read first (the addresses too), so that one write records the pod before anything
+        // is touched.
+        let pod = pods::read_pod(cgroup, policy, meta.netns.as_deref())?;
+        let enrolled = EnrolledPod::new(&pod, policy.clone());
+        let mut follow = Follow {
+            policy: Some(policy.clone()),
+            ..before.clone()
+        };
+        follow.count += u64::from(address_change);
+        if enrolled.addresses != before.addresses || address_change {
+            follow.addresses.clone_from(&enrolled.addresses);
+        }
+        let record = PodRecord {
+            cgroup_id: pod.cgroup.id,
+            cgroup: pod.cgroup.path.clone(),
+            identity: Some(identity),
+            meta,
+            follow,
         };
         self.store.put(&record)?;
-        match pods::enroll(
-            &self.root,
-            &self.load,
-            &cgroup.path,
-            policy,
-            meta.netns.as_deref(),
-        ) {
-            Ok(pod) => {
-                // The addresses are known once read, after the record had to be written.
-                let enrolled = EnrolledPod::new(&pod, policy.clone());
-                let follow = &mut record.follow;
-                follow.count += u64::from(address_change);
-                if enrolled.addresses != before.addresses || address_change {
-                    follow.addresses.clone_from(&enrolled.addresses);
-                    if let Err(error) = self.store.put(&record) {
-                        // The pod is enrolled; a stale list only means one more enroll when
-                        // its addresses are next looked at.
-                        tracing::warn!(cgroup_id = cgroup.id, %error, "recording the pod's addresses");
-                    }
-                }
-                Ok(enrolled)
-            }
-            Err(error) => {
-                let restored = match &previous {
-                    Some(record) => self.store.put(record),
-                    None => self.store.remove(cgroup.id),
-                };
-                if let Err(restore_error) = restored {
-                    tracing::warn!(cgroup_id = cgroup.id, %restore_error, "restoring the pod's state file");
-                }
-                Err(error.into())
-            }
+        // Sets an unenroll of this very cgroup left would mix with the new ones. Without an
+        // agent's list of them, any pod's may be left (by an agent that stopped before it
+        // removed them).
+        let departed = match &self.departed {
+            Some(departed) => lock(departed).contains(&pod.cgroup.id),
+            None => true,
+        };
+        if departed {
+            self.remove_departed_sets()?;
         }
+        if let Err(error) = pods::enroll_read(&self.root, &self.load, &pod, policy) {
+            let restored = match &previous {
+                Some(record) => self.store.put(record),
+                None => self.store.remove(pod.cgroup.id),
+            };
+            if let Err(restore_error) = restored {
+                tracing::warn!(cgroup_id = pod.cgroup.id, %restore_error, "restoring the pod's state file");
+            }
+            return Err(error.into());
+        }
+        Ok(enrolled)
     }
 
     /// Unenrolls a pod; returns its cgroup id when there was one. Idempotent.
@@ -238,9 +261,14 @@ impl Node {
 
     /// Removes a pod's pins and map entries, then its state file.
     pub(super) fn unenroll_id(&self, cgroup_id: u64) -> Result<bool, NodeError> {
-        let was_enrolled = match Redirector::open(self.root.clone())? {
-            Some(mut redirector) => redirector.unenroll(cgroup_id)?,
-            None => false,
+        let was_enrolled = match (Redirector::open(self.root.clone())?, &self.departed) {
+            (Some(mut redirector), Some(departed)) => {
+                let was_enrolled = redirector.unenroll_leaving_sets(cgroup_id)?;
+                lock(departed).insert(cgroup_id);
+                was_enrolled
+            }
+            (Some(mut redirector), None) => redirector.unenroll(cgroup_id)?,
+            (None, _) => false,
         };
         let had_record = self.store.get(cgroup_id)?.is_some();
         self.store.remove(cgroup_id)?;
@@ -478,7 +506,7 @@ impl PendingDeletes {
             .map_err(io(&self.dir))?;
         let path = self.dir.join(file_name_of(&delete.container_id));
         let text = serde_json::to_vec(delete).expect("pending deletes serialize");
-        crate::atomic_file::replace(&path, &text, 0o600).map_err(io(&path))?;
+        atomic_file::replace(&path, &text, 0o600, Durability::ThisBoot).map_err(io(&path))?;
         Ok(path)
     }
 

@@ -143,6 +143,8 @@ pub fn init_logging(format: LogFormat, kernel_lines: bool) {
 }
 
 pub fn run(config: AgentConfig) -> Result<(), AgentError> {
+    // Before the runtime's threads exist.
+    super::descriptors::prepare();
     // Held until this process exits: the socket is ours to bind and, at exit, to remove.
     let _owner = own_socket(&config.node.socket)?;
     let socket = bind_socket(&config.node.socket)?;
@@ -245,9 +247,12 @@ struct Agent {
     /// `operations` held (taken first), as are the pods.
     watches: Mutex<HashMap<u64, AddressWatch>>,
     enrolled_from_runtime: AtomicU64,
+    /// Whether a removal of departed pods' policy sets is scheduled ([`Agent::sweep_soon`]).
+    sweep_scheduled: AtomicBool,
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+/// A mutex's guard, also after a thread panicked holding it (what it guards stays usable).
+pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -335,6 +340,7 @@ impl Agent {
             metrics: Metrics::default(),
             chained: AtomicBool::new(false),
             watches: Mutex::default(),
+            sweep_scheduled: AtomicBool::new(false),
         }
     }
 
@@ -402,6 +408,8 @@ impl Agent {
             if self.config.log_connections {
                 self.node.set_connection_logging(true)?;
             }
+            // Sets an earlier agent left when it stopped before removing them.
+            self.node.remove_departed_sets()?;
         }
         let first = self.reconcile_pass();
         std::thread::sleep(CONFIRM_DELAY);
@@ -483,12 +491,35 @@ impl Agent {
             self.forget_departed();
             report
         };
+        self.sweep_soon();
         self.note_collected(&report.collected);
         self.note_enrolled(&report.enrolled);
         self.follow_adopted(&report.adopted);
         self.follow_adopted(&report.enrolled);
         self.maintain_records();
         Some(report)
+    }
+
+    /// Has the policy sets that unenrolls left removed `sweep_delay` from now, unless that is
+    /// scheduled already or there are none.
+    fn sweep_soon(self: &Arc<Self>) {
+        if !self.node.has_departed_sets() || self.sweep_scheduled.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let agent = Arc::clone(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(agent.config.sweep_delay).await;
+            let _ = tokio::task::spawn_blocking(move || agent.sweep()).await;
+        });
+    }
+
+    fn sweep(&self) {
+        let _running = self.in_flight.track("remove departed pods' policy sets");
+        let _one_at_a_time = lock(&self.operations);
+        self.sweep_scheduled.store(false, Ordering::Release);
+        if let Err(error) = self.node.remove_departed_sets() {
+            tracing::warn!(%error, "removing the policy sets of unenrolled pods (tried again after the next unenroll, and at start)");
+        }
     }
 
     /// Stops the address watches of pods that are no longer enrolled (unenrolled, collected,
@@ -653,14 +684,21 @@ impl Agent {
         let started = Instant::now();
         let result = self.node.handle(request, &self.config.node.default_policy);
         let elapsed = started.elapsed();
+        self.sweep_soon();
         if let (Some((cgroup_id, watch)), Ok(Reply::Enrolled(_))) = (watch, &result) {
             lock(&self.watches).insert(cgroup_id, watch);
         }
         // Only these take pods away (an enroll's pending deletes are left to the next of them
-        // or to reconcile): the check looks at every watched pod's state file, which would make
-        // each enroll slower the more pods the node has.
-        if matches!(request, Request::Unenroll(_) | Request::Gc(_)) {
-            self.forget_departed();
+        // or to reconcile). An unenroll takes its one pod; the check after a GC looks at every
+        // watched pod's state file, which would make each DEL slower the more pods the node has.
+        match (request, &result) {
+            (Request::Unenroll(_), Ok(Reply::Unenrolled(unenrolled))) => {
+                if let Some(cgroup_id) = unenrolled.cgroup_id {
+                    lock(&self.watches).remove(&cgroup_id);
+                }
+            }
+            (Request::Gc(_), _) => self.forget_departed(),
+            _ => {}
         }
         match request {
             Request::Enroll(enroll) if !enroll.dry_run => self.metrics.observe_enroll(elapsed),

@@ -13,15 +13,20 @@
 //! and counted in status and metrics. Unknown fields are ignored, so an older agent reads what
 //! a newer one wrote (no `deny_unknown_fields` on anything stored here).
 use std::{
+    collections::HashMap,
     fs, io,
     net::IpAddr,
     os::unix::fs::DirBuilderExt as _,
     path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard},
 };
 
 use serde::{Deserialize, Serialize};
 
-use crate::{atomic_file, policy::Policy};
+use crate::{
+    atomic_file::{self, Durability},
+    policy::Policy,
+};
 
 pub const DEFAULT_STATE_DIR: &str = "/run/redirector/pods";
 
@@ -135,11 +140,41 @@ pub struct FileId {
 #[derive(Clone, Debug)]
 pub struct PodStore {
     dir: PathBuf,
+    containers: ContainerIndex,
+}
+
+/// Container id → cgroup id of every record, so that a CNI DEL finds its pod without reading
+/// every record (most DELs on a node are of pods never enrolled, which no record names). Made
+/// by one read of every record on first use, then kept by [`PodStore::put`] and
+/// [`PodStore::remove`] of this process (and its clones): while an agent runs, every record is
+/// written through it. A hit is checked against the record it names.
+#[derive(Clone, Debug, Default)]
+struct ContainerIndex(Arc<Mutex<Option<HashMap<String, u64>>>>);
+
+impl ContainerIndex {
+    fn lock(&self) -> MutexGuard<'_, Option<HashMap<String, u64>>> {
+        super::server::lock(&self.0)
+    }
+
+    fn note(&self, record: &PodRecord) {
+        if let (Some(index), Some(attachment)) = (self.lock().as_mut(), &record.meta.attachment) {
+            index.insert(attachment.container_id.clone(), record.cgroup_id);
+        }
+    }
+
+    fn forget(&self, cgroup_id: u64) {
+        if let Some(index) = self.lock().as_mut() {
+            index.retain(|_, id| *id != cgroup_id);
+        }
+    }
 }
 
 impl PodStore {
     pub fn new(dir: impl Into<PathBuf>) -> Self {
-        Self { dir: dir.into() }
+        Self {
+            dir: dir.into(),
+            containers: ContainerIndex::default(),
+        }
     }
 
     pub fn dir(&self) -> &Path {
@@ -168,7 +203,9 @@ impl PodStore {
             .map_err(io(&self.dir))?;
         let path = self.path(record.cgroup_id);
         let text = serde_json::to_vec_pretty(record).expect("pod records always serialize");
-        atomic_file::replace(&path, &text, 0o600).map_err(io(&path))
+        atomic_file::replace(&path, &text, 0o600, Durability::ThisBoot).map_err(io(&path))?;
+        self.containers.note(record);
+        Ok(())
     }
 
     /// The record of a pod; None when there is none, or when its file was unreadable and has
@@ -246,7 +283,10 @@ impl PodStore {
             Err(e) if e.kind() != io::ErrorKind::NotFound => {
                 Err(StoreError::Io { path, source: e })
             }
-            _ => Ok(()),
+            _ => {
+                self.containers.forget(cgroup_id);
+                Ok(())
+            }
         }
     }
 
@@ -284,7 +324,31 @@ impl PodStore {
 
     /// The pod a CNI attachment enrolled.
     pub fn find_container(&self, container_id: &str) -> Result<Option<PodRecord>, StoreError> {
-        Ok(self.all()?.into_iter().find(|record| {
+        let indexed = self
+            .containers
+            .lock()
+            .as_ref()
+            .map(|index| index.get(container_id).copied());
+        let cgroup_id = match indexed {
+            Some(cgroup_id) => cgroup_id,
+            None => {
+                let records = self.all()?;
+                let index = records
+                    .iter()
+                    .filter_map(|record| {
+                        let attachment = record.meta.attachment.as_ref()?;
+                        Some((attachment.container_id.clone(), record.cgroup_id))
+                    })
+                    .collect::<HashMap<_, _>>();
+                let found = index.get(container_id).copied();
+                *self.containers.lock() = Some(index);
+                found
+            }
+        };
+        let Some(cgroup_id) = cgroup_id else {
+            return Ok(None);
+        };
+        Ok(self.get(cgroup_id)?.filter(|record| {
             record
                 .meta
                 .attachment
@@ -349,6 +413,32 @@ mod tests {
         store.remove(7).unwrap();
         store.remove(7).unwrap();
         assert_eq!(store.get(7).unwrap(), None);
+        fs::remove_dir_all(store.dir()).unwrap();
+    }
+
+    /// Once a DEL has looked for a container, the next ones read only the record they find:
+    /// a file the scan would have read (and quarantined) stays untouched. Records put, moved to
+    /// another container and removed afterwards are found, or not, as they are.
+    #[test]
+    fn containers_are_found_without_reading_every_record() {
+        let store = scratch("index");
+        store.put(&record(3, "def")).unwrap();
+        assert_eq!(store.find_container("nope").unwrap(), None);
+        fs::write(store.dir().join("9.json"), "{").unwrap();
+        store.put(&record(7, "abc")).unwrap();
+        assert_eq!(store.find_container("abc").unwrap(), Some(record(7, "abc")));
+        assert_eq!(store.find_container("def").unwrap(), Some(record(3, "def")));
+        assert_eq!(store.find_container("nope").unwrap(), None);
+        assert_eq!(store.quarantined().unwrap(), Vec::<PathBuf>::new());
+        store.put(&record(3, "ghi")).unwrap();
+        assert_eq!(store.find_container("def").unwrap(), None);
+        assert_eq!(store.find_container("ghi").unwrap(), Some(record(3, "ghi")));
+        store.remove(7).unwrap();
+        assert_eq!(store.find_container("abc").unwrap(), None);
+        // Another process's view (the CLI's, with no agent) reads every record once.
+        let fresh = PodStore::new(store.dir());
+        assert_eq!(fresh.find_container("ghi").unwrap(), Some(record(3, "ghi")));
+        assert_eq!(fresh.quarantined().unwrap().len(), 1);
         fs::remove_dir_all(store.dir()).unwrap();
     }
 

@@ -34,7 +34,7 @@ use serde_json::Value;
 use super::{annotations, config::PluginConfig, PLUGIN_NAME};
 use crate::{
     agent::config::{ConfigError, ConfigFile, ConfigFlags, NodeConfig, NodeFlags},
-    atomic_file,
+    atomic_file::{self, Durability},
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -400,7 +400,7 @@ pub fn render(conflist: &Value) -> String {
 }
 
 fn replace_file(path: &Path, bytes: &[u8], mode: u32) -> Result<(), InstallError> {
-    atomic_file::replace(path, bytes, mode).map_err(io_error(path))
+    atomic_file::replace(path, bytes, mode, Durability::AcrossReboots).map_err(io_error(path))
 }
 
 /// `redirector install-cni` and `uninstall-cni`.

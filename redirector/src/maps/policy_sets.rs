@@ -115,7 +115,11 @@ impl PolicySets {
         pod: u64,
         keep: Option<u32>,
     ) -> Result<(), MapAccessError> {
-        let stale = |p: u64, generation: u32| p == pod && Some(generation) != keep;
+        self.remove_where(|p, generation| p == pod && Some(generation) != keep)
+    }
+
+    /// Removes every set of a (pod, generation) that is `stale`: one walk of each map.
+    pub fn remove_where(&mut self, stale: impl Fn(u64, u32) -> bool) -> Result<(), MapAccessError> {
         let owners: Vec<OwnerKey> = keys(&self.owners, map_names::OWNERS)?
             .into_iter()
             .filter(|key| stale(key.pod, key.generation))
