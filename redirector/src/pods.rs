@@ -458,8 +458,9 @@ impl Redirector {
 
     /// [`Redirector::unenroll`] without the walk of every pod's policy sets: the pod's stay in
     /// the maps, unused (no program runs for it), until [`Redirector::remove_unused_sets`]
-    /// removes those of every pod unenrolled so far in one walk. The pod must not be enrolled
-    /// again before that: its new sets would mix with the old ones.
+    /// removes those of every pod unenrolled so far in one walk. Enroll the pod again only
+    /// after that: a new enrollment whose settings start over at the first generation would
+    /// share it with the old sets.
     pub fn unenroll_leaving_sets(&mut self, pod: u64) -> Result<bool, Error> {
         let pod_dir = self.root.pod_dir(pod);
         let existed = pod_dir.exists() || self.maps.counters.contains(pod);

@@ -25,6 +25,7 @@ use crate::rig::istio;
 use crate::rig::kube_node::{remove_pods, KubeNode, SetupPod};
 use crate::timed::run_timed;
 use crate::variant::Family;
+use crate::wire::nearest_rank;
 
 const CNI_TIMEOUT: Duration = Duration::from_secs(60);
 /// Kernel memory is read after this pause, so that freed objects of the last process settle.
@@ -94,7 +95,7 @@ pub fn run_setup(plan: &SetupPlan) -> Result<SetupResults> {
                 let mut dels =
                     in_parallel(set.len(), plan.parallel, |i| cni(&node, &set[i], "DEL"))?;
                 dels.sort_unstable();
-                let at = |q: f64| dels[((dels.len() - 1) as f64 * q) as usize].as_secs_f64() * 1e3;
+                let at = |q: f64| nearest_rank(&dels, q).as_secs_f64() * 1e3;
                 eprintln!(
                     "lab: setup round {round} DEL  {} at once N={:<5} p50 {:.2} ms, p99 {:.2} ms per pod (untimed)",
                     plan.parallel,

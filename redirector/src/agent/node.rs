@@ -81,7 +81,7 @@ pub struct Node {
     /// without an agent).
     pub handshake_baseline: Arc<AtomicI64>,
     /// Pods unenrolled whose policy sets were left in the maps, for one walk to remove them all
-    /// ([`Node::remove_departed_sets`]; the agent's). None: every unenroll walks the maps.
+    /// ([`Node::remove_unused_sets`]; the agent's). None: every unenroll walks the maps.
     pub departed: Option<Arc<Mutex<BTreeSet<u64>>>>,
 }
 
@@ -98,7 +98,7 @@ impl Node {
         }
     }
 
-    /// Whether pods left policy sets for [`Node::remove_departed_sets`].
+    /// Whether pods left policy sets for [`Node::remove_unused_sets`].
     pub fn has_departed_sets(&self) -> bool {
         self.departed
             .as_ref()
@@ -107,7 +107,7 @@ impl Node {
 
     /// Removes every policy set no program can use (those unenrolled pods left, first), in one
     /// walk of each map.
-    pub fn remove_departed_sets(&self) -> Result<(), NodeError> {
+    pub fn remove_unused_sets(&self) -> Result<(), NodeError> {
         if let Some(mut redirector) = Redirector::open(self.root.clone())? {
             redirector.remove_unused_sets()?;
         }
@@ -218,7 +218,9 @@ impl Node {
             follow,
         };
         self.store.put(&record)?;
-        // Sets an unenroll of this very cgroup left would mix with the new ones. Without an
+        // Sets an unenroll of this very cgroup left go first. They are another generation while
+        // the cgroup's storage keeps the pod's settings (the next walk would take them), but
+        // would share the new generation where the storage went with the links. Without an
         // agent's list of them, any pod's may be left (by an agent that stopped before it
         // removed them).
         let departed = match &self.departed {
@@ -226,7 +228,7 @@ impl Node {
             None => true,
         };
         if departed {
-            self.remove_departed_sets()?;
+            self.remove_unused_sets()?;
         }
         if let Err(error) = pods::enroll_read(&self.root, &self.load, &pod, policy) {
             let restored = match &previous {

@@ -409,7 +409,7 @@ impl Agent {
                 self.node.set_connection_logging(true)?;
             }
             // Sets an earlier agent left when it stopped before removing them.
-            self.node.remove_departed_sets()?;
+            self.node.remove_unused_sets()?;
         }
         let first = self.reconcile_pass();
         std::thread::sleep(CONFIRM_DELAY);
@@ -517,7 +517,7 @@ impl Agent {
         let _running = self.in_flight.track("remove departed pods' policy sets");
         let _one_at_a_time = lock(&self.operations);
         self.sweep_scheduled.store(false, Ordering::Release);
-        if let Err(error) = self.node.remove_departed_sets() {
+        if let Err(error) = self.node.remove_unused_sets() {
             tracing::warn!(%error, "removing the policy sets of unenrolled pods (tried again after the next unenroll, and at start)");
         }
     }

@@ -329,32 +329,30 @@ impl PodStore {
             .lock()
             .as_ref()
             .map(|index| index.get(container_id).copied());
-        let cgroup_id = match indexed {
-            Some(cgroup_id) => cgroup_id,
-            None => {
-                let records = self.all()?;
-                let index = records
-                    .iter()
-                    .filter_map(|record| {
-                        let attachment = record.meta.attachment.as_ref()?;
-                        Some((attachment.container_id.clone(), record.cgroup_id))
-                    })
-                    .collect::<HashMap<_, _>>();
-                let found = index.get(container_id).copied();
-                *self.containers.lock() = Some(index);
-                found
-            }
-        };
-        let Some(cgroup_id) = cgroup_id else {
-            return Ok(None);
-        };
-        Ok(self.get(cgroup_id)?.filter(|record| {
+        let attached = |record: &PodRecord| {
             record
                 .meta
                 .attachment
                 .as_ref()
                 .is_some_and(|attachment| attachment.container_id == container_id)
-        }))
+        };
+        match indexed {
+            Some(Some(cgroup_id)) => Ok(self.get(cgroup_id)?.filter(attached)),
+            Some(None) => Ok(None),
+            None => {
+                let records = self.all()?;
+                *self.containers.lock() = Some(
+                    records
+                        .iter()
+                        .filter_map(|record| {
+                            let attachment = record.meta.attachment.as_ref()?;
+                            Some((attachment.container_id.clone(), record.cgroup_id))
+                        })
+                        .collect(),
+                );
+                Ok(records.into_iter().find(|record| attached(record)))
+            }
+        }
     }
 }
 
